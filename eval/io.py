@@ -1,0 +1,524 @@
+"""Readers for what `mlc eval` scores (predictions, labels, classes, weights); atomic writers.
+
+File formats (docs/eval.md has the full description):
+- predictions: Parquet, columns ``key`` (string) and ``scores`` (list of floats, one per class,
+  logits preferred); the class order is the JSON list in schema metadata ``mlc.class_ids``, or
+  else the order of ``--classes``.
+- labels: a Parquet/JSONL table with ``key``, ``positives`` (list of class ids) and optionally
+  ``negatives`` (verified negatives), or an OpenImages human image-labels CSV
+  (``ImageID,Source,LabelName,Confidence``).
+- classes: an OpenImages class-descriptions CSV (``LabelName,DisplayName``, no header) or JSON.
+- weights: JSON (``{id: count}``, a list, or such a mapping under ``positive_counts``) or Parquet
+  (``class_id`` and ``weight`` or ``count``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+CLASS_IDS_METADATA = b"mlc.class_ids"
+OPENIMAGES_LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
+
+
+class InputFileError(ValueError):
+    """A file that cannot be used as given; the message names the file and the row or key."""
+
+
+@dataclass
+class Classes:
+    ids: list[str]
+    names: list[str]
+
+    def __post_init__(self):
+        self.index = {cid: i for i, cid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Predictions:
+    keys: pa.Array  # [n] string
+    scores: np.ndarray  # [n, c] float32
+    class_ids: list[str] | None  # from the file's metadata
+
+
+@dataclass
+class Labels:
+    """Label pairs as (image, class) index arrays; every other pair is ``unlisted``."""
+
+    keys: pa.Array  # [m] unique image keys
+    pos_rows: np.ndarray
+    pos_cols: np.ndarray
+    neg_rows: np.ndarray
+    neg_cols: np.ndarray
+    unlisted: int  # 0 = negative (fully annotated), -1 = unknown (OpenImages-style)
+    skipped_other_classes: int  # label rows for classes the predictions do not score
+
+
+# ---------------------------------------------------------------- writers
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv(path: str | Path, header: list[str], rows) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def atomic_write_parquet(path: str | Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _exists(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    return path
+
+
+def _first_null(array: pa.Array) -> int:
+    return int(array.is_null().to_numpy(zero_copy_only=False).argmax())
+
+
+def _duplicate_keys(keys: pa.Array, path: Path, row_name) -> None:
+    """Raise naming the first duplicated key and the rows it appears on."""
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return
+    codes = pc.dictionary_encode(keys).indices.to_numpy(zero_copy_only=False)
+    first = np.full(codes.max() + 1, -1, dtype=np.int64)
+    for row, code in enumerate(codes):  # only runs when there is a duplicate to report
+        if first[code] >= 0:
+            n_dup = len(codes) - len(np.unique(codes))
+            raise InputFileError(
+                f"{path}: key {keys[row].as_py()!r} appears at {row_name(first[code])} and "
+                f"{row_name(row)} ({n_dup} duplicate row(s) in all); keys must be unique"
+            )
+        first[code] = row
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pq.read_table(path, columns=columns)
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            table = pajson.read_json(path)
+            return table.select(columns) if columns else table
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise InputFileError(f"{path}: cannot read: {e}") from e
+    raise InputFileError(f"{path}: unknown table format {suffix!r} (use .parquet or .jsonl)")
+
+
+def _require_columns(table: pa.Table, path: Path, required: list[str]) -> None:
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise InputFileError(f"{path}: missing column(s) {missing}; found {table.column_names}")
+
+
+def _line_name(header_lines: int):
+    return lambda row: f"line {row + 1 + header_lines}"
+
+
+# ---------------------------------------------------------------- classes
+
+
+def read_classes(path: str | Path) -> Classes:
+    """An OpenImages class-descriptions CSV (no header; quoted names with commas) or JSON."""
+    path = _exists(path)
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        items = data["classes"] if isinstance(data, dict) and "classes" in data else data
+        if not isinstance(items, list):
+            raise InputFileError(f"{path}: expected a list of class ids or of {{id, name}}")
+        ids = [str(x["id"]) if isinstance(x, dict) else str(x) for x in items]
+        names = [str(x.get("name", x["id"])) if isinstance(x, dict) else str(x) for x in items]
+    else:
+        try:
+            table = pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(column_names=["id", "name"]),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={"id": pa.string(), "name": pa.string()}
+                ),
+            )
+        except pa.ArrowInvalid as e:
+            raise InputFileError(
+                f"{path}: not a class-descriptions CSV (LabelName,DisplayName per line): {e}"
+            ) from e
+        ids, names = table["id"].to_pylist(), table["name"].to_pylist()
+        if ids and ids[0] == "LabelName":  # tolerate a header line
+            ids, names = ids[1:], names[1:]
+    seen: dict[str, int] = {}
+    for i, cid in enumerate(ids):
+        if cid in seen:
+            raise InputFileError(
+                f"{path}: class id {cid!r} listed twice (entries {seen[cid] + 1} and {i + 1})"
+            )
+        seen[cid] = i
+    return Classes(ids, names)
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    path = _exists(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowInvalid as e:
+        raise InputFileError(f"{path}: not a Parquet file: {e}") from e
+    metadata = pf.schema_arrow.metadata or {}
+    class_ids = None
+    if CLASS_IDS_METADATA in metadata:
+        class_ids = [str(x) for x in json.loads(metadata[CLASS_IDS_METADATA])]
+    table = pf.read()
+    _require_columns(table, path, ["key", "scores"])
+    keys = table["key"].combine_chunks().cast(pa.string())
+    row = lambda i: f"row {i} (key {keys[i].as_py()!r})"  # noqa: E731
+    if keys.null_count:
+        raise InputFileError(
+            f"{path}: {keys.null_count} row(s) without a key, first {row(_first_null(keys))}"
+        )
+    _duplicate_keys(keys, path, row)
+    col = table["scores"].combine_chunks()
+    if (
+        not pa.types.is_list(col.type)
+        and not pa.types.is_large_list(col.type)
+        and not pa.types.is_fixed_size_list(col.type)
+    ):
+        raise InputFileError(
+            f"{path}: column 'scores' must hold one list of floats per row, found {col.type}"
+        )
+    if col.null_count:
+        raise InputFileError(f"{path}: {row(_first_null(col))} has no scores")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    width = len(class_ids) if class_ids is not None else int(lengths[0]) if len(lengths) else 0
+    wrong = np.flatnonzero(lengths != width)
+    if len(wrong):
+        expected = "classes in its mlc.class_ids metadata" if class_ids is not None else "in row 0"
+        raise InputFileError(
+            f"{path}: {row(int(wrong[0]))} has {lengths[wrong[0]]} scores, expected {width} "
+            f"({expected}); {len(wrong)} row(s) have the wrong length"
+        )
+    values = col.flatten()
+    if values.null_count:
+        raise InputFileError(f"{path}: scores contain {values.null_count} null value(s)")
+    scores = values.cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(len(keys), width)
+    return Predictions(keys, scores, class_ids)
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _class_columns(
+    ids: pa.Array, vocabulary: Classes, known_ids: set[str], path: Path, row_name, parents
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map class ids to vocabulary columns; drop (and return the mask of) ids the predictions do
+    not score but the class list knows; raise on ids nobody knows."""
+    cols = pc.index_in(ids, value_set=pa.array(vocabulary.ids, pa.string()))
+    missing = cols.is_null().to_numpy(zero_copy_only=False)
+    if missing.any():
+        missing_ids = ids.filter(pa.array(missing)).to_pylist()
+        unknown = [
+            i
+            for i, cid in zip(np.flatnonzero(missing), missing_ids, strict=True)
+            if cid not in known_ids
+        ]
+        if unknown:
+            first = unknown[0]
+            raise InputFileError(
+                f"{path}: {row_name(parents[first])} has unknown class id {ids[first].as_py()!r} "
+                f"({len(unknown)} label(s) with ids in neither the predictions' classes nor "
+                "--classes)"
+            )
+    return cols.to_numpy(zero_copy_only=False), missing
+
+
+def read_labels(
+    path: str | Path,
+    vocabulary: Classes,
+    known_ids: set[str] | None = None,
+    unlisted: str = "auto",
+) -> Labels:
+    """Labels from an OpenImages human image-labels CSV or a key/positives/negatives table.
+
+    ``vocabulary`` is the predictions' class order. Labels of classes in ``known_ids`` (the
+    --classes list) but not in ``vocabulary`` are skipped and counted; any other id is an error.
+    ``unlisted``: what a pair with no label row means: "unknown", "negative", or "auto" (unknown
+    for OpenImages CSVs and tables with a ``negatives`` column, negative otherwise).
+    """
+    path = _exists(path)
+    known_ids = set(vocabulary.ids) | (known_ids or set())
+    if path.suffix.lower() == ".csv":
+        return _read_openimages_labels(path, vocabulary, known_ids, unlisted)
+    table = _read_table(path)
+    _require_columns(table, path, ["key", "positives"])
+    keys = table["key"].combine_chunks().cast(pa.string())
+    is_parquet = path.suffix.lower() == ".parquet"
+    row_name = (lambda i: f"row {i}") if is_parquet else _line_name(0)
+    if keys.null_count:
+        raise InputFileError(f"{path}: {keys.null_count} row(s) without a key")
+    _duplicate_keys(keys, path, row_name)
+    has_negatives = "negatives" in table.column_names
+    pairs = []
+    skipped = 0
+    for column in ["positives", "negatives"] if has_negatives else ["positives"]:
+        col = table[column].combine_chunks()
+        if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
+            raise InputFileError(
+                f"{path}: column {column!r} must hold a list of class ids per row, found {col.type}"
+            )
+        parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+        ids = col.flatten().cast(pa.string())
+        cols, drop = _class_columns(ids, vocabulary, known_ids, path, row_name, parents)
+        skipped += int(drop.sum())
+        pairs.append((parents[~drop], cols[~drop].astype(np.int64)))
+    neg_rows, neg_cols = pairs[1] if has_negatives else (np.zeros(0, np.int64),) * 2
+    mode = unlisted if unlisted != "auto" else ("unknown" if has_negatives else "negative")
+    return Labels(
+        keys, pairs[0][0], pairs[0][1], neg_rows, neg_cols, _unlisted_value(mode), skipped
+    )
+
+
+def _unlisted_value(mode: str) -> int:
+    if mode not in ("unknown", "negative"):
+        raise InputFileError(f"unlisted must be 'unknown', 'negative' or 'auto', got {mode!r}")
+    return -1 if mode == "unknown" else 0
+
+
+def _read_openimages_labels(
+    path: Path, vocabulary: Classes, known_ids: set[str], unlisted: str
+) -> Labels:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        header = f.readline().strip().split(",")
+    if header[: len(OPENIMAGES_LABEL_COLUMNS)] != OPENIMAGES_LABEL_COLUMNS:
+        raise InputFileError(
+            f"{path}: line 1 is {header}, expected an OpenImages image-labels header "
+            f"{','.join(OPENIMAGES_LABEL_COLUMNS)}"
+        )
+    try:
+        table = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                include_columns=["ImageID", "LabelName", "Confidence"],
+                column_types={
+                    "ImageID": pa.string(),
+                    "LabelName": pa.string(),
+                    "Confidence": pa.float64(),
+                },
+            ),
+        )
+    except pa.ArrowInvalid as e:
+        raise InputFileError(f"{path}: cannot read: {e}") from e
+    line = _line_name(1)
+    image_ids = table["ImageID"].combine_chunks()
+    confidence = table["Confidence"].combine_chunks().to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~((confidence == 0) | (confidence == 1)))  # NaN (empty) included
+    if len(bad):
+        raise InputFileError(
+            f"{path}: {line(int(bad[0]))} has Confidence {confidence[bad[0]]}, expected 1 "
+            f"(positive) or 0 (verified negative); {len(bad)} such row(s)"
+        )
+    if image_ids.null_count:
+        raise InputFileError(f"{path}: {line(_first_null(image_ids))} has no ImageID")
+    label_names = table["LabelName"].combine_chunks()
+    rows_all = np.arange(len(label_names))
+    cols, drop = _class_columns(label_names, vocabulary, known_ids, path, line, rows_all)
+    encoded = pc.dictionary_encode(image_ids)
+    image_rows = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = ~drop
+    positive = (confidence == 1) & keep
+    negative = (confidence == 0) & keep
+    mode = "unknown" if unlisted == "auto" else unlisted
+    return Labels(
+        encoded.dictionary,
+        image_rows[positive],
+        cols[positive].astype(np.int64),
+        image_rows[negative],
+        cols[negative].astype(np.int64),
+        _unlisted_value(mode),
+        int(drop.sum()),
+    )
+
+
+# ---------------------------------------------------------------- weights
+
+
+@dataclass
+class Weights:
+    values: np.ndarray | str  # per vocabulary class, or "uniform" / "positives"
+    source: str
+    unlisted: int = 0  # scored classes the file gives no weight (weight 0)
+    extra: int = 0  # classes in the file that the predictions do not score (ignored)
+
+
+def read_weights(spec: str, vocabulary: Classes) -> Weights:
+    """ "uniform", "positives" (the evaluated labels' own counts), or a file of reference counts."""
+    if spec == "uniform":
+        return Weights(spec, "uniform")
+    if spec == "positives":
+        return Weights(spec, "positive counts of the evaluated labels")
+    path = _exists(spec)
+    if path.suffix.lower() == ".parquet":
+        table = pq.read_table(path)
+        value_col = next(
+            (c for c in ("weight", "count", "positives") if c in table.column_names), None
+        )
+        if "class_id" not in table.column_names or value_col is None:
+            raise InputFileError(
+                f"{path}: expected columns class_id and weight (or count); "
+                f"found {table.column_names}"
+            )
+        data = dict(
+            zip(
+                table["class_id"].cast(pa.string()).to_pylist(),
+                table[value_col].to_pylist(),
+                strict=True,
+            )
+        )
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{path}: invalid JSON: {e}") from e
+        if isinstance(data, dict) and "positive_counts" in data:
+            data = data["positive_counts"]
+    if isinstance(data, list):
+        if len(data) != len(vocabulary):
+            raise InputFileError(
+                f"{path}: a list of weights needs one value per class ({len(vocabulary)}), "
+                f"got {len(data)}"
+            )
+        data = dict(zip(vocabulary.ids, data, strict=True))
+    if not isinstance(data, dict):
+        raise InputFileError(f"{path}: expected {{class id: count}}, a list, or positive_counts")
+    weights = np.zeros(len(vocabulary), dtype=np.float64)
+    extra = 0
+    for cid, value in data.items():
+        if cid not in vocabulary.index:
+            extra += 1  # a reference set may count classes that these predictions do not score
+            continue
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not np.isfinite(value)
+            or value < 0
+        ):
+            raise InputFileError(
+                f"{path}: class {cid!r} has weight {value!r}; weights must be finite numbers >= 0"
+            )
+        weights[vocabulary.index[cid]] = value
+    unlisted = sum(1 for cid in vocabulary.ids if cid not in data)
+    return Weights(weights, f"reference counts from {path}", unlisted, extra)
+
+
+# ---------------------------------------------------------------- alignment
+
+
+@dataclass
+class Aligned:
+    """Predictions and labels of the same images, row for row."""
+
+    keys: pa.Array
+    scores: np.ndarray  # [n, c] float32
+    labels: np.ndarray  # [n, c] int8 in {1, 0, -1}
+    predictions_without_labels: int
+    labels_without_predictions: int
+    conflicts: int  # (image, class) pairs listed as positive and negative: positive wins
+
+
+def _examples(keys: pa.Array, mask: np.ndarray, n: int = 3) -> str:
+    return ", ".join(repr(k) for k in keys.filter(pa.array(mask)).slice(0, n).to_pylist())
+
+
+def align(
+    predictions: Predictions,
+    labels: Labels,
+    predictions_path: str | Path,
+    labels_path: str | Path,
+    allow_missing: bool = False,
+) -> Aligned:
+    c = predictions.scores.shape[1]
+    label_row = pc.index_in(predictions.keys, value_set=labels.keys)
+    has_labels = label_row.is_valid().to_numpy(zero_copy_only=False)
+    has_prediction = pc.is_in(labels.keys, value_set=predictions.keys).to_numpy(
+        zero_copy_only=False
+    )
+    no_labels, no_prediction = int((~has_labels).sum()), int((~has_prediction).sum())
+    if (no_labels or no_prediction) and not allow_missing:
+        parts = []
+        if no_labels:
+            parts.append(
+                f"{no_labels} of {len(has_labels)} predicted images have no labels in "
+                f"{labels_path} (e.g. {_examples(predictions.keys, ~has_labels)})"
+            )
+        if no_prediction:
+            parts.append(
+                f"{no_prediction} of {len(has_prediction)} labelled images have no prediction in "
+                f"{predictions_path} (e.g. {_examples(labels.keys, ~has_prediction)})"
+            )
+        raise InputFileError(
+            "; ".join(parts) + ". Pass --allow-missing to evaluate the images present in both."
+        )
+    keep = np.flatnonzero(has_labels)
+    row_of_label = np.full(len(labels.keys), -1, dtype=np.int64)
+    row_of_label[label_row.to_numpy(zero_copy_only=False)[keep].astype(np.int64)] = np.arange(
+        len(keep)
+    )
+    matrix = np.full((len(keep), c), labels.unlisted, dtype=np.int8)
+    neg_rows, pos_rows = row_of_label[labels.neg_rows], row_of_label[labels.pos_rows]
+    neg_ok, pos_ok = neg_rows >= 0, pos_rows >= 0
+    matrix[neg_rows[neg_ok], labels.neg_cols[neg_ok]] = 0
+    matrix[pos_rows[pos_ok], labels.pos_cols[pos_ok]] = 1  # after negatives: positive wins
+    conflicts = np.intersect1d(
+        neg_rows[neg_ok] * c + labels.neg_cols[neg_ok],
+        pos_rows[pos_ok] * c + labels.pos_cols[pos_ok],
+    ).size
+    return Aligned(
+        predictions.keys.take(pa.array(keep)),
+        predictions.scores[keep],
+        matrix,
+        no_labels,
+        no_prediction,
+        int(conflicts),
+    )

@@ -1,0 +1,94 @@
+"""The streaming accumulator equals the dense computation exactly, however it is fed or merged."""
+
+import numpy as np
+import pytest
+import torch
+
+from eval.metrics import MetricInputError, class_ap_at_k
+from eval.streaming import MAPAccumulator
+
+
+def tied_case(seed, n=600, c=40, levels=6):
+    rng = np.random.default_rng(seed)
+    # Few score levels: long tie blocks that straddle rank K and batch boundaries.
+    scores = rng.integers(0, levels, size=(n, c)).astype(np.float32)
+    labels = rng.choice([-1, 0, 1], p=[0.2, 0.6, 0.2], size=(n, c)).astype(np.int8)
+    labels[:, 0] = -1  # a class with nothing known
+    labels[:, 1] = np.where(labels[:, 1] == 1, 0, labels[:, 1])  # known but no positive
+    return scores, labels
+
+
+def assert_same(result, dense):
+    np.testing.assert_array_equal(result.ap, dense.ap)  # exactly, NaNs included
+    np.testing.assert_array_equal(result.positives, dense.positives)
+    np.testing.assert_array_equal(result.known, dense.known)
+    assert result.weighted_map == dense.weighted_map
+
+
+@pytest.mark.parametrize("batch", [1, 7, 50, 99, 100, 101, 250, 600])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streaming_equals_dense(batch, seed):
+    scores, labels = tied_case(seed)
+    acc = MAPAccumulator(num_classes=scores.shape[1], k=100)
+    for i in range(0, len(scores), batch):
+        acc.update(scores[i : i + batch], labels[i : i + batch])
+    assert acc.images == len(scores)
+    assert_same(acc.compute(), class_ap_at_k(scores, labels, k=100))
+
+
+def test_continuous_scores_streaming_equals_dense():
+    rng = np.random.default_rng(5)
+    scores = rng.normal(size=(1000, 30))
+    labels = rng.integers(-1, 2, size=(1000, 30))
+    acc = MAPAccumulator(30, k=20)
+    for i in range(0, 1000, 64):
+        acc.update(scores[i : i + 64], labels[i : i + 64])
+    assert_same(acc.compute("uniform"), class_ap_at_k(scores, labels, k=20, weights="uniform"))
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_merge_of_split_accumulators_equals_whole(parts):
+    scores, labels = tied_case(7)
+    rng = np.random.default_rng(parts)
+    owner = rng.integers(0, parts, size=len(scores))  # uneven, interleaved split
+    accs = []
+    for p in range(parts):
+        acc = MAPAccumulator(scores.shape[1], k=60)
+        rows = np.flatnonzero(owner == p)
+        for i in range(0, len(rows), 33):
+            acc.update(scores[rows[i : i + 33]], labels[rows[i : i + 33]])
+        accs.append(acc)
+    # Merge through state dicts, as processes would exchange them.
+    total = MAPAccumulator.from_state_dict(accs[0].state_dict())
+    for acc in accs[1:]:
+        total.merge(MAPAccumulator.from_state_dict(acc.state_dict()))
+    assert total.images == len(scores)
+    assert_same(total.compute(), class_ap_at_k(scores, labels, k=60))
+
+
+def test_memory_does_not_grow_with_images():
+    acc = MAPAccumulator(10, k=5)
+    for _ in range(20):
+        acc.update(torch.randn(50, 10), torch.randint(-1, 2, (50, 10)))
+    state = acc.state_dict()
+    assert state["values"].shape == (10, 5) and state["labels"].shape == (10, 5)
+
+
+def test_empty_accumulator_has_no_evaluated_class():
+    result = MAPAccumulator(3, k=5).compute()
+    assert result.excluded_no_positives.tolist() == [0, 1, 2] and np.isnan(result.weighted_map)
+
+
+def test_errors():
+    acc = MAPAccumulator(3, k=5)
+    with pytest.raises(
+        MetricInputError, match="batch has 2 classes, the accumulator was built for 3"
+    ):
+        acc.update(np.zeros((2, 2)), np.zeros((2, 2)))
+    acc.update(np.zeros((2, 3), dtype=np.float32), np.zeros((2, 3)))
+    with pytest.raises(MetricInputError, match="convert them to one dtype"):
+        acc.update(np.zeros((2, 3), dtype=np.float64), np.zeros((2, 3)))
+    with pytest.raises(MetricInputError, match="cannot merge"):
+        acc.merge(MAPAccumulator(3, k=6))
+    with pytest.raises(MetricInputError, match="k must be"):
+        MAPAccumulator(3, k=0)
