@@ -155,8 +155,32 @@ def _require_columns(table: pa.Table, path: Path, required: list[str]) -> None:
         raise InputFileError(f"{path}: missing column(s) {missing}; found {table.column_names}")
 
 
-def _line_name(header_lines: int):
-    return lambda row: f"line {row + 1 + header_lines}"
+def _line_namer(path: Path, header_lines: int):
+    """Record index -> "line N" of the file. The CSV and JSON readers skip blank lines, so they
+    are counted back in, by a scan that only runs when an error is reported."""
+
+    def name(record: int) -> str:
+        records = -1
+        with path.open("rb") as f:
+            for number, line in enumerate(f, start=1):
+                if number > header_lines and line.strip():
+                    records += 1
+                    if records == record:
+                        return f"line {number}"
+        return f"record {record + 1}"
+
+    return name
+
+
+def _unique_ids(ids: list[str], path: Path, what: str) -> None:
+    seen: dict[str, int] = {}
+    for i, cid in enumerate(ids):
+        if cid in seen:
+            raise InputFileError(
+                f"{path}: class id {cid!r} listed twice in {what} (entries {seen[cid] + 1} and "
+                f"{i + 1})"
+            )
+        seen[cid] = i
 
 
 # ---------------------------------------------------------------- classes
@@ -188,13 +212,7 @@ def read_classes(path: str | Path) -> Classes:
         ids, names = table["id"].to_pylist(), table["name"].to_pylist()
         if ids and ids[0] == "LabelName":  # tolerate a header line
             ids, names = ids[1:], names[1:]
-    seen: dict[str, int] = {}
-    for i, cid in enumerate(ids):
-        if cid in seen:
-            raise InputFileError(
-                f"{path}: class id {cid!r} listed twice (entries {seen[cid] + 1} and {i + 1})"
-            )
-        seen[cid] = i
+    _unique_ids(ids, path, "the class list")
     return Classes(ids, names)
 
 
@@ -211,6 +229,7 @@ def read_predictions(path: str | Path) -> Predictions:
     class_ids = None
     if CLASS_IDS_METADATA in metadata:
         class_ids = [str(x) for x in json.loads(metadata[CLASS_IDS_METADATA])]
+        _unique_ids(class_ids, path, "its mlc.class_ids metadata")
     table = pf.read()
     _require_columns(table, path, ["key", "scores"])
     keys = table["key"].combine_chunks().cast(pa.string())
@@ -242,8 +261,19 @@ def read_predictions(path: str | Path) -> Predictions:
         )
     values = col.flatten()
     if values.null_count:
-        raise InputFileError(f"{path}: scores contain {values.null_count} null value(s)")
+        first = pc.list_parent_indices(col).to_numpy()[_first_null(values)]
+        raise InputFileError(
+            f"{path}: {row(int(first))} has a null score ({values.null_count} null value(s))"
+        )
     scores = values.cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(len(keys), width)
+    if scores.size and not (np.isfinite(scores.min()) and np.isfinite(scores.max())):
+        bad = ~np.isfinite(scores)  # NaN, inf, or beyond float32's range
+        r, c = np.argwhere(bad)[0]
+        cls = repr(class_ids[c]) if class_ids else f"column {c}"
+        raise InputFileError(
+            f"{path}: {row(int(r))} has score {scores[r, c]} for class {cls}; scores must be "
+            f"finite float32 ({int(bad.sum())} such value(s))"
+        )
     return Predictions(keys, scores, class_ids)
 
 
@@ -295,9 +325,11 @@ def read_labels(
     _require_columns(table, path, ["key", "positives"])
     keys = table["key"].combine_chunks().cast(pa.string())
     is_parquet = path.suffix.lower() == ".parquet"
-    row_name = (lambda i: f"row {i}") if is_parquet else _line_name(0)
+    row_name = (lambda i: f"row {i}") if is_parquet else _line_namer(path, 0)
     if keys.null_count:
-        raise InputFileError(f"{path}: {keys.null_count} row(s) without a key")
+        raise InputFileError(
+            f"{path}: {row_name(_first_null(keys))} has no key ({keys.null_count} such row(s))"
+        )
     _duplicate_keys(keys, path, row_name)
     has_negatives = "negatives" in table.column_names
     pairs = []
@@ -341,34 +373,39 @@ def _read_openimages_labels(
             path,
             convert_options=pacsv.ConvertOptions(
                 include_columns=["ImageID", "LabelName", "Confidence"],
-                column_types={
-                    "ImageID": pa.string(),
-                    "LabelName": pa.string(),
-                    "Confidence": pa.float64(),
-                },
+                # strings, so that a bad value is reported with its line, not by the parser
+                column_types={c: pa.string() for c in ("ImageID", "LabelName", "Confidence")},
+                strings_can_be_null=False,
             ),
         )
     except pa.ArrowInvalid as e:
         raise InputFileError(f"{path}: cannot read: {e}") from e
-    line = _line_name(1)
+    line = _line_namer(path, 1)
     image_ids = table["ImageID"].combine_chunks()
-    confidence = table["Confidence"].combine_chunks().to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(~((confidence == 0) | (confidence == 1)))  # NaN (empty) included
+    text = table["Confidence"].combine_chunks()
+    is_positive = pc.match_substring_regex(text, r"^\s*1(\.0*)?\s*$").to_numpy(zero_copy_only=False)
+    is_negative = pc.match_substring_regex(text, r"^\s*0(\.0*)?\s*$").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~(is_positive | is_negative))
     if len(bad):
         raise InputFileError(
-            f"{path}: {line(int(bad[0]))} has Confidence {confidence[bad[0]]}, expected 1 "
+            f"{path}: {line(int(bad[0]))} has Confidence {text[bad[0]].as_py()!r}, expected 1 "
             f"(positive) or 0 (verified negative); {len(bad)} such row(s)"
         )
-    if image_ids.null_count:
-        raise InputFileError(f"{path}: {line(_first_null(image_ids))} has no ImageID")
+    empty = np.flatnonzero(
+        pc.equal(pc.utf8_trim_whitespace(image_ids), "").to_numpy(zero_copy_only=False)
+    )
+    if len(empty):
+        raise InputFileError(
+            f"{path}: {line(int(empty[0]))} has no ImageID ({len(empty)} such row(s))"
+        )
     label_names = table["LabelName"].combine_chunks()
     rows_all = np.arange(len(label_names))
     cols, drop = _class_columns(label_names, vocabulary, known_ids, path, line, rows_all)
     encoded = pc.dictionary_encode(image_ids)
     image_rows = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     keep = ~drop
-    positive = (confidence == 1) & keep
-    negative = (confidence == 0) & keep
+    positive = is_positive & keep
+    negative = is_negative & keep
     mode = "unknown" if unlisted == "auto" else unlisted
     return Labels(
         encoded.dictionary,
@@ -435,9 +472,6 @@ def read_weights(spec: str, vocabulary: Classes) -> Weights:
     weights = np.zeros(len(vocabulary), dtype=np.float64)
     extra = 0
     for cid, value in data.items():
-        if cid not in vocabulary.index:
-            extra += 1  # a reference set may count classes that these predictions do not score
-            continue
         if (
             not isinstance(value, (int, float))
             or isinstance(value, bool)
@@ -447,7 +481,10 @@ def read_weights(spec: str, vocabulary: Classes) -> Weights:
             raise InputFileError(
                 f"{path}: class {cid!r} has weight {value!r}; weights must be finite numbers >= 0"
             )
-        weights[vocabulary.index[cid]] = value
+        if cid in vocabulary.index:
+            weights[vocabulary.index[cid]] = value
+        else:
+            extra += 1  # a reference set may count classes that these predictions do not score
     unlisted = sum(1 for cid in vocabulary.ids if cid not in data)
     return Weights(weights, f"reference counts from {path}", unlisted, extra)
 

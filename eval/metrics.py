@@ -123,17 +123,25 @@ class TopK:
         return self.values.shape[1]
 
 
+def count_true(mask: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
+    # numpy's uint8 reduction is ~10x faster than torch's bool -> int64 sum here.
+    mask = mask.numpy() if isinstance(mask, torch.Tensor) else mask
+    return torch.from_numpy(mask.view(np.uint8).sum(axis=dim, dtype=np.int64))
+
+
 def _count_along(labels: torch.Tensor, value: int, dim: int) -> torch.Tensor:
-    # numpy's int8 reduction is ~10x faster than torch's bool -> int64 sum here.
-    hits = (labels.numpy() == value).view(np.uint8)
-    return torch.from_numpy(hits.sum(axis=dim, dtype=np.int64))
+    return count_true(labels.numpy() == value, dim)
+
+
+def count_columns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, known) per column."""
+    return _count_along(labels, 1, 0), labels.shape[0] - _count_along(labels, -1, 0)
 
 
 def top_k_columns(scores: torch.Tensor, labels: torch.Tensor, k: int) -> TopK:
     """Summarise each column of ``scores[n, q]`` ranked over its n rows (validated inputs)."""
     n, q = scores.shape
-    positives = _count_along(labels, 1, 0)
-    known = n - _count_along(labels, -1, 0)
+    positives, known = count_columns(labels)
     has_unknown = bool((known < n).any())
     values = torch.full((q, k), NEG_INF, dtype=scores.dtype)
     top_labels = torch.full((q, k), -1, dtype=torch.int8)

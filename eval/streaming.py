@@ -19,6 +19,8 @@ from eval.metrics import (
     check_k,
     check_scores_labels,
     class_result,
+    count_columns,
+    count_true,
     merge_top_k,
     top_k_columns,
 )
@@ -47,7 +49,8 @@ class MAPAccumulator:
             raise MetricInputError(
                 f"batch has {s.shape[1]} classes, the accumulator was built for {self.num_classes}"
             )
-        self._merge_top(top_k_columns(s, lab, self.k), s.shape[0])
+        batch = self._candidates(s, lab) if self._top is not None else None
+        self._merge_top(batch or top_k_columns(s, lab, self.k), s.shape[0])
 
     def merge(self, other: MAPAccumulator) -> None:
         """Add another accumulator's images (e.g. from another process) to this one."""
@@ -81,6 +84,38 @@ class MAPAccumulator:
                     f"({acc.num_classes}, {acc.k})"
                 )
         return acc
+
+    def _candidates(self, s: torch.Tensor, lab: torch.Tensor) -> TopK | None:
+        """The batch's items that can still matter, or None when too many can (then rank all).
+
+        An item scored below a class's current K-th score can neither enter its top K nor tie
+        at the new K-th score (which never decreases), so only the known items at or above it
+        count. After the first batches they are a few per class, and collecting them is much
+        cheaper than a top-K over the whole batch. A class with fewer than K known items so far
+        has a K-th score of -inf: all its known items are candidates.
+        """
+        kth = self._top.values[:, -1]
+        if s.dtype != kth.dtype:
+            return None  # _merge_top reports the mismatch
+        keep = (s >= kth) & (lab != -1)
+        per_class = count_true(keep, 0)
+        width = int(per_class.max()) if len(per_class) else 0
+        if width * 4 > s.shape[0]:
+            return None
+        rows, cols = keep.nonzero(as_tuple=True)
+        order = torch.argsort(cols, stable=True)
+        rows, cols = rows[order], cols[order]
+        slot = torch.arange(len(cols)) - (per_class.cumsum(0) - per_class)[cols]
+        c = self.num_classes
+        # One -inf column more than needed: the candidates' own "K-th" value is then -inf, so a
+        # merge counts their ties at the new K-th score from the candidates themselves.
+        values = torch.full((c, width + 1), NEG_INF, dtype=s.dtype)
+        labels = torch.full((c, width + 1), -1, dtype=torch.int8)
+        values[cols, slot] = s[rows, cols]
+        labels[cols, slot] = lab[rows, cols]
+        counts = count_columns(lab)
+        zeros = torch.zeros(c, dtype=torch.int64)
+        return TopK(values, labels, zeros, zeros, *counts)
 
     def _merge_top(self, top: TopK, images: int) -> None:
         if self._top is None:

@@ -92,3 +92,27 @@ def test_errors():
         acc.merge(MAPAccumulator(3, k=6))
     with pytest.raises(MetricInputError, match="k must be"):
         MAPAccumulator(3, k=0)
+
+
+@pytest.mark.parametrize("known_rate", [1.0, 0.05])  # dense labels; sparse OpenImages-like ones
+def test_candidate_prefilter_is_used_and_exact(monkeypatch, known_rate):
+    rng = np.random.default_rng(11)
+    n, c = 4000, 50
+    scores = rng.integers(0, 40, size=(n, c)).astype(np.float32)  # ties at the K-th score
+    labels = rng.integers(0, 2, size=(n, c)).astype(np.int8)
+    labels[rng.random((n, c)) > known_rate] = -1
+    labels[:, :5] = np.where(rng.random((n, 5)) < 0.01, labels[:, :5], -1)  # never reach K
+    calls = {"prefiltered": 0, "ranked": 0}
+    original = MAPAccumulator._candidates
+
+    def spy(self, s, lab):
+        out = original(self, s, lab)
+        calls["prefiltered" if out is not None else "ranked"] += 1
+        return out
+
+    monkeypatch.setattr(MAPAccumulator, "_candidates", spy)
+    acc = MAPAccumulator(c, k=30)
+    for i in range(0, n, 200):
+        acc.update(scores[i : i + 200], labels[i : i + 200])
+    assert calls["prefiltered"] >= 10  # the fast path ran, and gave the exact answer
+    assert_same(acc.compute(), class_ap_at_k(scores, labels, k=30))
