@@ -1,0 +1,145 @@
+"""What every input source hands to the shard writer: a Catalog of images and their labels.
+
+A source (OpenImages CSVs, a table, COCO, Fashion-MNIST mosaics) reads its label files into a
+Catalog: the class list, one row per image in a pyarrow table (never millions of Python objects),
+a picklable loader that turns a row's locator into image bytes inside a worker process, and a
+SkipLog of everything it left out and why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+# One row per image. ``locator`` is what the loader needs to get the bytes (a path relative to
+# the source's root, or a recipe for generated images); ``rotation`` (degrees, counter-clockwise)
+# is applied when an image is re-encoded.
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("locator", pa.string()),
+        ("positives", pa.list_(pa.int32())),
+        ("negatives", pa.list_(pa.int32())),
+        ("rotation", pa.int16()),
+    ]
+)
+
+EXAMPLES_PER_REASON = 5
+
+
+class Skip(Exception):  # noqa: N818 (a control-flow signal, not an error of the program)
+    """Raised by a loader or by image preparation: leave this image out, for ``reason``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason if not detail else f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class SkipLog:
+    """Counts of skipped items by reason, with the first few examples of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, example: str, count: int = 1) -> None:
+        self.counts[reason] += count
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < EXAMPLES_PER_REASON:
+            kept.append(example)
+
+    def add_all(self, reason: str, examples: list[str], count: int | None = None) -> None:
+        """``count`` items skipped for ``reason``, of which ``examples`` are some."""
+        self.counts[reason] += len(examples) if count is None else count
+        kept = self.examples.setdefault(reason, [])
+        kept.extend(examples[: EXAMPLES_PER_REASON - len(kept)])
+
+    def merge(self, other: SkipLog) -> None:
+        for reason, count in other.counts.items():
+            self.add_all(reason, other.examples.get(reason, []), count)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {
+            reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
+            for reason in sorted(self.counts)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SkipLog:
+        log = cls()
+        for reason, entry in data.items():
+            log.add_all(reason, list(entry["examples"]), int(entry["count"]))
+        return log
+
+
+class Loader(Protocol):
+    """Turns a catalog row's locator into the image's encoded bytes; raises Skip when it can't.
+
+    Must be picklable: worker processes receive it. Heavy state (an open dataset) is made lazily
+    in the worker, not in __init__.
+    """
+
+    def load(self, locator: str) -> bytes: ...
+
+
+@dataclass
+class Catalog:
+    class_ids: list[str]
+    class_names: list[str]
+    table: pa.Table  # CATALOG_SCHEMA
+    loader: Loader
+    # "partial": pairs not listed are unknown (OpenImages); "full": they are negatives (COCO).
+    annotation: str
+    # Images and label rows the source read, and those it left out with the reason.
+    images_read: int
+    image_skips: SkipLog = field(default_factory=SkipLog)
+    label_rows_read: int = 0
+    label_row_skips: SkipLog = field(default_factory=SkipLog)
+    source: str = ""  # what was read, for the report
+
+    def __post_init__(self):
+        if self.annotation not in ("partial", "full"):
+            raise ValueError(f"annotation must be 'partial' or 'full', got {self.annotation!r}")
+        if not self.table.schema.equals(CATALOG_SCHEMA):
+            self.table = self.table.cast(CATALOG_SCHEMA)
+
+
+def catalog_table(ids, locators, positives, negatives, rotation=None) -> pa.Table:
+    """Build a CATALOG_SCHEMA table from columns (lists, numpy or arrow arrays)."""
+    n = len(ids)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "locator": pa.array(locators, pa.string()),
+            "positives": pa.array(positives, pa.list_(pa.int32())),
+            "negatives": pa.array(negatives, pa.list_(pa.int32())),
+            "rotation": pa.array([0] * n if rotation is None else rotation, pa.int16()),
+        },
+        schema=CATALOG_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class FileLoader:
+    """Reads ``root/locator`` from a local file system."""
+
+    root: str
+
+    def load(self, locator: str) -> bytes:
+        path = os.path.join(self.root, locator)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise Skip("missing file", path) from None
+        except OSError as e:
+            raise Skip("unreadable file", f"{path}: {e.strerror or e}") from None
