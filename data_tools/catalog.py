@@ -8,12 +8,15 @@ SkipLog of everything it left out and why.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # One row per image. ``locator`` is what the loader needs to get the bytes (a path relative to
 # the source's root, or a recipe for generated images); ``rotation`` (degrees, counter-clockwise)
@@ -55,9 +58,12 @@ class SkipLog:
 
     def add_all(self, reason: str, examples: list[str], count: int | None = None) -> None:
         """``count`` items skipped for ``reason``, of which ``examples`` are some."""
-        self.counts[reason] += len(examples) if count is None else count
+        count = len(examples) if count is None else count
+        if not count:
+            return
+        self.counts[reason] += count
         kept = self.examples.setdefault(reason, [])
-        kept.extend(examples[: EXAMPLES_PER_REASON - len(kept)])
+        kept.extend(examples[: min(EXAMPLES_PER_REASON, self.counts[reason]) - len(kept)])
 
     def merge(self, other: SkipLog) -> None:
         for reason, count in other.counts.items():
@@ -109,6 +115,11 @@ class Catalog:
     def __post_init__(self):
         if self.annotation not in ("partial", "full"):
             raise ValueError(f"annotation must be 'partial' or 'full', got {self.annotation!r}")
+        if self.table.schema.names != CATALOG_SCHEMA.names:
+            raise ValueError(
+                f"a catalog table needs columns {CATALOG_SCHEMA.names}, "
+                f"got {self.table.schema.names}"
+            )
         if not self.table.schema.equals(CATALOG_SCHEMA):
             self.table = self.table.cast(CATALOG_SCHEMA)
 
@@ -130,12 +141,16 @@ def catalog_table(ids, locators, positives, negatives, rotation=None) -> pa.Tabl
 
 @dataclass(frozen=True)
 class FileLoader:
-    """Reads ``root/locator`` from a local file system."""
+    """Reads ``root/locator`` from a local file system; a locator may not leave ``root`` (label
+    files are input from elsewhere: "../../home/me/.ssh/id_rsa" must not end up in a shard)."""
 
     root: str
 
     def load(self, locator: str) -> bytes:
-        path = os.path.join(self.root, locator)
+        root = os.path.realpath(self.root)
+        path = os.path.realpath(os.path.join(root, locator))
+        if os.path.commonpath([root, path]) != root:
+            raise Skip("path outside the image root", locator)
         try:
             with open(path, "rb") as f:
                 return f.read()
@@ -143,3 +158,30 @@ class FileLoader:
             raise Skip("missing file", path) from None
         except OSError as e:
             raise Skip("unreadable file", f"{path}: {e.strerror or e}") from None
+
+
+def select_densest(catalog: Catalog, n: int, seed: int = 0) -> Catalog:
+    """Keep the n images with the most known labels (positives + verified negatives), ties
+    broken by a seeded hash of the id: a FastEval14k-style densely annotated evaluation set.
+    The others are counted as skipped, reason "not selected (densest:n)"."""
+    table = catalog.table
+    if n >= table.num_rows:
+        return catalog
+    known = pc.list_value_length(table["positives"]).to_numpy(
+        zero_copy_only=False
+    ) + pc.list_value_length(table["negatives"]).to_numpy(zero_copy_only=False)
+    ids = table["id"].to_pylist()
+    tie = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest())
+            for i in ids
+        ],
+        dtype=np.uint64,
+    )
+    order = np.lexsort((tie, -known))
+    chosen = np.sort(order[:n])
+    dropped = order[n:]
+    skips = SkipLog()
+    skips.merge(catalog.image_skips)
+    skips.add_all(f"not selected (densest:{n})", [ids[i] for i in dropped[:5]], len(dropped))
+    return replace(catalog, table=table.take(pa.array(chosen)), image_skips=skips)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import data_tools.cli
 import eval.cli
-from eval.io import InputFileError
-from eval.metrics import MetricInputError
+from data_tools.writer import ShardError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code
-SUBCOMMANDS = {"eval": eval.cli}
+SUBCOMMANDS = {"shard": data_tools.cli, "eval": eval.cli}
+
+# Errors about the user's input, files or folders: one line naming the file and the fix, not a
+# traceback (MLC_DEBUG=1 shows it). InputFileError and MetricInputError are ValueErrors.
+USER_ERRORS = (ValueError, OSError, ShardError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except (InputFileError, MetricInputError) as e:
+    except USER_ERRORS as e:
+        if os.environ.get("MLC_DEBUG"):
+            raise
         print(f"mlc {args.command}: error: {e}", file=sys.stderr)
         return 2
 

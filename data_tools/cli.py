@@ -1,0 +1,189 @@
+"""`mlc shard`: labelled images -> WebDataset shards (argument parsing and the run's outline)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_tools.catalog import Catalog, select_densest
+from data_tools.merge import format_report, merge_split
+from data_tools.writer import ShardOptions, write_split
+
+HELP = "turn labelled images into WebDataset shards with a manifest and class stats"
+
+
+def _partition(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/P such as 0/4, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < P in i/P, got {text!r}")
+    return index, count
+
+
+def _densest(text: str) -> int:
+    kind, _, n = text.partition(":")
+    if kind != "densest" or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"expected densest:N (N >= 1), got {text!r}")
+    return int(n)
+
+
+def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
+    p.add_argument("--out", required=True, help="dataset folder (shards, manifest, stats)")
+    if split:
+        p.add_argument("--split", default="train", help="split name (default train)")
+    p.add_argument("--workers", type=int, default=1, help="processes (output is the same)")
+    p.add_argument(
+        "--partition",
+        type=_partition,
+        default=(0, 1),
+        metavar="i/P",
+        help="write only shards j with j %% P == i; run `mlc shard merge` after all P",
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=int, help="re-encode so the longer side is at most this")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    p.add_argument(
+        "--verify",
+        choices=["decode", "structure"],
+        default="decode",
+        help="check every image by decoding it (default), or by headers and end markers only",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    p.add_argument(
+        "--select",
+        type=_densest,
+        metavar="densest:N",
+        help="keep the N images with the most known labels (a FastEval14k-style evaluation set)",
+    )
+    p.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+
+    p = sub.add_parser("openimages", help="OpenImages class descriptions + image-labels CSVs")
+    p.add_argument("--classes", required=True, help="class-descriptions CSV (no header)")
+    p.add_argument("--labels", required=True, nargs="+", help="human image-labels CSV(s)")
+    p.add_argument("--images", required=True, help="folder of <ImageID>.jpg")
+    p.add_argument("--trainable", help="file of trainable class ids, one per line")
+    p.add_argument("--rotation", help="CSV with ImageID and Rotation columns")
+    _common(p)
+
+    p = sub.add_parser("table", help="CSV/TSV/Parquet/JSONL: image path + labels")
+    p.add_argument("--table", required=True)
+    p.add_argument("--root", required=True, help="folder the image paths are relative to")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--labels-column", default="labels")
+    p.add_argument("--negatives-column", help="verified negatives (makes unlisted pairs unknown)")
+    p.add_argument("--id-column", help="image id column (default: the image path)")
+    p.add_argument("--delimiter", help="separator of labels in a text column (default |)")
+    p.add_argument("--classes", help="class list (ids or names); default: the labels seen")
+    _common(p)
+
+    p = sub.add_parser("coco", help="COCO instances JSON: labels = categories present")
+    p.add_argument("--instances", required=True, help="instances_*.json")
+    p.add_argument("--images", required=True, help="folder of the images' file_name")
+    _common(p)
+
+    p = sub.add_parser("fashion-mnist", help="multi-label mosaics of Fashion-MNIST (built in)")
+    p.add_argument("--root", help="folder of the IDX files (default: Debian's package)")
+    p.add_argument("--train-count", type=int, default=60_000, help="mosaics in split train")
+    p.add_argument("--test-count", type=int, default=10_000, help="mosaics in split test")
+    p.add_argument("--grid", type=int, default=2, help="grid x grid cells of 28x28")
+    p.add_argument("--min-items", type=int, default=1)
+    p.add_argument("--max-items", type=int, help="default grid*grid")
+    p.add_argument("--prior-alpha", type=float, default=1.0, help="long-tail exponent")
+    _common(p, split=False)
+
+    p = sub.add_parser("merge", help="combine the partitions of a split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", required=True)
+
+
+def _catalogs(args: argparse.Namespace) -> list[tuple[str, Catalog]]:
+    if args.format == "openimages":
+        from data_tools.sources.openimages import read_openimages
+
+        catalog = read_openimages(
+            args.classes, args.labels, args.images, args.trainable, args.rotation
+        )
+        return [(args.split, catalog)]
+    if args.format == "table":
+        from data_tools.sources.table import read_table_source
+
+        catalog = read_table_source(
+            args.table,
+            args.root,
+            image_column=args.image_column,
+            labels_column=args.labels_column,
+            negatives_column=args.negatives_column,
+            delimiter=args.delimiter,
+            classes=args.classes,
+            id_column=args.id_column,
+        )
+        return [(args.split, catalog)]
+    if args.format == "coco":
+        from data_tools.sources.coco import read_coco
+
+        return [(args.split, read_coco(args.instances, args.images))]
+    from data_tools.sources.fashion_mnist import DEFAULT_ROOT, mosaic_catalog
+
+    return [
+        (
+            split,
+            mosaic_catalog(
+                root=args.root or DEFAULT_ROOT,
+                split=split,
+                count=count,
+                grid=args.grid,
+                min_items=args.min_items,
+                max_items=args.max_items,
+                prior_alpha=args.prior_alpha,
+                seed=args.seed,
+            ),
+        )
+        for split, count in (("train", args.train_count), ("test", args.test_count))
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format == "merge":
+        report = merge_split(args.out, args.split)
+        print(format_report(report))
+        return 0
+    options = ShardOptions(
+        shard_size=args.shard_size,
+        max_side=args.max_side,
+        quality=args.quality,
+        verify=args.verify,
+        seed=args.seed,
+    )
+    index, count = args.partition
+    skipped = 0
+    for split, catalog in _catalogs(args):
+        if args.select:
+            catalog = select_densest(catalog, args.select, args.seed)
+        skips = write_split(
+            catalog, args.out, split, options, args.partition, args.workers, not args.quiet
+        )
+        if count > 1:
+            skipped += skips.total + catalog.image_skips.total + catalog.label_row_skips.total
+            print(
+                f"{split}: partition {index}/{count} done ({skips.total} images skipped in its "
+                f"shards). When all {count} partitions are done: "
+                f"mlc shard merge --out {args.out} --split {split}"
+            )
+            continue
+        report = merge_split(args.out, split)
+        print(format_report(report))
+        skipped += report["skipped"] + report["label_rows_skipped"]
+    print(f"wrote {Path(args.out)}")
+    sys.stdout.flush()
+    if args.strict and skipped:
+        print(f"mlc shard: --strict: {skipped} item(s) were skipped", file=sys.stderr)
+        return 1
+    return 0

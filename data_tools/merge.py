@@ -1,0 +1,130 @@
+"""Combine a split's shard parts into its manifest, stats and report, and the readers' files.
+
+Runs at the end of an unpartitioned `mlc shard`, or as `mlc shard merge` once every partition
+has finished. Everything it writes is derived from the part files, so it can be rerun any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_tools.catalog import SkipLog
+from data_tools.writer import manifest_table, read_parts
+from eval.io import atomic_write_parquet, atomic_write_text
+from mlc.format import (
+    CLASSES_FILE,
+    FORMAT_VERSION,
+    OPENCLIP_SIZES_FILE,
+    TIMM_INFO_FILE,
+    manifest_name,
+    report_name,
+    stats_name,
+)
+
+
+def _class_counts(lists: pa.ChunkedArray | pa.Array, num_classes: int) -> np.ndarray:
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
+    return np.bincount(values, minlength=num_classes)[:num_classes]
+
+
+def _update_json(path: Path, update) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    update(data)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def merge_split(out: str | Path, split: str) -> dict:
+    """Write <split>.manifest.parquet, .stats.json, .report.json; update sizes.json and
+    _info.json; return the report."""
+    out = Path(out)
+    plan, parts = read_parts(out, split)
+    classes = json.loads((out / CLASSES_FILE).read_text())
+    class_ids = [c["id"] for c in classes["classes"]]
+    manifest = manifest_table(parts)
+    atomic_write_parquet(out / manifest_name(split), manifest)
+
+    written = manifest.num_rows
+    positives = _class_counts(manifest["positives"], len(class_ids))
+    if classes["annotation"] == "full":
+        negatives = written - positives  # every unlisted pair is a known negative
+    else:
+        negatives = _class_counts(manifest["negatives"], len(class_ids))
+    shards = [p["shard"] for p in parts]
+    lengths = [len(p["manifest"]["key"]) for p in parts]
+    stats = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "samples": written,
+        "annotation": classes["annotation"],
+        "num_classes": len(class_ids),
+        "shards": shards,
+        "shard_lengths": lengths,
+        "positive_counts": dict(zip(class_ids, positives.tolist(), strict=True)),
+        "negative_counts": dict(zip(class_ids, negatives.tolist(), strict=True)),
+    }
+    atomic_write_text(out / stats_name(split), json.dumps(stats, indent=1) + "\n")
+
+    image_skips = SkipLog.from_dict(plan["image_skips"])
+    for part in parts:
+        image_skips.merge(SkipLog.from_dict(part["skips"]))
+    report = {
+        "split": split,
+        "source": plan["source"],
+        "images_read": plan["images_read"],
+        "written": written,
+        "shards": len(shards),
+        "skipped": image_skips.total,
+        "image_skips": image_skips.to_dict(),
+        "label_rows_read": plan["label_rows_read"],
+        "label_rows_skipped": SkipLog.from_dict(plan["label_row_skips"]).total,
+        "label_row_skips": plan["label_row_skips"],
+        "options": plan["options"],
+    }
+    if plan["images_read"] != written + image_skips.total:
+        raise AssertionError(  # a bug in a source or the writer, never the user's input
+            f"{split}: {plan['images_read']} images read != {written} written + "
+            f"{image_skips.total} skipped"
+        )
+    atomic_write_text(out / report_name(split), json.dumps(report, indent=1) + "\n")
+
+    _update_json(out / OPENCLIP_SIZES_FILE, lambda d: d.update(zip(shards, lengths, strict=True)))
+
+    def timm_info(d):
+        d.setdefault("name", out.name)
+        d.setdefault("splits", {})[split] = {
+            "name": split,
+            "num_samples": written,
+            "filenames": shards,
+            "shard_lengths": lengths,
+        }
+
+    _update_json(out / TIMM_INFO_FILE, timm_info)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The closing table: images read = written + skipped (by reason), and label rows."""
+    width = max(len(str(report["images_read"])), 7)
+    lines = [
+        f"{report['split']}: {report['images_read']} images read",
+        f"  written {report['written']:>{width + 32}} in {report['shards']} shards",
+        f"  skipped {report['skipped']:>{width + 32}}",
+    ]
+    for reason, entry in report["image_skips"].items():
+        example = f"   e.g. {entry['examples'][0]}" if entry["examples"] else ""
+        lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
+    if report["label_rows_read"]:
+        lines.append(
+            f"  label rows: {report['label_rows_read']} read, "
+            f"{report['label_rows_read'] - report['label_rows_skipped']} used, "
+            f"{report['label_rows_skipped']} skipped"
+        )
+        for reason, entry in report["label_row_skips"].items():
+            example = f"   e.g. {entry['examples'][0]}" if entry["examples"] else ""
+            lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""OpenImages (V4 to V7) human image-level labels -> Catalog, streamed in pyarrow batches.
+
+Inputs: the class-descriptions CSV (``LabelName,DisplayName``, no header, quoted names), one or
+more human image-labels CSVs (``ImageID,Source,LabelName,Confidence``: 1 = positive, 0 = verified
+negative; any pair not listed is unknown), the image folder (``<ImageID>.jpg``), optionally the
+trainable classes (one id per line) and a rotation CSV (``ImageID,...,Rotation``).
+
+Label rows are read in batches into arrow and numpy arrays (60M rows never become Python
+objects), then de-duplicated and grouped by image with one sort.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from data_tools.catalog import Catalog, FileLoader, SkipLog, catalog_table
+from eval.io import read_classes
+
+LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
+BLOCK_BYTES = 16 << 20  # CSV bytes per batch
+
+
+def read_trainable(path: str | Path, known: set[str]) -> list[str]:
+    ids, seen = [], set()
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        cid = line.strip().split(",")[0]
+        if not cid:
+            continue
+        if cid not in known:
+            raise ValueError(f"{path}: line {number}: {cid!r} is not in the class descriptions")
+        if cid in seen:
+            raise ValueError(f"{path}: line {number}: {cid!r} listed twice")
+        seen.add(cid)
+        ids.append(cid)
+    return ids
+
+
+def _examples(mask: np.ndarray, *columns: pa.Array, n: int = 5) -> list[str]:
+    rows = np.flatnonzero(mask)[:n]
+    return [" ".join(str(col[int(r)].as_py()) for col in columns) for r in rows]
+
+
+class _LabelBatches:
+    """Reads label CSVs batch by batch, keeping per row: image id, class column, positive."""
+
+    def __init__(self, vocabulary: list[str], all_ids: set[str]):
+        self.vocab = pa.array(vocabulary, pa.string())
+        self.all_ids = all_ids
+        self.skips = SkipLog()
+        self.rows_read = 0
+        self.image_ids: list[pa.Array] = []  # every row with an ImageID (kept or not)
+        self.kept: list[np.ndarray] = []  # per such row: is the label used
+        self.classes: list[np.ndarray] = []  # per kept row
+        self.positive: list[np.ndarray] = []  # per kept row
+
+    def read(self, path: Path) -> None:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            header = f.readline().strip().split(",")
+        missing = [c for c in LABEL_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: line 1 has columns {header}; an OpenImages image-labels CSV needs "
+                f"{','.join(LABEL_COLUMNS)} (missing {missing})"
+            )
+
+        def malformed(row) -> str:
+            self.rows_read += 1
+            self.skips.add("malformed line", f"{path.name} line {row.number}: {row.text[:80]}")
+            return "skip"
+
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=malformed),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=["ImageID", "LabelName", "Confidence"],
+                column_types={c: pa.string() for c in LABEL_COLUMNS},
+                strings_can_be_null=False,
+            ),
+        )
+        for batch in reader:
+            self._add(batch)
+
+    def _add(self, batch: pa.RecordBatch) -> None:
+        image = pc.utf8_trim_whitespace(batch.column("ImageID"))
+        label = pc.utf8_trim_whitespace(batch.column("LabelName"))
+        conf = batch.column("Confidence")
+        self.rows_read += batch.num_rows
+        has_image = pc.not_equal(image, "").to_numpy(zero_copy_only=False)
+        self.skips.add_all("no ImageID", _examples(~has_image, label), int((~has_image).sum()))
+        is_pos = pc.match_substring_regex(conf, r"^\s*1(\.0*)?\s*$").to_numpy(zero_copy_only=False)
+        is_neg = pc.match_substring_regex(conf, r"^\s*0(\.0*)?\s*$").to_numpy(zero_copy_only=False)
+        bad_conf = has_image & ~(is_pos | is_neg)
+        self.skips.add_all(
+            "bad Confidence (not 0 or 1)",
+            _examples(bad_conf, image, label, conf),
+            int(bad_conf.sum()),
+        )
+        column = pc.index_in(label, value_set=self.vocab)
+        in_vocab = column.is_valid().to_numpy(zero_copy_only=False)
+        candidate = has_image & (is_pos | is_neg)
+        if not in_vocab[candidate].all():
+            out = candidate & ~in_vocab
+            known = pc.is_in(label, value_set=pa.array(sorted(self.all_ids), pa.string()))
+            known = known.to_numpy(zero_copy_only=False)
+            for reason, mask in (
+                ("not a trainable class", out & known),
+                ("unknown class id", out & ~known),
+            ):
+                self.skips.add_all(reason, _examples(mask, image, label), int(mask.sum()))
+        keep = candidate & in_vocab
+        self.image_ids.append(image.filter(pa.array(has_image)))
+        self.kept.append(keep[has_image])
+        self.classes.append(column.to_numpy(zero_copy_only=False)[keep].astype(np.int64))
+        self.positive.append(is_pos[keep])
+
+
+def _group_by_image(codes: np.ndarray, classes: np.ndarray, n_images: int) -> pa.ListArray:
+    """classes sorted by (code, class) -> one list per image."""
+    offsets = np.zeros(n_images + 1, dtype=np.int32)
+    np.cumsum(np.bincount(codes, minlength=n_images), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes.astype(np.int32)))
+
+
+def read_openimages(
+    class_descriptions: str | Path,
+    label_csvs: list[str | Path],
+    images: str | Path,
+    trainable: str | Path | None = None,
+    rotation_csv: str | Path | None = None,
+) -> Catalog:
+    classes = read_classes(class_descriptions)
+    names = dict(zip(classes.ids, classes.names, strict=True))
+    vocab = read_trainable(trainable, set(classes.ids)) if trainable else classes.ids
+    batches = _LabelBatches(vocab, set(classes.ids))
+    for path in label_csvs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such labels file")
+        batches.read(Path(path))
+
+    all_ids = pa.chunked_array(batches.image_ids, pa.string())
+    unique_ids = pc.unique(all_ids)  # images in order of first appearance
+    codes = pc.index_in(all_ids, value_set=unique_ids).to_numpy().astype(np.int64)
+    codes = codes[np.concatenate(batches.kept)] if batches.kept else codes
+    n_images, n_classes = len(unique_ids), len(vocab)
+    classes_col = np.concatenate(batches.classes) if batches.classes else codes
+    positive = np.concatenate(batches.positive) if batches.positive else codes.astype(bool)
+
+    # One label per (image, class); a pair listed positive and negative is positive.
+    pairs = codes * n_classes + classes_col
+    order = np.lexsort((~positive, pairs))
+    pairs, positive = pairs[order], positive[order]
+    first = np.ones(len(pairs), dtype=bool)
+    first[1:] = pairs[1:] != pairs[:-1]
+    kept_positive = positive[np.searchsorted(pairs, pairs, "left")]  # the label each pair keeps
+    conflict = ~first & ~positive & kept_positive
+    duplicate = ~first & ~conflict
+    skips = batches.skips
+    skips.add_all("positive and negative: kept positive", [], int(conflict.sum()))
+    skips.add_all("duplicate (image, class) row", [], int(duplicate.sum()))
+    pairs, positive = pairs[first], positive[first]
+    img, cls = pairs // n_classes, pairs % n_classes
+    pos_lists = _group_by_image(img[positive], cls[positive], n_images)
+    neg_lists = _group_by_image(img[~positive], cls[~positive], n_images)
+
+    known = np.bincount(img, minlength=n_images) > 0
+    image_skips = SkipLog()
+    no_labels = np.flatnonzero(~known)
+    image_skips.add_all(
+        "no known labels", [unique_ids[int(i)].as_py() for i in no_labels[:5]], len(no_labels)
+    )
+    keep = pa.array(known)
+    ids = unique_ids.filter(keep)
+    rotation = _rotations(rotation_csv, ids) if rotation_csv else None
+    table = catalog_table(
+        ids,
+        pc.binary_join_element_wise(ids, pa.scalar(".jpg"), ""),
+        pos_lists.filter(keep),
+        neg_lists.filter(keep),
+        rotation,
+    )
+    return Catalog(
+        class_ids=list(vocab),
+        class_names=[names[c] for c in vocab],
+        table=table,
+        loader=FileLoader(str(images)),
+        annotation="partial",
+        images_read=n_images,
+        image_skips=image_skips,
+        label_rows_read=batches.rows_read,
+        label_row_skips=skips,
+        source=f"OpenImages labels {', '.join(str(p) for p in label_csvs)}",
+    )
+
+
+def _rotations(path: str | Path, ids: pa.Array) -> np.ndarray:
+    """Rotation per image (degrees counter-clockwise; missing or NaN = 0)."""
+    table = pacsv.read_csv(
+        path,
+        convert_options=pacsv.ConvertOptions(
+            include_columns=["ImageID", "Rotation"],
+            column_types={"ImageID": pa.string(), "Rotation": pa.float64()},
+        ),
+    )
+    where = pc.index_in(ids, value_set=table["ImageID"].combine_chunks())
+    found = where.is_valid().to_numpy(zero_copy_only=False)
+    if not found.any():
+        return np.zeros(len(ids), dtype=np.int16)
+    degrees = np.nan_to_num(table["Rotation"].combine_chunks().to_numpy(zero_copy_only=False))
+    rows = pc.fill_null(where, 0).to_numpy()
+    return np.where(found, degrees[rows], 0).astype(np.int16)

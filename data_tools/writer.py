@@ -1,0 +1,328 @@
+"""Write a Catalog as WebDataset shards: deterministic, resumable, splittable across machines.
+
+The plan is fixed before any image is read: the catalog's rows are shuffled with the seed and
+cut into shards of ``shard_size`` rows, so shard j always holds the same candidates whatever the
+number of workers or partitions (partition i of P writes the shards j with j % P == i). A shard
+is written to a temporary name, fsynced and renamed; then its part file
+(``_parts/<split>/<shard>.json``: its manifest rows, skips and checksum) is written the same way.
+A shard whose part file is present and whose checksum matches is complete: a re-run keeps it.
+``merge_split`` turns the part files into the split's manifest, stats and report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from data_tools.catalog import Catalog, Skip, SkipLog
+from data_tools.images import VERIFY_MODES, prepare_image
+from eval.io import atomic_write_text
+from mlc.format import (
+    CLASSES_FILE,
+    FORMAT_VERSION,
+    MANIFEST_SCHEMA,
+    classes_document,
+    encode_sample_json,
+    sample_key,
+    shard_name,
+)
+
+PARTS_DIR = "_parts"
+PLAN_FILE = "plan.json"
+
+
+class ShardError(RuntimeError):
+    """The output folder cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    shard_size: int = 1000  # candidate images per shard (a shard holds fewer if some are skipped)
+    max_side: int | None = None  # re-encode so the longer side is at most this
+    quality: int = 90  # JPEG quality when re-encoding
+    verify: str = "decode"  # see data_tools.images.VERIFY_MODES
+    seed: int = 0  # shuffles the sample order
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"max_side must be >= 1, got {self.max_side}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    out: str
+    split: str
+    index: int  # shard number
+    first_position: int  # position of rows[0] in the split's shuffled order
+    rows: list[dict]
+    options: ShardOptions
+    loader: object
+    fingerprint: str
+
+
+# ---------------------------------------------------------------- one shard (in a worker)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata: the same samples give a byte-identical tar on any machine, at any time.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _parts_dir(out: str | Path, split: str) -> Path:
+    return Path(out) / PARTS_DIR / split
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard and its part file; return the part (manifest columns, skips)."""
+    out = Path(task.out)
+    name = shard_name(task.split, task.index)
+    columns = {field: [] for field in MANIFEST_SCHEMA.names}
+    skips = SkipLog()
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    with tmp.open("wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for offset, row in enumerate(task.rows):
+                try:
+                    data = task.loader.load(row["locator"])
+                    image = prepare_image(
+                        data,
+                        task.options.max_side,
+                        task.options.quality,
+                        row["rotation"] or 0,
+                        task.options.verify,
+                    )
+                except Skip as skip:
+                    skips.add(
+                        skip.reason, f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
+                    )
+                    continue
+                key = sample_key(task.first_position + offset)
+                record = {
+                    "key": key,
+                    "id": row["id"],
+                    "shard": name,
+                    "positives": row["positives"],
+                    "negatives": row["negatives"],
+                    "width": image.width,
+                    "height": image.height,
+                    "bytes": len(image.data),
+                    "source": row["locator"],
+                }
+                _add_member(tar, f"{key}.{image.ext}", image.data)
+                _add_member(tar, f"{key}.json", encode_sample_json(record))
+                for field, value in record.items():
+                    columns[field].append(value)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / name)
+    part = {
+        "fingerprint": task.fingerprint,
+        "shard": name,
+        "tar_bytes": (out / name).stat().st_size,
+        "sha256": _sha256(out / name),
+        "manifest": columns,
+        "skips": skips.to_dict(),
+    }
+    atomic_write_text(_parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
+    return part
+
+
+# ---------------------------------------------------------------- the plan (in the parent)
+
+
+def _fingerprint(
+    split: str, index: int, first: int, rows: list[dict], options: ShardOptions
+) -> str:
+    content = [FORMAT_VERSION, split, index, first, asdict(options), rows]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict | None:
+    """The part of a shard already written with this plan, checked; None if it must be written."""
+    part_file = _parts_dir(out, split) / f"{name}.json"
+    if not part_file.is_file():
+        return None
+    try:
+        part = json.loads(part_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged part file: rewrite the shard
+    if part.get("fingerprint") != fingerprint:
+        raise ShardError(
+            f"{out / name} was written from other inputs or options than this run's (its part "
+            f"file {part_file} does not match). Use a new output folder, or delete the old one."
+        )
+    tar = out / name
+    if (
+        not tar.is_file()
+        or tar.stat().st_size != part["tar_bytes"]
+        or _sha256(tar) != part["sha256"]
+    ):
+        return None  # damaged or missing since: rewrite
+    return part
+
+
+def shuffled_rows(catalog: Catalog, seed: int) -> pa.Table:
+    order = np.random.default_rng(seed).permutation(catalog.table.num_rows)
+    return catalog.table.take(pa.array(order))
+
+
+def _check_classes(out: Path, catalog: Catalog) -> None:
+    document = classes_document(catalog.class_ids, catalog.class_names, catalog.annotation)
+    path = out / CLASSES_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != document:
+            raise ShardError(
+                f"{path} lists other classes (or another annotation kind) than this run's; "
+                "a dataset folder has one class list. Use a new output folder."
+            )
+        return
+    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+
+
+def write_split(
+    catalog: Catalog,
+    out: str | Path,
+    split: str,
+    options: ShardOptions = ShardOptions(),
+    partition: tuple[int, int] = (0, 1),
+    workers: int = 1,
+    progress: bool = True,
+) -> SkipLog:
+    """Write this partition's shards of the split (skipping complete ones); return its skips.
+
+    The catalog-level skips and counts go to the split's plan file, which every partition
+    writes identically; merge_split reads it.
+    """
+    index, count = partition
+    if not 0 <= index < count:
+        raise ValueError(f"partition must be i/P with 0 <= i < P, got {index}/{count}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _parts_dir(out, split).mkdir(parents=True, exist_ok=True)
+    _check_classes(out, catalog)
+    rows = shuffled_rows(catalog, options.seed)
+    n_shards = -(-rows.num_rows // options.shard_size)
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "shards": n_shards,
+        "options": asdict(options),
+        "source": catalog.source,
+        "annotation": catalog.annotation,
+        "images_read": catalog.images_read,
+        "image_skips": catalog.image_skips.to_dict(),
+        "label_rows_read": catalog.label_rows_read,
+        "label_row_skips": catalog.label_row_skips.to_dict(),
+        "candidates": rows.num_rows,
+    }
+    atomic_write_text(_parts_dir(out, split) / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
+    for stale in out.glob(f".{split}-*.tar.tmp-*"):  # left by a killed run of this partition
+        if int(stale.name[len(split) + 2 :].split(".")[0]) % count == index:
+            stale.unlink(missing_ok=True)
+
+    skips = SkipLog()
+    todo = []
+    done_samples = 0
+    for j in range(index, n_shards, count):
+        first = j * options.shard_size
+        shard_rows = rows.slice(first, options.shard_size).to_pylist()
+        fingerprint = _fingerprint(split, j, first, shard_rows, options)
+        part = _complete_part(out, split, shard_name(split, j), fingerprint)
+        if part is not None:
+            skips.merge(SkipLog.from_dict(part["skips"]))
+            done_samples += len(shard_rows)
+            continue
+        todo.append(
+            ShardTask(str(out), split, j, first, shard_rows, options, catalog.loader, fingerprint)
+        )
+    total = sum(len(t.rows) for t in todo)
+    bar = tqdm(
+        total=total,
+        unit="img",
+        desc=f"{split} {index}/{count}" if count > 1 else split,
+        disable=not progress,
+        smoothing=0.1,
+    )
+    if done_samples and progress:
+        print(f"{split}: kept {done_samples} images in shards completed by an earlier run")
+    with bar:
+        if workers <= 1:
+            results = map(write_shard, todo)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+            results = pool.imap_unordered(write_shard, todo)
+        try:
+            for task, part in zip(todo, results, strict=False):
+                skips.merge(SkipLog.from_dict(part["skips"]))
+                bar.update(len(task.rows))
+        finally:
+            if pool is not None:
+                pool.terminate()
+    return skips
+
+
+# ---------------------------------------------------------------- merge
+
+
+def read_plan(out: str | Path, split: str) -> dict:
+    path = _parts_dir(out, split) / PLAN_FILE
+    if not path.is_file():
+        raise ShardError(f"{path} not found: no shards of split {split!r} were written in {out}")
+    return json.loads(path.read_text())
+
+
+def read_parts(out: str | Path, split: str) -> tuple[dict, list[dict]]:
+    """The split's plan and every shard's part, in shard order; error if any is missing."""
+    plan = read_plan(out, split)
+    parts, missing = [], []
+    for j in range(plan["shards"]):
+        path = _parts_dir(out, split) / f"{shard_name(split, j)}.json"
+        if path.is_file():
+            parts.append(json.loads(path.read_text()))
+        else:
+            missing.append(j)
+    if missing:
+        shown = ", ".join(shard_name(split, j) for j in missing[:5])
+        raise ShardError(
+            f"{len(missing)} of {plan['shards']} shards of {split!r} are not written yet "
+            f"({shown}{', ...' if len(missing) > 5 else ''}): run every partition, then merge"
+        )
+    return plan, parts
+
+
+def manifest_table(parts: list[dict]) -> pa.Table:
+    columns = {field: [] for field in MANIFEST_SCHEMA.names}
+    for part in parts:
+        for field in columns:
+            columns[field].extend(part["manifest"][field])
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
