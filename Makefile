@@ -6,7 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test bench clean fashion-mnist
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +19,22 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/mlc eval --example --output runs/example
 
-test: $(VENV)/.installed
+# The built-in dataset's source images (Debian package); tests that need them skip without.
+fashion-mnist:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+	      || echo "note: could not install dataset-fashion-mnist"; \
+	  else echo "note: Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; fi; \
+	fi
+
+test: $(VENV)/.installed fashion-mnist
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed fashion-mnist
 	$(BIN)/python benchmarks/bench_map.py
+	$(BIN)/python benchmarks/bench_shard.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

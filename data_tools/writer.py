@@ -88,6 +88,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through (no second read of the shard)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -108,7 +123,8 @@ def write_shard(task: ShardTask) -> dict:
     skips = SkipLog()
     tmp = out / f".{name}.tmp-{os.getpid()}"
     with tmp.open("wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        hashing = _HashingFile(f)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
                 try:
                     data = task.loader.load(row["locator"])
@@ -146,8 +162,8 @@ def write_shard(task: ShardTask) -> dict:
     part = {
         "fingerprint": task.fingerprint,
         "shard": name,
-        "tar_bytes": (out / name).stat().st_size,
-        "sha256": _sha256(out / name),
+        "tar_bytes": hashing.size,
+        "sha256": hashing.digest.hexdigest(),
         "manifest": columns,
         "skips": skips.to_dict(),
     }

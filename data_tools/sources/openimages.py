@@ -161,7 +161,7 @@ def read_openimages(
     conflict = ~first & ~positive & kept_positive
     duplicate = ~first & ~conflict
     skips = batches.skips
-    skips.add_all("positive and negative: kept positive", [], int(conflict.sum()))
+    skips.add_all("positive and negative (kept positive)", [], int(conflict.sum()))
     skips.add_all("duplicate (image, class) row", [], int(duplicate.sum()))
     pairs, positive = pairs[first], positive[first]
     img, cls = pairs // n_classes, pairs % n_classes
