@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.catalog import Skip
@@ -71,6 +72,13 @@ def _decode(im: Image.Image, size: tuple[int, int] | None = None) -> Image.Image
 def _to_rgb_or_gray(im: Image.Image) -> Image.Image:
     if im.mode in ("RGB", "L"):
         return im
+    if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    if im.mode in ("I", "F"):  # 32-bit grayscale: stretch its range to 0..255
+        pixels = np.asarray(im, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
+        return Image.fromarray(scaled.round().astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -98,14 +106,14 @@ def prepare_image(
         raise Skip("bad rotation", f"{rotation} (expected 0, 90, 180 or 270)")
     im = _open(data)
     fmt, (width, height) = im.format, im.size
+    if not _structure_ok(fmt, data):
+        raise Skip("corrupt image", f"truncated {fmt} (no end marker)")
     passthrough = (
         fmt in IMAGE_EXTENSIONS
         and not rotation
         and (not max_side or max(width, height) <= max_side)
     )
     if passthrough:
-        if not _structure_ok(fmt, data):
-            raise Skip("corrupt image", f"truncated {fmt} (no end marker)")
         if verify == "decode":
             _decode(im)
         return PreparedImage(data, IMAGE_EXTENSIONS[fmt], width, height)

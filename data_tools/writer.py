@@ -16,6 +16,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,9 +176,9 @@ def write_shard(task: ShardTask) -> dict:
 
 
 def _fingerprint(
-    split: str, index: int, first: int, rows: list[dict], options: ShardOptions
+    split: str, index: int, first: int, rows: list, options: ShardOptions, images_from: str
 ) -> str:
-    content = [FORMAT_VERSION, split, index, first, asdict(options), rows]
+    content = [FORMAT_VERSION, split, index, first, asdict(options), rows, images_from]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,6 +204,27 @@ def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict |
     ):
         return None  # damaged or missing since: rewrite
     return part
+
+
+def _check_plan(out: Path, split: str, plan: dict) -> None:
+    """Every run and partition of a split has the same plan; a different one is refused before
+    anything in the folder changes."""
+    path = _parts_dir(out, split) / PLAN_FILE
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            existing = None  # damaged: rewrite it
+        if existing is not None and existing != plan:
+            changed = sorted(k for k in plan if existing.get(k) != plan[k])
+            raise ShardError(
+                f"{out} already holds split {split!r} written from other inputs or options "
+                f"(differs in: {', '.join(changed)}). Use a new output folder, or delete the "
+                "old one."
+            )
+        if existing == plan:
+            return
+    atomic_write_text(path, json.dumps(plan, indent=1) + "\n")
 
 
 def shuffled_rows(catalog: Catalog, seed: int) -> pa.Table:
@@ -259,10 +281,13 @@ def write_split(
         "label_rows_read": catalog.label_rows_read,
         "label_row_skips": catalog.label_row_skips.to_dict(),
         "candidates": rows.num_rows,
+        "images_from": repr(catalog.loader),
     }
-    atomic_write_text(_parts_dir(out, split) / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
+    _check_plan(out, split, plan)
+    stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar\.tmp-\d+$")
     for stale in out.glob(f".{split}-*.tar.tmp-*"):  # left by a killed run of this partition
-        if int(stale.name[len(split) + 2 :].split(".")[0]) % count == index:
+        match = stale_name.match(stale.name)
+        if match and int(match.group(1)) % count == index:
             stale.unlink(missing_ok=True)
 
     skips = SkipLog()
@@ -271,7 +296,7 @@ def write_split(
     for j in range(index, n_shards, count):
         first = j * options.shard_size
         shard_rows = rows.slice(first, options.shard_size).to_pylist()
-        fingerprint = _fingerprint(split, j, first, shard_rows, options)
+        fingerprint = _fingerprint(split, j, first, shard_rows, options, plan["images_from"])
         part = _complete_part(out, split, shard_name(split, j), fingerprint)
         if part is not None:
             skips.merge(SkipLog.from_dict(part["skips"]))
@@ -298,9 +323,10 @@ def write_split(
             pool = multiprocessing.get_context("fork").Pool(workers)
             results = pool.imap_unordered(write_shard, todo)
         try:
-            for task, part in zip(todo, results, strict=False):
-                skips.merge(SkipLog.from_dict(part["skips"]))
-                bar.update(len(task.rows))
+            for part in results:
+                part_skips = SkipLog.from_dict(part["skips"])
+                skips.merge(part_skips)
+                bar.update(len(part["manifest"]["key"]) + part_skips.total)
         finally:
             if pool is not None:
                 pool.terminate()
