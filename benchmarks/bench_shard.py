@@ -1,6 +1,6 @@
 """`mlc shard` throughput against a plain tarfile copy and a minimal re-encode loop, one run.
 
-    python benchmarks/bench_shard.py [--images 240] [--csv-rows 1000000]
+    python benchmarks/bench_shard.py [--images 2000] [--csv-rows 1000000]
 
 On generated 1024x768 JPEGs (photo-like: smooth fields plus sensor noise, ~280 KB each):
 - baseline "tarfile copy": Python's tarfile adding the same files to one tar (the I/O floor);
@@ -33,11 +33,17 @@ from data_tools.catalog import Catalog, FileLoader, catalog_table  # noqa: E402
 from data_tools.writer import ShardOptions, write_split  # noqa: E402
 
 
-def make_jpegs(folder: Path, n: int) -> list[Path]:
+def make_jpegs(folder: Path, n: int, unique: int = 120) -> list[Path]:
+    """n files, copies of ``unique`` generated images (generating each costs ~30 ms)."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:768, 0:1024].astype(np.float32)
     paths = []
     for i in range(n):
+        if i >= unique:
+            path = folder / f"{i:06d}.jpg"
+            path.write_bytes(paths[i % unique].read_bytes())
+            paths.append(path)
+            continue
         a, b = rng.uniform(10, 60, 2)
         field = np.sin(x / a + i)[..., None] * 60 + np.cos(y / b)[..., None] * 60 + 128
         noise = rng.normal(0, 10, (768, 1024, 3)).astype(np.float32)
@@ -77,7 +83,7 @@ def mlc_shard(paths: list[Path], out: Path, workers: int, **options) -> float:
         catalog,
         out,
         "train",
-        ShardOptions(shard_size=40, **options),
+        ShardOptions(shard_size=100, **options),
         workers=workers,
         progress=False,
     )
@@ -129,7 +135,7 @@ def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=240)
+    p.add_argument("--images", type=int, default=2000)
     p.add_argument("--csv-rows", type=int, default=1_000_000)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
