@@ -206,18 +206,6 @@ def test_missing_root_says_how_to_get_the_data(tmp_path):
 
 
 def test_classes():
-    assert CLASS_NAMES == [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ]
     assert CLASS_IDS[0] == "tshirt_top" and CLASS_IDS[-1] == "ankle_boot"
     assert len(set(CLASS_IDS)) == 10
     assert all(re.fullmatch(r"[a-z_]+", c) for c in CLASS_IDS)
