@@ -1,0 +1,122 @@
+"""ShardLoader: what training and evaluation iterate; runs EpochStream in DataLoader workers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mlc.data.pipeline import EpochStream, LoaderConfig
+from mlc.data.urls import Shard, dataset_shards
+from mlc.format import CLASSES_FILE
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, C, H, W], channels_last; normalize() makes it [-1, 1]
+    targets: torch.Tensor  # uint8 [B, classes]: 1 = positive
+    mask: torch.Tensor  # uint8 [B, classes]: 1 = label known (positive or verified negative)
+    valid: torch.Tensor  # bool [B]: False for eval padding
+    keys: list[str]  # sample keys ("" for padding)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardLoader:
+    """Batches of one rank. Train mode is endless (epoch after epoch); eval mode is one pass.
+
+    ``state_dict()`` is the position after the batches handed out so far; a loader given it by
+    ``load_state_dict`` continues with the very next batch (docs/loader.md).
+    """
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        num_classes: int,
+        config: LoaderConfig,
+        full_annotation: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        pin_memory: bool = False,
+    ):
+        if not shards:
+            raise ValueError("no shards given")
+        default_rank, default_world = _rank_and_world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        self.shards, self.num_classes, self.config = shards, num_classes, config
+        self.full_annotation, self.pin_memory = full_annotation, pin_memory
+        self.epoch, self.batch = 0, 0
+        self.problems: Counter = Counter()  # unreadable shards, corrupt samples, ... (this rank)
+        self.skipped_keys: list[str] = []  # corrupt samples' keys (first 1000)
+        if config.mode == "train" and self.batches_per_epoch(0) < 1:
+            raise ValueError(
+                f"{sum(s.samples for s in shards)} samples in {len(shards)} shards cannot give "
+                f"every one of {self.world_size} ranks x {max(1, config.num_workers)} workers a "
+                f"full batch of {config.batch_size}: use fewer workers or a smaller batch"
+            )
+
+    @classmethod
+    def from_dataset(cls, folder: str | Path, split: str, config: LoaderConfig, **kwargs):
+        """An `mlc shard` folder: shards and counts from <split>.stats.json, classes.json."""
+        classes = json.loads((Path(folder) / CLASSES_FILE).read_text())
+        return cls(
+            dataset_shards(folder, split),
+            len(classes["classes"]),
+            config,
+            full_annotation=classes["annotation"] == "full",
+            **kwargs,
+        )
+
+    def _stream(self, epoch: int, start: int) -> EpochStream:
+        return EpochStream(
+            self.shards,
+            self.num_classes,
+            self.full_annotation,
+            self.config,
+            self.rank,
+            self.world_size,
+            epoch,
+            start,
+        )
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches this rank yields in an epoch: the same on every rank."""
+        stream = self._stream(self.epoch if epoch is None else epoch, 0)
+        return stream.batches_per_worker() * stream.workers()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self):
+        while True:
+            stream = self._stream(self.epoch, self.batch)
+            workers = self.config.num_workers
+            loader = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=2 if workers else None,
+            )
+            for raw in loader:
+                self.batch += 1
+                self.problems.update(raw["problems"])
+                if len(self.skipped_keys) < 1000:
+                    self.skipped_keys.extend(raw["skipped"][: 1000 - len(self.skipped_keys)])
+                yield Batch(raw["images"], raw["targets"], raw["mask"], raw["valid"], raw["keys"])
+            if self.config.mode == "eval":
+                return
+            self.epoch, self.batch = self.epoch + 1, 0

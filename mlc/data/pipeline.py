@@ -1,0 +1,331 @@
+"""The streaming loader: an explicit list of stages from shard URLs to batches.
+
+    shards -> per-epoch shard shuffle -> split by node and worker (balanced by sample counts)
+      -> tar expansion -> sample shuffle buffer (raw bytes) -> skip consumed -> decode + augment
+      -> batch (a fixed number per worker)
+
+Every (rank, worker) "slot" yields the same number of batches per epoch, computed from the
+shard sample counts before anything is read, so DDP ranks never wait on each other
+(docs/loader.md has the guarantees: equal counts, eval coverage and padding, resume).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import math
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mlc.data.decode import DecodeError, decode_eval, decode_train
+from mlc.data.urls import Shard, ShardOpenError, open_with_retries
+from mlc.format import IMAGE_EXTENSIONS
+
+log = logging.getLogger("mlc.data")
+IMAGE_SUFFIXES = set(IMAGE_EXTENSIONS.values())
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int
+    image_size: int
+    mode: str = "train"  # "train": shuffled, augmented, endless; "eval": one ordered pass
+    channels: int = 3
+    shuffle_buffer: int = 2000  # raw samples held for shuffling (train only)
+    crop_fraction: float = 0.875  # eval: central crop of the shorter side
+    seed: int = 0
+    num_workers: int = 2
+    retries: int = 2  # extra attempts to open a shard before reporting it
+    allow_pipe: bool = False  # allow pipe: URLs (they run commands)
+
+    def __post_init__(self):
+        if self.mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {self.mode!r}")
+        if self.batch_size < 1 or self.image_size < 1 or self.channels not in (1, 3):
+            raise ValueError(f"bad loader config: {self}")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``offset, offset + stride, ...`` of one shard: the unit given to a slot. With
+    fewer shards than slots, each shard is read by ``stride`` slots, one residue class each."""
+
+    url: str
+    samples: int
+    offset: int = 0
+    stride: int = 1
+
+    @property
+    def size(self) -> int:
+        return max(0, math.ceil((self.samples - self.offset) / self.stride))
+
+
+# ---------------------------------------------------------------- stages on the shard list
+
+
+def shuffle_shards(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    """A different shard order every epoch (seed + epoch), the same on every rank."""
+    if not shuffle:
+        return list(shards)
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+def split_shards(shards: list[Shard], slots: int) -> list[list[Piece]]:
+    """Give every slot (rank x worker) pieces of shards, balanced by sample counts: each piece
+    goes to the slot with the fewest samples so far. The plan is the same on every rank."""
+    stride = max(1, math.ceil(slots / max(1, len(shards))))
+    pieces = [Piece(s.url, s.samples, k, stride) for s in shards for k in range(stride)]
+    plan: list[list[Piece]] = [[] for _ in range(slots)]
+    load = [0] * slots
+    for piece in pieces:
+        slot = min(range(slots), key=lambda i: (load[i], i))
+        plan[slot].append(piece)
+        load[slot] += piece.size
+    return plan
+
+
+def batches_per_slot(plan: list[list[Piece]], batch_size: int, mode: str) -> int:
+    """Train: full batches the smallest slot can fill (others drop their excess this epoch).
+    Eval: batches the largest slot needs (others pad), so every sample is seen once."""
+    sizes = [sum(p.size for p in pieces) for pieces in plan]
+    if mode == "train":
+        return min(sizes) // batch_size
+    return math.ceil(max(sizes) / batch_size)
+
+
+# ---------------------------------------------------------------- stages on samples
+
+
+def expand_tars(pieces: list[Piece], config: LoaderConfig, problems: Counter):
+    """Raw samples {key, image, ext, json} of the pieces, in order."""
+    for piece in pieces:
+        try:
+            stream = open_with_retries(piece.url, config.retries, config.allow_pipe)
+        except ShardOpenError as e:
+            problems["unreadable shard"] += 1
+            log.error("skipping shard: %s", e)
+            continue
+        try:
+            for i, sample in enumerate(_tar_samples(stream, piece.url, problems)):
+                if i % piece.stride == piece.offset:
+                    yield sample
+        except (OSError, tarfile.TarError) as e:
+            problems["unreadable shard"] += 1
+            log.error("shard %s broke off: %s", piece.url, e)
+        finally:
+            stream.close()
+
+
+def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
+    """One pass over a slot's pieces, or (train) pass after pass: a slot that lost samples to
+    damaged data still fills its batches, repeating its own samples. Each pass is shuffled on
+    its own, so no sample comes back before the pass that holds it has ended."""
+    for number in itertools.count():
+        produced = 0
+        for sample in make_pass(number):
+            produced += 1
+            yield sample
+        if not repeat:
+            return
+        if not produced:
+            raise ShardOpenError("no readable sample in any of this worker's shards")
+
+
+def _tar_samples(stream, url: str, problems: Counter) -> Iterator[dict]:
+    """Group consecutive tar members by key (the name up to the first dot)."""
+    current: dict = {}
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, suffix = member.name.rpartition("/")[2].partition(".")
+            if current and key != current["key"]:
+                yield from _complete(current, url, problems)
+                current = {}
+            current["key"] = key
+            data = tar.extractfile(member).read()
+            if suffix == "json":
+                current["json"] = data
+            elif suffix in IMAGE_SUFFIXES:
+                current["image"], current["ext"] = data, suffix
+    if current:
+        yield from _complete(current, url, problems)
+
+
+def _complete(sample: dict, url: str, problems: Counter) -> Iterator[dict]:
+    if "json" in sample and "image" in sample:
+        yield sample
+    else:
+        problems["incomplete sample"] += 1
+        log.warning("sample %s in %s lacks its image or json: skipped", sample["key"], url)
+
+
+def shuffle_samples(samples: Iterable[dict], size: int, rng: np.random.Generator):
+    """A shuffle buffer over raw (undecoded) samples: cheap to hold, decoded after."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = int(rng.integers(size))
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def skip(samples: Iterable[dict], count: int):
+    """Drop the samples a resumed run already consumed (before decoding them)."""
+    for i, sample in enumerate(samples):
+        if i >= count:
+            yield sample
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Augmentation randomness fixed by (seed, epoch, key): the same crops after a resume."""
+    number = int(key) if key.isdigit() else zlib.crc32(key.encode())
+    return np.random.default_rng([seed, epoch, number])
+
+
+def decode_samples(samples, config: LoaderConfig, epoch: int, problems: Counter, skipped: list):
+    corrupt = 0
+    for sample in samples:
+        try:
+            if config.mode == "train":
+                rng = sample_rng(config.seed, epoch, sample["key"])
+                pixels = decode_train(sample["image"], config.image_size, rng, config.channels)
+            else:
+                pixels = decode_eval(
+                    sample["image"], config.image_size, config.crop_fraction, config.channels
+                )
+            labels = json.loads(sample["json"])
+        except (DecodeError, ValueError) as e:
+            problems["corrupt sample"] += 1
+            skipped.append(sample["key"])
+            corrupt += 1
+            if corrupt <= 10 or corrupt % 1000 == 0:  # rate-limited: the counts are exact
+                log.warning(
+                    "corrupt sample %s skipped (%d in this worker): %s", sample["key"], corrupt, e
+                )
+            continue
+        yield sample["key"], pixels, labels
+
+
+def make_batches(
+    decoded, config: LoaderConfig, count: int, num_classes: int, full: bool, skipped: list
+):
+    """Exactly ``count`` batches; eval pads the last ones with invalid entries (valid=False)."""
+    size, b = config.image_size, config.batch_size
+    decoded = iter(decoded)
+    for _ in range(count):
+        images = np.zeros((b, size, size, config.channels), dtype=np.uint8)
+        targets = np.zeros((b, num_classes), dtype=np.uint8)
+        mask = np.zeros((b, num_classes), dtype=np.uint8)
+        valid = np.zeros(b, dtype=bool)
+        keys = [""] * b
+        for i in range(b):
+            item = next(decoded, None)
+            if item is None:
+                if config.mode == "train":
+                    raise AssertionError("a train slot ran dry")  # expand_tars cycles
+                break
+            keys[i], images[i], labels = item
+            targets[i, labels["positives"]] = 1
+            if full:
+                mask[i] = 1
+            else:
+                mask[i, labels["positives"]] = 1
+                mask[i, labels["negatives"]] = 1
+            valid[i] = True
+        batch = {
+            # NHWC storage viewed as NCHW: channels_last, no copy.
+            "images": torch.from_numpy(images).permute(0, 3, 1, 2),
+            "targets": torch.from_numpy(targets),
+            "mask": torch.from_numpy(mask),
+            "valid": torch.from_numpy(valid),
+            "keys": keys,
+            "skipped": list(skipped),
+        }
+        skipped.clear()
+        yield batch
+
+
+# ---------------------------------------------------------------- one rank's epoch
+
+
+class EpochStream(IterableDataset):
+    """The batches of one rank for one epoch; each DataLoader worker runs the stages for its
+    own slot."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        num_classes: int,
+        full_annotation: bool,
+        config: LoaderConfig,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        start_batch: int = 0,
+    ):
+        self.shards, self.num_classes, self.full = shards, num_classes, full_annotation
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def workers(self) -> int:
+        return max(1, self.config.num_workers)
+
+    def plan(self) -> list[list[Piece]]:
+        shuffled = shuffle_shards(
+            self.shards, self.config.seed, self.epoch, self.config.mode == "train"
+        )
+        return split_shards(shuffled, self.world_size * self.workers())
+
+    def batches_per_worker(self) -> int:
+        return batches_per_slot(self.plan(), self.config.batch_size, self.config.mode)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.workers():
+            raise AssertionError(f"EpochStream expects {self.workers()} workers, got {workers}")
+        slot = self.rank * workers + worker
+        plan = self.plan()
+        count = batches_per_slot(plan, self.config.batch_size, self.config.mode)
+        done = max(0, math.ceil((self.start_batch - worker) / workers))  # my consumed batches
+        c, train = self.config, self.config.mode == "train"
+        problems, skipped = Counter(), []
+
+        def one_pass(number: int):  # tar expansion -> shuffle buffer, for pass ``number``
+            rng = np.random.default_rng([c.seed, self.epoch, slot, number])
+            raw = expand_tars(plan[slot], c, problems)
+            return shuffle_samples(raw, c.shuffle_buffer if train else 0, rng)
+
+        stages: list[Callable] = [
+            lambda _: passes(one_pass, repeat=train),
+            lambda s: skip(s, done * c.batch_size),
+            lambda s: decode_samples(s, c, self.epoch, problems, skipped),
+            lambda s: make_batches(s, c, count - done, self.num_classes, self.full, skipped),
+        ]
+        for batch in functools.reduce(lambda stream, stage: stage(stream), stages, None):
+            batch["problems"] = dict(problems)  # since the previous batch of this worker
+            problems.clear()
+            yield batch
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (the Xception convention), on the whole batch."""
+    return images.float().div_(127.5).sub_(1.0)

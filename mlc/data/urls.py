@@ -1,0 +1,127 @@
+"""Where shards are and how to open them: local paths, file://, http(s)://, s3:// / gs:// (and
+any other fsspec protocol), and ``pipe:`` commands.
+
+A ``pipe:`` URL runs a shell command, so it is refused unless the caller allows it explicitly
+(``allow_pipe=True``, the ``data.allow_pipe`` config key): shard lists and configs may come from
+elsewhere, and a URL should not be able to run a program by default.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from mlc.format import OPENCLIP_SIZES_FILE, stats_name
+
+
+class ShardOpenError(OSError):
+    """A shard that could not be opened or read after the configured retries."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int  # from the dataset's stats (or sizes.json); needed to balance ranks
+
+
+def expand(spec: str | list[str]) -> list[str]:
+    """ "a-{000..009}.tar", "x.tar::y.tar", or a list of either -> the list of URLs."""
+    items = spec if isinstance(spec, list) else spec.split("::")
+    return [url for item in items for url in braceexpand(item.strip()) if url]
+
+
+def dataset_shards(dataset: str | Path, split: str) -> list[Shard]:
+    """The shards of a split of an `mlc shard` folder, with their sample counts."""
+    path = Path(dataset) / stats_name(split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (is {dataset} an `mlc shard` folder?)")
+    stats = json.loads(path.read_text())
+    return [
+        Shard(str(Path(dataset) / name), int(n))
+        for name, n in zip(stats["shards"], stats["shard_lengths"], strict=True)
+    ]
+
+
+def url_shards(spec: str | list[str], sizes: dict[str, int] | None = None) -> list[Shard]:
+    """Shards given by URL; sample counts from ``sizes`` or a local sizes.json beside them."""
+    urls = expand(spec)
+    if sizes is None:
+        sizes = {}
+        for folder in {str(Path(u).parent) for u in urls if "://" not in u and ":" not in u[:6]}:
+            f = Path(folder) / OPENCLIP_SIZES_FILE
+            if f.is_file():
+                sizes.update(
+                    {str(Path(folder) / k): v for k, v in json.loads(f.read_text()).items()}
+                )
+    missing = [u for u in urls if u not in sizes and Path(u).name not in sizes]
+    if missing:
+        raise ValueError(
+            f"sample counts unknown for {len(missing)} shard(s) (e.g. {missing[0]}): give the "
+            "dataset folder, or a sizes.json ({shard name: samples}) beside the shards"
+        )
+    return [Shard(u, int(sizes.get(u, sizes.get(Path(u).name)))) for u in urls]
+
+
+def open_url(url: str, allow_pipe: bool = False):
+    """A readable binary stream of the shard at ``url``."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise ShardOpenError(
+                f"refusing to run {url!r}: pipe: URLs run shell commands; set data.allow_pipe "
+                "to true if this shard list is yours"
+            )
+        return _PipeStream(url[len("pipe:") :])
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (scheme checked above)
+    if "://" in url and not url.startswith("file://"):
+        try:
+            import fsspec
+        except ImportError:
+            raise ShardOpenError(f"{url}: install fsspec (and s3fs/gcsfs) to read it") from None
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb")
+
+
+class _PipeStream:
+    """stdout of a command, read to the end (a half-read pipe makes the writer fail: wds #411),
+    and an error if the command fails."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE)  # noqa: S603
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def close(self) -> None:
+        self.proc.stdout.read()  # drain
+        self.proc.stdout.close()
+        if self.proc.wait() != 0:
+            raise ShardOpenError(f"pipe:{self.command} exited with {self.proc.returncode}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_with_retries(url: str, retries: int, allow_pipe: bool = False, wait: float = 1.0):
+    """open_url, retried ``retries`` times with growing waits; ShardOpenError after that."""
+    for attempt in range(retries + 1):
+        try:
+            return open_url(url, allow_pipe)
+        except ShardOpenError:
+            raise
+        except OSError as e:
+            if attempt == retries:
+                raise ShardOpenError(f"{url}: {e} (after {retries + 1} attempts)") from e
+            time.sleep(wait * (attempt + 1))
+    raise AssertionError("unreachable")
