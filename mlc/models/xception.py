@@ -1,0 +1,210 @@
+"""Xception (Chollet 2016) with a multi-label head: the paper's network, and scaled presets.
+
+The layer sequence is the Keras reference's (``keras.applications.Xception``): a batch norm
+(eps 1e-3) after every convolution and separable convolution, no bias in them, no activation
+between a separable convolution's depthwise and pointwise steps, 1x1 stride-2 residual
+convolutions, and TensorFlow "same" max pooling (on an even input the 3x3 stride-2 window is
+padded at the bottom/right only, so imported Keras weights give Keras' outputs exactly).
+
+The head is a linear layer whose outputs are logits for independent sigmoids (multi-label),
+its bias set to the log-odds of a prior positive rate so that thousands of rare classes do not
+start at p = 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3  # Keras' value; the imported statistics assume it
+BN_MOMENTUM = 0.01  # PyTorch's convention for Keras' momentum 0.99
+
+
+@dataclass(frozen=True)
+class XceptionConfig:
+    num_classes: int = 1000
+    width: float = 1.0  # channel multiplier
+    middle_blocks: int = 8
+    in_channels: int = 3
+    input_size: int = 299  # the default input side (the network takes any size >= 32ish)
+    fc_layers: tuple[int, ...] = ()  # the paper's "with FC layers" variant: (4096, 4096)
+    dropout: float = 0.0  # before the head (0.5 in the paper's ImageNet recipe)
+    head_prior: float | None = 0.01  # head bias = log(p / (1 - p)); None: zeros
+    channels_last: bool = True  # faster on CPU (depthwise convolutions) and GPU
+
+
+PRESETS = {
+    "xception": XceptionConfig(),
+    "xception-small": XceptionConfig(width=0.5, middle_blocks=4, input_size=149),
+    "xception-tiny": XceptionConfig(width=0.25, middle_blocks=2, input_size=64),
+}
+
+
+def channels(c: int, width: float) -> int:
+    """Scaled channel count, a multiple of 8 (the paper's counts at width 1)."""
+    return c if width == 1.0 else max(8, int(round(c * width / 8)) * 8)
+
+
+class SeparableConv(nn.Module):
+    """Depthwise 3x3 then pointwise 1x1, no activation or norm between them (the paper's
+    finding: an activation there hurts)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False)
+        self.pointwise = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x))
+
+
+def batch_norm(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class SamePadMaxPool(nn.Module):
+    """3x3 stride-2 max pooling with TensorFlow's "same" padding (extra pad at bottom/right)."""
+
+    def forward(self, x):
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), 3, 2)
+
+
+class Block(nn.Module):
+    """[ReLU -> SepConv -> BN] x reps, then (downsampling blocks) max pool, plus the residual:
+    identity, or a 1x1 stride-2 convolution with batch norm."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        reps: int,
+        downsample: bool,
+        relu_first: bool = True,
+        grow_first: bool = True,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = cin
+        for i in range(reps):
+            target = cout if grow_first or i == reps - 1 else cin
+            if i > 0 or relu_first:
+                # Not in place at the start: the block's input also feeds the residual.
+                layers.append(nn.ReLU(inplace=i > 0))
+            layers += [SeparableConv(c, target), batch_norm(target)]
+            c = target
+        if downsample:
+            layers.append(SamePadMaxPool())
+        self.layers = nn.Sequential(*layers)
+        self.skip = None
+        if downsample or cin != cout:
+            stride = 2 if downsample else 1
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), batch_norm(cout))
+
+    def forward(self, x):
+        return self.layers(x) + (x if self.skip is None else self.skip(x))
+
+
+class Xception(nn.Module):
+    def __init__(self, config: XceptionConfig = XceptionConfig()):
+        super().__init__()
+        self.config = config
+        w = config.width
+
+        def ch(c):
+            return channels(c, w)
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.in_channels, ch(32), 3, 2, bias=False),
+            batch_norm(ch(32)),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ch(32), ch(64), 3, bias=False),
+            batch_norm(ch(64)),
+            nn.ReLU(inplace=True),
+        )
+        entry = [
+            Block(ch(64), ch(128), 2, downsample=True, relu_first=False),
+            Block(ch(128), ch(256), 2, downsample=True),
+            Block(ch(256), ch(728), 2, downsample=True),
+        ]
+        middle = [Block(ch(728), ch(728), 3, downsample=False) for _ in range(config.middle_blocks)]
+        exit_block = Block(ch(728), ch(1024), 2, downsample=True, grow_first=False)
+        self.blocks = nn.Sequential(*entry, *middle, exit_block)
+        self.exit = nn.Sequential(
+            SeparableConv(ch(1024), ch(1536)),
+            batch_norm(ch(1536)),
+            nn.ReLU(inplace=True),
+            SeparableConv(ch(1536), ch(2048)),
+            batch_norm(ch(2048)),
+            nn.ReLU(inplace=True),
+        )
+        self.num_features = ch(2048)
+        fc: list[nn.Module] = []
+        features = self.num_features
+        for units in config.fc_layers:
+            fc += [nn.Linear(features, units), nn.ReLU(inplace=True)]
+            features = units
+        self.fc = nn.Sequential(*fc)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(features, config.num_classes)
+        self._init_weights()
+        if config.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.init_head_bias(self.config.head_prior)
+
+    def init_head_bias(self, prior: float | None) -> None:
+        """Head bias = log(prior / (1 - prior)): every class starts at p = prior."""
+        if prior is None:
+            nn.init.zeros_(self.head.bias)
+            return
+        if not 0 < prior < 1:
+            raise ValueError(f"head_prior must be in (0, 1), got {prior}")
+        nn.init.constant_(self.head.bias, math.log(prior / (1 - prior)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> feature map [B, 2048 * width, H/32, W/32]."""
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.exit(self.blocks(self.stem(x)))
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling, optional FC layers, dropout, the linear head (logits)."""
+        x = self.fc(features.mean((2, 3)))
+        return x if pre_logits else self.head(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_head(self, num_classes: int, prior: float | None = None) -> None:
+        """A new head for another label set (fine-tuning); the backbone is kept."""
+        prior = self.config.head_prior if prior is None else prior
+        device = self.head.weight.device
+        self.head = nn.Linear(self.head.in_features, num_classes).to(device)
+        nn.init.xavier_uniform_(self.head.weight)
+        self.config = replace(self.config, num_classes=num_classes, head_prior=prior)
+        self.init_head_bias(prior)
+
+
+def create_model(name: str, **overrides) -> Xception:
+    """A preset ("xception", "xception-small", "xception-tiny"), with config overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
+    return Xception(replace(PRESETS[name], **overrides))
+
+
+__all__ = ["PRESETS", "Xception", "XceptionConfig", "create_model"]
