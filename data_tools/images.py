@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.catalog import Skip
+from mlc.data.decode import to_8bit
 from mlc.format import IMAGE_EXTENSIONS
 
 # "decode": every image is decoded (JPEG at 1/8 scale: still every entropy-coded block, so
@@ -72,13 +72,8 @@ def _decode(im: Image.Image, size: tuple[int, int] | None = None) -> Image.Image
 def _to_rgb_or_gray(im: Image.Image) -> Image.Image:
     if im.mode in ("RGB", "L"):
         return im
-    if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits
-        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
-    if im.mode in ("I", "F"):  # 32-bit grayscale: stretch its range to 0..255
-        pixels = np.asarray(im, dtype=np.float64)
-        low, high = pixels.min(), pixels.max()
-        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
-        return Image.fromarray(scaled.round().astype(np.uint8))
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grayscale
+        return to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

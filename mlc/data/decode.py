@@ -31,6 +31,18 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit grayscale -> 8-bit L (PIL's convert would clip them at 255)."""
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    if im.mode in ("I", "F"):  # stretch the range to 0..255
+        pixels = np.asarray(im, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
+        return Image.fromarray(scaled.round().astype(np.uint8))
+    return im
+
+
 def random_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[float, ...]:
     """(left, top, right, bottom) of an Inception-style random crop: 10 tries at a random area
     fraction and log-uniform aspect ratio, else the largest central crop within the ratios."""
@@ -71,6 +83,7 @@ def _decode_box(im: Image.Image, box, size: int, channels: int) -> np.ndarray:
                 (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)),
             )
         scale = im.size[0] / width
+        im = to_8bit(im)
         if im.mode != mode:
             im = im.convert("RGBA").convert(mode) if "transparency" in im.info else im.convert(mode)
         im = im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(v * scale for v in box))

@@ -50,6 +50,11 @@ class ShardLoader:
     ):
         if not shards:
             raise ValueError("no shards given")
+        if not config.allow_pipe and any(s.url.startswith("pipe:") for s in shards):
+            raise ValueError(
+                "the shard list has pipe: URLs, which run commands: set allow_pipe (config "
+                "data.allow_pipe) to true if the list is yours"
+            )
         default_rank, default_world = _rank_and_world()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size

@@ -20,7 +20,7 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -106,24 +106,51 @@ def batches_per_slot(plan: list[list[Piece]], batch_size: int, mode: str) -> int
 # ---------------------------------------------------------------- stages on samples
 
 
-def expand_tars(pieces: list[Piece], config: LoaderConfig, problems: Counter):
+@dataclass
+class Problems:
+    """What a worker skipped: counts by reason, and the keys of skipped samples since the last
+    batch (they travel to the main process with the next batch)."""
+
+    counts: Counter = field(default_factory=Counter)
+    keys: list[str] = field(default_factory=list)
+
+    def skip_sample(self, reason: str, key: str, detail: object) -> None:
+        self.counts[reason] += 1
+        self.keys.append(key)
+        n = sum(self.counts[r] for r in SAMPLE_REASONS)
+        if n <= 10 or n % 1000 == 0:  # rate-limited log; the counts are exact
+            log.warning("%s %s skipped (%d in this worker): %s", reason, key, n, detail)
+
+    def skip_shard(self, url: str, error: Exception) -> None:
+        self.counts["unreadable shard"] += 1
+        log.error("skipping shard %s: %s", url, error)
+
+
+SAMPLE_REASONS = ("corrupt sample", "incomplete sample")
+
+
+def expand_tars(pieces: list[Piece], config: LoaderConfig, problems: Problems):
     """Raw samples {key, image, ext, json} of the pieces, in order."""
     for piece in pieces:
         try:
             stream = open_with_retries(piece.url, config.retries, config.allow_pipe)
         except ShardOpenError as e:
-            problems["unreadable shard"] += 1
-            log.error("skipping shard: %s", e)
+            problems.skip_shard(piece.url, e)
             continue
+        failed = False
         try:
             for i, sample in enumerate(_tar_samples(stream, piece.url, problems)):
                 if i % piece.stride == piece.offset:
                     yield sample
         except (OSError, tarfile.TarError) as e:
-            problems["unreadable shard"] += 1
-            log.error("shard %s broke off: %s", piece.url, e)
+            failed = True
+            problems.skip_shard(piece.url, e)
         finally:
-            stream.close()
+            try:
+                stream.close()  # a pipe: command's failure shows here
+            except OSError as e:
+                if not failed:
+                    problems.skip_shard(piece.url, e)
 
 
 def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
@@ -141,7 +168,7 @@ def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
             raise ShardOpenError("no readable sample in any of this worker's shards")
 
 
-def _tar_samples(stream, url: str, problems: Counter) -> Iterator[dict]:
+def _tar_samples(stream, url: str, problems: Problems) -> Iterator[dict]:
     """Group consecutive tar members by key (the name up to the first dot)."""
     current: dict = {}
     with tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -162,12 +189,11 @@ def _tar_samples(stream, url: str, problems: Counter) -> Iterator[dict]:
         yield from _complete(current, url, problems)
 
 
-def _complete(sample: dict, url: str, problems: Counter) -> Iterator[dict]:
+def _complete(sample: dict, url: str, problems: Problems) -> Iterator[dict]:
     if "json" in sample and "image" in sample:
         yield sample
     else:
-        problems["incomplete sample"] += 1
-        log.warning("sample %s in %s lacks its image or json: skipped", sample["key"], url)
+        problems.skip_sample("incomplete sample", sample["key"], f"no image or json in {url}")
 
 
 def shuffle_samples(samples: Iterable[dict], size: int, rng: np.random.Generator):
@@ -200,10 +226,24 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, number])
 
 
-def decode_samples(samples, config: LoaderConfig, epoch: int, problems: Counter, skipped: list):
-    corrupt = 0
+def parse_labels(data: bytes, num_classes: int) -> tuple[list[int], list[int]]:
+    """(positives, negatives) of a sample's json; ValueError if they are not class indices."""
+    labels = json.loads(data)
+    lists = []
+    for field_name in ("positives", "negatives"):
+        values = labels.get(field_name) if isinstance(labels, dict) else None
+        if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_classes for v in values
+        ):
+            raise ValueError(f"{field_name} is not a list of class indices < {num_classes}")
+        lists.append(values)
+    return lists[0], lists[1]
+
+
+def decode_samples(samples, config: LoaderConfig, epoch: int, num_classes: int, problems: Problems):
     for sample in samples:
         try:
+            labels = parse_labels(sample["json"], num_classes)
             if config.mode == "train":
                 rng = sample_rng(config.seed, epoch, sample["key"])
                 pixels = decode_train(sample["image"], config.image_size, rng, config.channels)
@@ -211,21 +251,14 @@ def decode_samples(samples, config: LoaderConfig, epoch: int, problems: Counter,
                 pixels = decode_eval(
                     sample["image"], config.image_size, config.crop_fraction, config.channels
                 )
-            labels = json.loads(sample["json"])
         except (DecodeError, ValueError) as e:
-            problems["corrupt sample"] += 1
-            skipped.append(sample["key"])
-            corrupt += 1
-            if corrupt <= 10 or corrupt % 1000 == 0:  # rate-limited: the counts are exact
-                log.warning(
-                    "corrupt sample %s skipped (%d in this worker): %s", sample["key"], corrupt, e
-                )
+            problems.skip_sample("corrupt sample", sample["key"], e)
             continue
         yield sample["key"], pixels, labels
 
 
 def make_batches(
-    decoded, config: LoaderConfig, count: int, num_classes: int, full: bool, skipped: list
+    decoded, config: LoaderConfig, count: int, num_classes: int, full: bool, problems: Problems
 ):
     """Exactly ``count`` batches; eval pads the last ones with invalid entries (valid=False)."""
     size, b = config.image_size, config.batch_size
@@ -242,13 +275,13 @@ def make_batches(
                 if config.mode == "train":
                     raise AssertionError("a train slot ran dry")  # expand_tars cycles
                 break
-            keys[i], images[i], labels = item
-            targets[i, labels["positives"]] = 1
+            keys[i], images[i], (positives, negatives) = item
+            targets[i, positives] = 1
             if full:
                 mask[i] = 1
             else:
-                mask[i, labels["positives"]] = 1
-                mask[i, labels["negatives"]] = 1
+                mask[i, positives] = 1
+                mask[i, negatives] = 1
             valid[i] = True
         batch = {
             # NHWC storage viewed as NCHW: channels_last, no copy.
@@ -257,9 +290,11 @@ def make_batches(
             "mask": torch.from_numpy(mask),
             "valid": torch.from_numpy(valid),
             "keys": keys,
-            "skipped": list(skipped),
+            "skipped": list(problems.keys),
+            "problems": dict(problems.counts),  # since the previous batch of this worker
         }
-        skipped.clear()
+        problems.keys.clear()
+        problems.counts.clear()
         yield batch
 
 
@@ -302,12 +337,16 @@ class EpochStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.workers():
             raise AssertionError(f"EpochStream expects {self.workers()} workers, got {workers}")
-        slot = self.rank * workers + worker
+        # The DataLoader takes batches from workers 0, 1, 2, ... in turn. Batch b of the epoch
+        # belongs to logical worker b % workers; after a resume at batch start_batch, worker 0
+        # must play the owner of that batch, worker 1 the next one's, and so on.
+        logical = (worker + self.start_batch) % workers
+        slot = self.rank * workers + logical
         plan = self.plan()
         count = batches_per_slot(plan, self.config.batch_size, self.config.mode)
-        done = max(0, math.ceil((self.start_batch - worker) / workers))  # my consumed batches
+        done = max(0, math.ceil((self.start_batch - logical) / workers))  # batches consumed
         c, train = self.config, self.config.mode == "train"
-        problems, skipped = Counter(), []
+        problems = Problems()
 
         def one_pass(number: int):  # tar expansion -> shuffle buffer, for pass ``number``
             rng = np.random.default_rng([c.seed, self.epoch, slot, number])
@@ -317,13 +356,10 @@ class EpochStream(IterableDataset):
         stages: list[Callable] = [
             lambda _: passes(one_pass, repeat=train),
             lambda s: skip(s, done * c.batch_size),
-            lambda s: decode_samples(s, c, self.epoch, problems, skipped),
-            lambda s: make_batches(s, c, count - done, self.num_classes, self.full, skipped),
+            lambda s: decode_samples(s, c, self.epoch, self.num_classes, problems),
+            lambda s: make_batches(s, c, count - done, self.num_classes, self.full, problems),
         ]
-        for batch in functools.reduce(lambda stream, stage: stage(stream), stages, None):
-            batch["problems"] = dict(problems)  # since the previous batch of this worker
-            problems.clear()
-            yield batch
+        yield from functools.reduce(lambda stream, stage: stage(stream), stages, None)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

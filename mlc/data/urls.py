@@ -9,6 +9,7 @@ elsewhere, and a URL should not be able to run a program by default.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -50,23 +51,30 @@ def dataset_shards(dataset: str | Path, split: str) -> list[Shard]:
 
 
 def url_shards(spec: str | list[str], sizes: dict[str, int] | None = None) -> list[Shard]:
-    """Shards given by URL; sample counts from ``sizes`` or a local sizes.json beside them."""
+    """Shards given by URL. Sample counts come from ``sizes`` (URL or file name -> samples) or,
+    for local and file:// shards, from the sizes.json beside them (OpenCLIP's size file)."""
     urls = expand(spec)
-    if sizes is None:
-        sizes = {}
-        for folder in {str(Path(u).parent) for u in urls if "://" not in u and ":" not in u[:6]}:
-            f = Path(folder) / OPENCLIP_SIZES_FILE
-            if f.is_file():
-                sizes.update(
-                    {str(Path(folder) / k): v for k, v in json.loads(f.read_text()).items()}
-                )
-    missing = [u for u in urls if u not in sizes and Path(u).name not in sizes]
+    sizes = dict(sizes or {})
+    folders: dict[str, dict] = {}
+    shards, missing = [], []
+    for url in urls:
+        count = sizes.get(url, sizes.get(os.path.basename(url)))
+        if count is None and (url.startswith("file://") or "://" not in url):
+            folder = os.path.dirname(url.removeprefix("file://")) or "."
+            if folder not in folders:
+                f = Path(folder) / OPENCLIP_SIZES_FILE
+                folders[folder] = json.loads(f.read_text()) if f.is_file() else {}
+            count = folders[folder].get(os.path.basename(url))
+        if count is None:
+            missing.append(url)
+        else:
+            shards.append(Shard(url, int(count)))
     if missing:
         raise ValueError(
             f"sample counts unknown for {len(missing)} shard(s) (e.g. {missing[0]}): give the "
             "dataset folder, or a sizes.json ({shard name: samples}) beside the shards"
         )
-    return [Shard(u, int(sizes.get(u, sizes.get(Path(u).name)))) for u in urls]
+    return shards
 
 
 def open_url(url: str, allow_pipe: bool = False):

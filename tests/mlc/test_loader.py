@@ -1,0 +1,545 @@
+"""mlc.data.ShardLoader against the guarantees of docs/loader.md, on small `mlc shard` datasets
+(tests/mlc/conftest.py): batch layout, labels from the manifest, equal batch counts per rank,
+eval coverage with padding, train epochs, exact resume, damaged data, URLs and pipe: refusal.
+
+Ranks are simulated (``rank=r, world_size=2`` in one process); test_torchrun_ddp runs the loader
+under a real 2-process torch.distributed job (tests/mlc/ddp_loader_job.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mlc.data.urls
+from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize, url_shards
+from mlc.data.decode import decode_eval, decode_train
+from mlc.data.pipeline import sample_rng
+from mlc.data.urls import ShardOpenError, open_url
+from mlc.format import OPENCLIP_SIZES_FILE
+
+from .conftest import Dataset, sample_images, tar_members, write_tar
+
+SIZE = 32
+
+
+def eval_config(**kwargs) -> LoaderConfig:
+    return LoaderConfig(**{"batch_size": 5, "image_size": SIZE, "mode": "eval", **kwargs})
+
+
+def train_config(**kwargs) -> LoaderConfig:
+    return LoaderConfig(**{"batch_size": 4, "image_size": SIZE, "mode": "train", **kwargs})
+
+
+def run_epochs(loader: ShardLoader, epochs: int) -> list[list]:
+    """The batches of the first ``epochs`` epochs of an (endless) train loader, by epoch."""
+    out = [[] for _ in range(epochs)]
+    stream = iter(loader)
+    for batch in stream:
+        if loader.epoch >= epochs:
+            break
+        out[loader.epoch].append(batch)
+    stream.close()
+    return out
+
+
+def valid_keys(batches) -> list[str]:
+    return [k for b in batches for k, v in zip(b.keys, b.valid.tolist(), strict=True) if v]
+
+
+def check_labels(ds: Dataset, batches) -> None:
+    """targets and mask of every valid entry are the manifest's; padding is all zeros."""
+    for b in batches:
+        for i, (key, valid) in enumerate(zip(b.keys, b.valid.tolist(), strict=True)):
+            if valid:
+                targets, mask = ds.expected(key)
+                assert b.targets[i].numpy().tolist() == targets.tolist(), key
+                assert b.mask[i].numpy().tolist() == mask.tolist(), key
+            else:
+                assert key == ""
+                assert not b.targets[i].any() and not b.mask[i].any() and not b.images[i].any()
+
+
+def check_layout(batch, batch_size: int, num_classes: int, channels: int = 3) -> None:
+    assert batch.images.dtype == torch.uint8
+    assert batch.images.shape == (batch_size, channels, SIZE, SIZE)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    for t in (batch.targets, batch.mask):
+        assert t.dtype == torch.uint8 and t.shape == (batch_size, num_classes)
+    assert batch.valid.dtype == torch.bool and batch.valid.shape == (batch_size,)
+    assert isinstance(batch.keys, list) and len(batch.keys) == batch_size
+    assert all(isinstance(k, str) for k in batch.keys)
+
+
+def chw(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)
+
+
+# ---------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_eval_batch_layout_and_pixels(partial_ds, num_workers, channels):
+    loader = partial_ds.loader(eval_config(num_workers=num_workers, channels=channels))
+    batches = list(loader)
+    stored = sample_images(partial_ds)
+    assert len(batches) == loader.batches_per_epoch()
+    for b in batches:
+        check_layout(b, 5, partial_ds.num_classes, channels)
+        for i, key in enumerate(b.keys):
+            if key:  # the pixels are the eval decode of the stored bytes, in NCHW order
+                expected = decode_eval(stored[key], SIZE, channels=channels)
+                assert torch.equal(b.images[i], chw(expected)), key
+    assert sorted(valid_keys(batches)) == sorted(partial_ds.keys)
+
+
+@pytest.mark.parametrize("ds_name", ["partial_ds", "full_ds"])
+def test_targets_and_mask_match_manifest(request, ds_name):
+    ds: Dataset = request.getfixturevalue(ds_name)
+    batches = list(ds.loader(eval_config(num_workers=2)))
+    keys = valid_keys(batches)
+    assert sorted(keys) == sorted(ds.keys)
+    check_labels(ds, batches)
+    masks = torch.cat([b.mask[b.valid] for b in batches])
+    if ds.full:  # every label known
+        assert bool((masks == 1).all())
+    else:  # known = positives + verified negatives only: some labels unknown
+        assert 0 < masks.float().mean() < 1
+        assert any(ds.manifest[k]["negatives"] for k in keys)
+
+
+def test_train_batch_labels_and_augmentation(full_ds):
+    """Train batches: labels from the manifest, pixels = decode_train with the (seed, epoch,
+    key) randomness that docs/loader.md promises (so a resume reproduces them)."""
+    config = train_config(num_workers=2, seed=5)
+    loader = full_ds.loader(config)
+    stored = sample_images(full_ds)
+    (epoch0,) = run_epochs(loader, 1)
+    for b in epoch0:
+        check_layout(b, 4, full_ds.num_classes)
+        assert bool(b.valid.all())
+        for i, key in enumerate(b.keys):
+            rng = sample_rng(config.seed, 0, key)
+            assert torch.equal(b.images[i], chw(decode_train(stored[key], SIZE, rng))), key
+    check_labels(full_ds, epoch0)
+
+
+# ---------------------------------------------------------------- eval over ranks
+
+
+@pytest.mark.parametrize("ds_name", ["partial_ds", "full_ds", "two_shard_ds"])
+@pytest.mark.parametrize("batch_size", [3, 5])
+def test_eval_two_ranks_two_workers_cover_every_key_once(request, ds_name, batch_size):
+    ds: Dataset = request.getfixturevalue(ds_name)
+    config = eval_config(num_workers=2, batch_size=batch_size)
+    per_rank = [list(ds.loader(config, rank=r, world_size=2)) for r in range(2)]
+    counts = [len(batches) for batches in per_rank]
+    assert counts[0] == counts[1]
+    for r in range(2):
+        assert ds.loader(config, rank=r, world_size=2).batches_per_epoch() == counts[r]
+    keys = Counter(k for batches in per_rank for k in valid_keys(batches))
+    assert set(keys) == ds.keys and set(keys.values()) == {1}
+    entries = sum(counts) * batch_size
+    padding = sum(int((~b.valid).sum()) for batches in per_rank for b in batches)
+    assert padding == entries - len(ds.keys)
+    for batches in per_rank:
+        check_labels(ds, batches)
+
+
+def test_eval_padding_is_present_with_uneven_shards(partial_ds):
+    """The uneven case really pads (so the test above checks padding, not only coverage)."""
+    config = eval_config(num_workers=2, batch_size=5)
+    batches = [b for r in range(2) for b in partial_ds.loader(config, rank=r, world_size=2)]
+    assert sum(int((~b.valid).sum()) for b in batches) > 0
+
+
+# ---------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("ds_name", ["partial_ds", "two_shard_ds"])
+def test_train_equal_counts_no_repeats_all_valid(request, ds_name):
+    ds: Dataset = request.getfixturevalue(ds_name)
+    batch_size = 4 if ds_name == "partial_ds" else 2
+    config = train_config(num_workers=2, batch_size=batch_size)
+    loaders = [ds.loader(config, rank=r, world_size=2) for r in range(2)]
+    epochs = [run_epochs(loader, 2) for loader in loaders]
+    for e in range(2):
+        expected = loaders[0].batches_per_epoch(e)
+        assert expected >= 1
+        assert loaders[1].batches_per_epoch(e) == expected
+        seen = []
+        for r in range(2):
+            batches = epochs[r][e]
+            assert len(batches) == expected, (r, e)
+            keys = [k for b in batches for k in b.keys]
+            assert len(keys) == len(set(keys)), "a key repeats within an epoch"
+            assert all(bool(b.valid.all()) for b in batches)
+            assert set(keys) <= ds.keys
+            check_labels(ds, batches)
+            seen.append(set(keys))
+        assert not seen[0] & seen[1], "a key on both ranks in one epoch"
+
+
+def test_train_refuses_when_a_slot_cannot_fill_a_batch(two_shard_ds):
+    with pytest.raises(ValueError, match="full batch"):
+        two_shard_ds.loader(train_config(num_workers=2, batch_size=8), rank=0, world_size=2)
+
+
+def test_epochs_see_different_shard_orders(partial_ds):
+    """No sample shuffle (shuffle_buffer=0): the order in which shards appear is the per-epoch
+    shard order, which changes from epoch to epoch (and is fixed by seed + epoch)."""
+    config = train_config(num_workers=0, shuffle_buffer=0, batch_size=4)
+
+    def shard_orders(loader):
+        orders = []
+        for batches in run_epochs(loader, 2):
+            shards = [partial_ds.manifest[k]["shard"] for b in batches for k in b.keys]
+            orders.append(list(dict.fromkeys(shards)))
+        return orders
+
+    first, second = shard_orders(partial_ds.loader(config)), shard_orders(partial_ds.loader(config))
+    assert first == second  # the same seed gives the same orders
+    assert first[0] != first[1]
+    assert len(first[0]) >= 7 and len(first[1]) >= 7  # (almost) all shards read every epoch
+
+
+def test_epochs_see_different_sample_orders(partial_ds):
+    loader = partial_ds.loader(train_config(num_workers=2))
+    e0, e1 = ([k for b in batches for k in b.keys] for batches in run_epochs(loader, 2))
+    assert e0 != e1
+    common = [k for k in e0 if k in set(e1)]
+    assert len(common) > 20
+    assert common != [k for k in e1 if k in set(e0)]  # not only another subset: another order
+    assert e0 != sorted(e0)  # the shuffle buffer shuffles within shards too
+
+
+# ---------------------------------------------------------------- resume
+
+RESUME_POINTS = {  # name -> batches taken before state_dict(), from N = batches in epoch 0
+    "epoch0-even": lambda n: 2,
+    "epoch0-odd": lambda n: 3,
+    "epoch0-end": lambda n: n,
+    "epoch1-even": lambda n: n + 2,
+    "epoch1-odd": lambda n: n + 1,
+}
+RESUME_CASES = [
+    pytest.param(
+        workers,
+        point,
+        id=f"{workers}w-{point}",
+    )
+    for workers in (0, 2)
+    for point in RESUME_POINTS
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(partial_ds):
+    """num_workers -> (config, N, the first epochs' batches of an uninterrupted rank 1 of 2)."""
+    runs = {}
+    for workers in (0, 2):
+        config = train_config(num_workers=workers, seed=3, shuffle_buffer=16)
+        loader = partial_ds.loader(config, rank=1, world_size=2)
+        n0, n1 = loader.batches_per_epoch(0), loader.batches_per_epoch(1)
+        batches = list(itertools.islice(loader, n0 + n1 + 3))  # into epoch 2
+        runs[workers] = (config, n0, batches)
+    return runs
+
+
+@pytest.mark.parametrize(("workers", "point"), RESUME_CASES)
+def test_resume_continues_exactly(partial_ds, uninterrupted, workers, point):
+    config, n0, reference = uninterrupted[workers]
+    k = RESUME_POINTS[point](n0)
+    first = partial_ds.loader(config, rank=1, world_size=2)
+    taken = list(itertools.islice(first, k))
+    state = first.state_dict()
+    assert [b.keys for b in taken] == [b.keys for b in reference[:k]]  # deterministic
+    json.dumps(state)  # goes into a checkpoint
+
+    resumed = partial_ds.loader(config, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = list(itertools.islice(resumed, len(reference) - k))
+    assert [b.keys for b in rest] == [b.keys for b in reference[k:]]
+    for got, want in zip(rest, reference[k:], strict=True):
+        assert torch.equal(got.images, want.images)
+        assert torch.equal(got.targets, want.targets) and torch.equal(got.mask, want.mask)
+
+
+def test_resume_after_odd_count_has_the_right_samples(partial_ds, uninterrupted):
+    """What the odd-count resume bug leaves right: the rest of the epoch holds the same batches
+    (only their order differs), so one resume loses or repeats nothing."""
+    config, n0, reference = uninterrupted[2]
+    resumed = partial_ds.loader(config, rank=1, world_size=2)
+    resumed.load_state_dict({"epoch": 0, "batch": 3})
+    rest = list(itertools.islice(resumed, n0 - 3))
+    assert sorted(b.keys for b in rest) == sorted(b.keys for b in reference[3:n0])
+
+
+def test_two_resumes_lose_and_repeat_nothing(partial_ds, uninterrupted):
+    config, n0, reference = uninterrupted[2]
+    keys = []
+    state = {"epoch": 0, "batch": 0}
+    for take in (3, 1, n0 - 4):  # resume after 3 batches, then after 1 more
+        loader = partial_ds.loader(config, rank=1, world_size=2)
+        loader.load_state_dict(state)
+        keys += [k for b in itertools.islice(loader, take) for k in b.keys]
+        state = loader.state_dict()
+    assert state == {"epoch": 0, "batch": n0}
+    assert sorted(keys) == sorted(k for b in reference[:n0] for k in b.keys)
+
+
+# ---------------------------------------------------------------- damaged data
+
+
+def test_corrupt_samples_skipped_and_counted(corrupt_ds):
+    ds = corrupt_ds.ds
+    loader = ds.loader(eval_config(num_workers=2))
+    batches = list(loader)
+    keys = Counter(valid_keys(batches))
+    assert set(keys) == ds.keys - {corrupt_ds.garbage_key, corrupt_ds.no_json_key}
+    assert set(keys.values()) == {1}
+    assert loader.problems == Counter({"corrupt sample": 1, "incomplete sample": 1})
+    assert corrupt_ds.garbage_key in loader.skipped_keys
+    assert len(batches) == loader.batches_per_epoch()
+    check_labels(ds, batches)
+
+
+def test_incomplete_sample_key_in_skipped_keys(corrupt_ds):
+    loader = corrupt_ds.ds.loader(eval_config(num_workers=0))
+    list(loader)
+    assert corrupt_ds.no_json_key in loader.skipped_keys
+
+
+def test_corrupt_samples_in_train_mode(corrupt_ds):
+    ds = corrupt_ds.ds
+    config = train_config(num_workers=2)
+    loaders = [ds.loader(config, rank=r, world_size=2) for r in range(2)]
+    bad = {corrupt_ds.garbage_key, corrupt_ds.no_json_key}
+    for loader in loaders:
+        (batches,) = run_epochs(loader, 1)
+        assert len(batches) == loaders[0].batches_per_epoch(0)
+        assert not bad & {k for b in batches for k in b.keys}
+        assert all(bool(b.valid.all()) for b in batches)
+    assert sum(loader.problems["incomplete sample"] for loader in loaders) >= 1
+
+
+def _with_json(ds: Dataset, root: Path, document: bytes) -> tuple[Dataset, str]:
+    """A copy of ``ds`` whose first shard's second sample has ``document`` as its json."""
+    shutil.copytree(ds.path, root)
+    shard = root / next(iter(ds.shard_lengths()))
+    members = tar_members(shard)
+    key = sorted({n.partition(".")[0] for n, _ in members})[1]
+    members = [(n, document if n == f"{key}.json" else d) for n, d in members]
+    write_tar(shard, members)
+    return Dataset(root, ds.split, ds.num_classes, ds.full, dict(ds.manifest)), key
+
+
+def test_unparsable_json_is_a_corrupt_sample(full_ds, tmp_path):
+    ds, key = _with_json(full_ds, tmp_path / "ds", b"{not json")
+    loader = ds.loader(eval_config(num_workers=0))
+    assert set(valid_keys(list(loader))) == ds.keys - {key}
+    assert loader.problems == Counter({"corrupt sample": 1})
+    assert loader.skipped_keys == [key]
+
+
+@pytest.mark.parametrize(
+    "document", [b'{"id": "x"}', b'{"positives": [99], "negatives": []}'], ids=["no-lists", "idx"]
+)
+def test_json_without_valid_labels_is_a_corrupt_sample(full_ds, tmp_path, document):
+    ds, key = _with_json(full_ds, tmp_path / "ds", document)
+    loader = ds.loader(eval_config(num_workers=0))
+    assert set(valid_keys(list(loader))) == ds.keys - {key}
+    assert loader.problems["corrupt sample"] == 1
+
+
+def _missing_shard(ds: Dataset, tmp_path: Path, index: int = 2) -> tuple[list[Shard], str]:
+    shards = dataset_shards(ds.path, ds.split)
+    lost = shards[index]
+    shards[index] = Shard(str(tmp_path / "no-such-shard.tar"), lost.samples)
+    return shards, Path(lost.url).name
+
+
+@pytest.mark.parametrize("retries", [1, 2])
+def test_missing_shard_retried_then_skipped_in_eval(partial_ds, tmp_path, monkeypatch, retries):
+    waits = []
+    monkeypatch.setattr(mlc.data.urls.time, "sleep", waits.append)
+    shards, lost = _missing_shard(partial_ds, tmp_path)
+    config = eval_config(num_workers=0, retries=retries)
+    loader = ShardLoader(shards, partial_ds.num_classes, config, rank=0, world_size=1)
+    batches = list(loader)
+    assert waits == [1.0, 2.0][:retries]
+    assert loader.problems == Counter({"unreadable shard": 1})
+    keys = Counter(valid_keys(batches))
+    expected = {k for k, row in partial_ds.manifest.items() if row["shard"] != lost}
+    assert set(keys) == expected and set(keys.values()) == {1}
+    assert len(batches) == loader.batches_per_epoch()
+
+
+def test_missing_shard_in_train_keeps_counts_equal(partial_ds, tmp_path, monkeypatch):
+    """The slot that lost a shard repeats its own samples to fill its batches: every rank still
+    yields batches_per_epoch() full batches (a DDP job does not hang)."""
+    monkeypatch.setattr(mlc.data.urls.time, "sleep", lambda s: None)  # forked workers inherit
+    shards, lost = _missing_shard(partial_ds, tmp_path)
+    lost_keys = {k for k, row in partial_ds.manifest.items() if row["shard"] == lost}
+    config = train_config(num_workers=2, retries=1)
+    loaders = [
+        ShardLoader(shards, partial_ds.num_classes, config, rank=r, world_size=2) for r in range(2)
+    ]
+    per_rank = [run_epochs(loader, 2) for loader in loaders]
+    for e in range(2):
+        expected = loaders[0].batches_per_epoch(e)
+        assert loaders[1].batches_per_epoch(e) == expected
+        for r in range(2):
+            batches = per_rank[r][e]
+            assert len(batches) == expected, (r, e)
+            assert all(bool(b.valid.all()) for b in batches)
+            assert not lost_keys & {k for b in batches for k in b.keys}
+    assert sum(loader.problems["unreadable shard"] for loader in loaders) >= 2  # once per epoch
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def test_pipe_urls_refused_by_default(full_ds, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(mlc.data.urls.time, "sleep", waits.append)
+    marker = tmp_path / "ran"
+    with pytest.raises(ShardOpenError, match="allow_pipe"):
+        open_url(f"pipe:touch {marker}")
+    assert not marker.exists()
+    shards = [Shard(f"pipe:cat {s.url}", s.samples) for s in dataset_shards(full_ds.path, "train")]
+    with pytest.raises(ValueError, match="pipe: URLs, which run commands"):  # refused up front
+        ShardLoader(shards, full_ds.num_classes, eval_config(num_workers=0), rank=0)
+    assert waits == []
+
+
+def test_pipe_urls_with_allow_pipe(full_ds):
+    shards = [Shard(f"pipe:cat {s.url}", s.samples) for s in dataset_shards(full_ds.path, "train")]
+    config = eval_config(num_workers=2, allow_pipe=True)
+    loader = ShardLoader(shards, full_ds.num_classes, config, full_annotation=True, rank=0)
+    batches = list(loader)
+    assert sorted(valid_keys(batches)) == sorted(full_ds.keys)
+    assert not loader.problems
+    check_labels(full_ds, batches)
+
+
+def test_failing_pipe_command_is_an_unreadable_shard(full_ds, tmp_path):
+    shards = dataset_shards(full_ds.path, "train")
+    shards.append(Shard(f"pipe:cat {tmp_path / 'no-such-shard.tar'}", 10))
+    config = eval_config(num_workers=0, allow_pipe=True, retries=0)
+    loader = ShardLoader(shards, full_ds.num_classes, config, full_annotation=True, rank=0)
+    assert sorted(valid_keys(list(loader))) == sorted(full_ds.keys)
+    assert loader.problems == Counter({"unreadable shard": 1})
+
+
+def test_file_urls_with_explicit_sizes(full_ds):
+    sizes = full_ds.shard_lengths()
+    shards = url_shards(f"file://{full_ds.path}/train-{{000000..000004}}.tar", sizes)
+    assert [s.samples for s in shards] == list(sizes.values())
+    loader = ShardLoader(shards, full_ds.num_classes, eval_config(num_workers=0), rank=0)
+    assert sorted(valid_keys(list(loader))) == sorted(full_ds.keys)
+
+
+def test_url_shards_reads_sizes_json(full_ds):
+    spec = f"{full_ds.path}/train-{{000000..000004}}.tar"
+    shards = url_shards(spec)
+    assert [Path(s.url).name for s in shards] == list(full_ds.shard_lengths())
+    assert [s.samples for s in shards] == list(full_ds.shard_lengths().values())
+    assert shards == dataset_shards(full_ds.path, "train")
+    two = url_shards(f"{full_ds.path}/train-000000.tar::{full_ds.path}/train-000004.tar")
+    assert [s.samples for s in two] == [13, 8]
+
+
+def test_url_shards_without_counts_errors_clearly(full_ds, tmp_path):
+    for name in full_ds.shard_lengths():
+        shutil.copy(full_ds.path / name, tmp_path / name)
+    with pytest.raises(ValueError, match="sample counts unknown for 5 shard.*sizes.json"):
+        url_shards(f"{tmp_path}/train-{{000000..000004}}.tar")
+    with pytest.raises(ValueError, match="sample counts unknown"):
+        url_shards("https://example.org/train-{000000..000001}.tar")
+    (tmp_path / OPENCLIP_SIZES_FILE).write_text(json.dumps({"train-000000.tar": 13}))
+    with pytest.raises(ValueError, match="sample counts unknown for 4 shard"):
+        url_shards(f"{tmp_path}/train-{{000000..000004}}.tar")
+
+
+def test_url_shards_dot_slash_relative_path(full_ds, monkeypatch):
+    monkeypatch.chdir(full_ds.path.parent)
+    shards = url_shards(f"./{full_ds.path.name}/train-{{000000..000004}}.tar")
+    assert [s.samples for s in shards] == list(full_ds.shard_lengths().values())
+
+
+def test_url_shards_file_url_reads_sizes_json(full_ds):
+    shards = url_shards(f"file://{full_ds.path}/train-{{000000..000004}}.tar")
+    assert [s.samples for s in shards] == list(full_ds.shard_lengths().values())
+
+
+# ---------------------------------------------------------------- normalize
+
+
+def test_normalize():
+    images = torch.tensor([0, 255, 51, 204], dtype=torch.uint8).repeat(2, 3, 2, 1)  # [2,3,2,4]
+    images = images.contiguous(memory_format=torch.channels_last)
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert bool((out[..., 0] == -1).all()) and bool((out[..., 1] == 1).all())
+    assert torch.allclose(out[..., 2], torch.tensor(-0.6)) and torch.allclose(
+        out[..., 3], torch.tensor(0.6)
+    )
+    assert images[0, 0, 0, 1] == 255  # the input is not changed
+
+
+# ---------------------------------------------------------------- a real DDP job
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_ddp(partial_ds, tmp_path):
+    """Two processes, gloo: a train epoch with an all_reduce per batch and an eval pass with an
+    all_reduce per batch and an all_gather_object of the keys. Unequal batch counts would hang
+    (the job's own collective timeout and this test's timeout turn that into a failure)."""
+    result = tmp_path / "result.json"
+    job = Path(__file__).with_name("ddp_loader_job.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(job),
+        str(partial_ds.path),
+        str(result),
+    ]
+    # A session of its own, so that a hung job is ended with all its processes.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the DDP job did not finish within 60 s (a hang?):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    report = json.loads(result.read_text())
+    assert report["eval_keys_once"] is True
+    assert report["eval_keys"] == report["eval_valid_all_reduced"] == len(partial_ds.keys)
+    assert report["train_batches"] == [report["expected_train_batches"]] * 2
+    assert report["eval_batches"][0] == report["eval_batches"][1] > 0
