@@ -123,5 +123,6 @@ class ShardLoader:
                     self.skipped_keys.extend(raw["skipped"][: 1000 - len(self.skipped_keys)])
                 yield Batch(raw["images"], raw["targets"], raw["mask"], raw["valid"], raw["keys"])
             if self.config.mode == "eval":
+                self.batch = 0  # the next pass (the next validation) starts from the top
                 return
             self.epoch, self.batch = self.epoch + 1, 0

@@ -543,3 +543,10 @@ def test_torchrun_ddp(partial_ds, tmp_path):
     assert report["eval_keys"] == report["eval_valid_all_reduced"] == len(partial_ds.keys)
     assert report["train_batches"] == [report["expected_train_batches"]] * 2
     assert report["eval_batches"][0] == report["eval_batches"][1] > 0
+
+
+def test_an_eval_loader_can_be_iterated_again(full_ds):
+    # Training code builds its validation loader once and runs it after every epoch.
+    loader = ShardLoader.from_dataset(full_ds.path, "train", eval_config(num_workers=0), rank=0)
+    first, second = valid_keys(list(loader)), valid_keys(list(loader))
+    assert sorted(first) == sorted(full_ds.keys) and second == first
