@@ -219,3 +219,15 @@ def test_keras_residual_names_of_older_keras_versions(xception):
     x = torch.randn(1, 3, 96, 96)  # any size works; 299 only costs time here
     with torch.no_grad():
         assert torch.equal(imported(x), xception(x))
+
+
+def test_folded_batch_norm_gives_the_same_outputs():
+    from mlc.models.fuse import fold_batch_norm
+
+    model = randomize_bn(create_model("xception-tiny", num_classes=6)).eval()
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
