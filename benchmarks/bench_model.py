@@ -1,0 +1,387 @@
+"""Xception training and inference throughput on CPU, against a large fp32 matmul's GFLOP/s.
+
+    python benchmarks/bench_model.py [--quick] [--skip-compile] [--models xception,xception-tiny]
+                                     [--classes 1000] [--profile]
+
+Models: the `xception` preset at 299x299 in batches of 8 and `xception-tiny` at 64x64 in
+batches of 64 (--classes outputs, 1000 by default as the presets). Settings, all in this run:
+- fp32 NCHW eager: create_model(..., channels_last=False);
+- fp32 channels_last eager: the default model;
+- channels_last + fold_batch_norm (inference only): mlc.models.fuse.fold_batch_norm(model);
+- bf16 autocast: the default model under torch.autocast("cpu", dtype=torch.bfloat16) (forward
+  and loss; the backward follows autocast's dtypes);
+- torch.compile: torch.compile(default model) (inductor); training compiles the model and runs
+  its forward and backward, the loss and the SGD step around it in eager mode.
+A training step is forward, BCE-with-logits against random multi-hot targets (5% positives),
+backward and torch.optim.SGD(lr=1e-3, momentum=0.9).step(), the model in train mode, each
+setting starting from the same weights. Inference is model.eval() under torch.inference_mode().
+Inputs are NCHW float32 batches (as the loader gives them); a channels-last model converts them.
+
+Each measurement runs 1 (xception) or 2 (tiny) untimed warm-up iterations, then timed iterations
+until both a minimum count and a minimum time are reached (xception: 2 training steps / 3
+inference batches; tiny: >= 3 s); images/s = timed images / timed seconds. The first compiled
+call (dynamo tracing + inductor code generation, forward and backward for training) is timed
+apart and reported as the compile time; inductor's on-disk cache makes a second run's compile
+faster. GFLOP/s = FLOPs per image x images/s, the FLOPs counted by
+torch.utils.flop_counter.FlopCounterMode on one eager forward (inference) or one forward and
+backward (training) of the default model: convolutions and matrix products only (batch norm,
+ReLU, pooling, the loss and the SGD update are not counted). The ceiling is the best GFLOP/s of
+2048x2048 float32 torch.mm (best of 3 rounds of 5, measured at the start and at the end, the
+higher kept). --profile instead profiles one channels_last training step per model
+(torch.profiler) and prints where its time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import platform
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlc.models import create_model  # noqa: E402
+from mlc.models.fuse import fold_batch_norm  # noqa: E402
+
+# (preset, input side, batch, warm-up iterations, min timed iterations train/infer, min seconds)
+MODELS = {
+    "xception": (299, 8, 1, (2, 3), 0.0),
+    "xception-tiny": (64, 64, 2, (3, 3), 3.0),
+}
+QUICK = {"xception": ((1, 1), 0.0), "xception-tiny": ((2, 2), 1.0)}
+NCHW, DEFAULT, FOLDED, BF16, COMPILED = (
+    "fp32 NCHW eager",
+    "fp32 channels_last eager (default)",
+    "channels_last + fold_batch_norm",
+    "bf16 autocast (channels_last)",
+    "torch.compile (channels_last)",
+)
+TARGET_INFER = 0.75  # of the matmul ceiling, best eager inference (channels_last + folded BN)
+TARGET_TRAIN = 0.55  # of the matmul ceiling, default training
+TARGET_SPEEDUP = 1.3  # default over fp32 NCHW eager, training
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str  # "train" | "infer"
+    setting: str
+    images_per_s: float | None = None
+    gflops: float | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def matmul_gflops(dtype=torch.float32, n: int = 2048, reps: int = 5, rounds: int = 3) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best / 1e9
+
+
+def count_flops(model, x, y) -> tuple[float, float, str]:
+    """(forward FLOPs, forward + backward FLOPs) per batch, and how the second was obtained."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).train()
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    forward = counter.get_total_flops()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            F.binary_cross_entropy_with_logits(model(x), y).backward()
+        total, how = counter.get_total_flops(), "counted forward + backward"
+        if total <= forward:
+            raise RuntimeError("the counter saw no backward")
+    except Exception as e:  # noqa: BLE001 - fall back as documented
+        total, how = 3 * forward, f"3x forward (backward count failed: {e})"
+    return float(forward), float(total), how
+
+
+def run_timed(fn, batch: int, warmup: int, min_iters: int, min_seconds: float):
+    """(images/s, timed iterations, timed seconds) after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        iters += 1
+        elapsed = time.perf_counter() - t0
+        if iters >= min_iters and elapsed >= min_seconds:
+            return batch * iters / elapsed, iters, elapsed
+
+
+def train_step_fn(model, x, y, autocast: bool):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+
+    def step():
+        with ctx:
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def infer_fn(model, x, autocast: bool):
+    model.eval()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+
+    def forward():
+        with torch.inference_mode(), ctx:
+            model(x)
+
+    return forward
+
+
+def short_error(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return "ERROR " + text[:160].replace("|", "/")
+
+
+def bench_model(name: str, classes: int, quick: bool, skip_compile: bool):
+    size, batch, warmup, min_iters, min_seconds = MODELS[name]
+    if quick:
+        min_iters, min_seconds = QUICK[name]
+        warmup = 1
+    torch.manual_seed(0)
+    base = create_model(name, num_classes=classes)  # channels_last (the default)
+    nchw = create_model(name, num_classes=classes, channels_last=False)
+    nchw.load_state_dict(base.state_dict())
+    x = torch.randn(batch, 3, size, size)  # NCHW, as a loader gives it
+    y = (torch.rand(batch, classes) < 0.05).float()
+    fwd, fwd_bwd, how = count_flops(base, x, y)
+    info = {"forward": fwd / batch, "train": fwd_bwd / batch, "how": how}
+    print(
+        f"{name} {size}x{size} batch {batch}: {fwd / batch / 1e9:.3f} GFLOP/image forward, "
+        f"{fwd_bwd / batch / 1e9:.3f} forward + backward ({how})",
+        flush=True,
+    )
+
+    rows: list[Row] = []
+    for mode in ("train", "infer"):
+        settings = [NCHW, DEFAULT] + ([FOLDED] if mode == "infer" else []) + [BF16]
+        settings += [] if skip_compile else [COMPILED]
+        for setting in settings:
+            row = Row(name, mode, setting)
+            t_start = time.perf_counter()
+            try:
+                model = copy.deepcopy(nchw if setting == NCHW else base)
+                if setting == FOLDED:
+                    model = fold_batch_norm(model)
+                note = ""
+                if setting == COMPILED:
+                    torch._dynamo.reset()
+                    if mode == "infer":
+                        model.eval()
+                    model = torch.compile(model)
+                autocast = setting == BF16
+                if mode == "train":
+                    fn = train_step_fn(model, x, y, autocast)
+                else:
+                    fn = infer_fn(model, x, autocast)
+                if setting == COMPILED:
+                    t0 = time.perf_counter()
+                    fn()
+                    note = f"first call (compile) {time.perf_counter() - t0:.1f} s; "
+                iters_min = min_iters[0] if mode == "train" else min_iters[1]
+                rate, iters, seconds = run_timed(fn, batch, warmup, iters_min, min_seconds)
+                row.images_per_s = rate
+                row.gflops = rate * (info["train"] if mode == "train" else info["forward"]) / 1e9
+                row.note = note + f"{iters} x {batch} images in {seconds:.1f} s"
+            except Exception as e:  # noqa: BLE001 - report the failure in the table and go on
+                row.note = short_error(e)
+                traceback.print_exc(limit=3)
+            finally:
+                model = fn = None
+                gc.collect()
+            rows.append(row)
+            rate = f"{row.images_per_s:.1f} images/s" if row.images_per_s else row.note
+            print(f"  {mode} {setting}: {rate} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    torch._dynamo.reset()
+    return rows
+
+
+# ---------------------------------------------------------------- profile
+
+
+def op_category(name: str, shapes) -> str:
+    lname = name.lower()
+    if "conv" in lname:
+        four_d = [s for s in shapes or [] if isinstance(s, (list, tuple)) and len(s) == 4]
+        if any(s[1] == 1 and list(s[2:]) == [3, 3] for s in four_d):
+            return "depthwise 3x3 convolution (fwd + bwd)"
+        if any(list(s[2:]) == [1, 1] for s in four_d):
+            return "1x1 convolution (pointwise, residual; fwd + bwd)"
+        return "other convolution (stem 3x3; or unattributed)"
+    if "batch_norm" in lname:
+        return "batch norm (fwd + bwd)"
+    if "threshold" in lname or "relu" in lname:
+        return "ReLU (fwd + bwd)"
+    if "pool" in lname or "pad" in lname:
+        return "max pool + its padding (fwd + bwd)"
+    if "sgd" in lname or "_foreach" in lname or "zero" in lname:
+        return "optimizer / zeroing"
+    if "copy" in lname or "contiguous" in lname or "clone" in lname or "to_copy" in lname:
+        return "copies / layout conversions"
+    if lname.startswith("aten::add") or lname.startswith("aten::mul"):
+        return "adds / muls (residuals, grad accumulation)"
+    if "mm" in lname or "linear" in lname:
+        return "head (matmul)"
+    return "other"
+
+
+def profile_model(name: str, classes: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    size, batch = MODELS[name][:2]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=classes)
+    x = torch.randn(batch, 3, size, size)
+    y = (torch.rand(batch, classes) < 0.05).float()
+    step = train_step_fn(model, x, y, autocast=False)
+    step()  # warm-up
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    wall = time.perf_counter() - t0
+    print(f"\n### Profile: one channels_last training step, {name} {size}x{size} batch {batch}")
+    print(f"(step {wall:.2f} s under the profiler)\n")
+    events = prof.key_averages(group_by_input_shape=True)
+    totals: dict[str, float] = {}
+    for e in events:
+        category = op_category(e.key, e.input_shapes)
+        totals[category] = totals.get(category, 0.0) + e.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    print("| where the time goes | self CPU s | % |\n|---|---:|---:|")
+    for category, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {category} | {us / 1e6:.2f} | {100 * us / whole:.1f} |")
+    print()
+    print(
+        prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=45
+        )
+    )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer timed iterations")
+    p.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
+    p.add_argument("--models", default="xception,xception-tiny", help="comma-separated presets")
+    p.add_argument("--classes", type=int, default=1000, help="outputs of the head")
+    p.add_argument("--profile", action="store_true", help="only profile one training step")
+    args = p.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    for n in names:
+        if n not in MODELS:
+            raise SystemExit(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, ISA: {' '.join(isa) or '?'}; "
+        f"{args.classes} classes{', --quick' if args.quick else ''}",
+        flush=True,
+    )
+    if args.profile:
+        for n in names:
+            profile_model(n, args.classes)
+        return
+
+    start = time.perf_counter()
+    ceiling_start = matmul_gflops()
+    bf16_mm = matmul_gflops(torch.bfloat16)
+    print(
+        f"matmul 2048x2048: fp32 {ceiling_start:.1f} GFLOP/s, bf16 {bf16_mm:.1f} GFLOP/s",
+        flush=True,
+    )
+    rows: list[Row] = []
+    for n in names:
+        rows += bench_model(n, args.classes, args.quick, args.skip_compile)
+    ceiling_end = matmul_gflops()
+    ceiling = max(ceiling_start, ceiling_end)
+    print(
+        f"\nfp32 matmul ceiling: {ceiling:.1f} GFLOP/s (start {ceiling_start:.1f}, "
+        f"end {ceiling_end:.1f}); bf16 matmul {bf16_mm:.1f} GFLOP/s; "
+        f"total run {time.perf_counter() - start:.0f} s\n"
+    )
+
+    def find(model: str, mode: str, setting: str) -> Row:
+        return next(r for r in rows if (r.model, r.mode, r.setting) == (model, mode, setting))
+
+    print(
+        "| model | mode | setting | images/s | GFLOP/s | % of matmul | x fp32 NCHW | note |\n"
+        "|---|---|---|---:|---:|---:|---:|---|"
+    )
+    for r in rows:
+        ref = find(r.model, r.mode, NCHW).images_per_s
+        if r.images_per_s is None:
+            print(f"| {r.model} | {r.mode} | {r.setting} | - | - | - | - | {r.note} |")
+            continue
+        ratio = f"{r.images_per_s / ref:.2f}" if ref else "-"
+        print(
+            f"| {r.model} | {r.mode} | {r.setting} | {r.images_per_s:.2f} | {r.gflops:.1f} | "
+            f"{100 * r.gflops / ceiling:.0f}% | {ratio} | {r.note} |"
+        )
+
+    print()
+    for n in names:
+        infer, train = find(n, "infer", FOLDED), find(n, "train", DEFAULT)
+        nchw_train = find(n, "train", NCHW)
+        label = "" if n == "xception" else " (informational)"
+        checks = [
+            (
+                f"inference, channels_last + folded BN >= {TARGET_INFER:.0%} of the matmul ceiling",
+                infer.gflops / ceiling if infer.gflops else None,
+                TARGET_INFER,
+                "{:.0%}",
+            ),
+            (
+                f"training, default channels_last >= {TARGET_TRAIN:.0%} of the matmul ceiling",
+                train.gflops / ceiling if train.gflops else None,
+                TARGET_TRAIN,
+                "{:.0%}",
+            ),
+            (
+                f"training, default >= {TARGET_SPEEDUP}x fp32 NCHW eager",
+                train.images_per_s / nchw_train.images_per_s
+                if train.images_per_s and nchw_train.images_per_s
+                else None,
+                TARGET_SPEEDUP,
+                "{:.2f}x",
+            ),
+        ]
+        for text, value, target, fmt in checks:
+            got = "failed to run" if value is None else fmt.format(value)
+            ok = value is not None and value >= target
+            print(f"{'met' if ok else 'MISSED'}: {n}{label}: {text} (got {got})")
+
+
+if __name__ == "__main__":
+    main()
