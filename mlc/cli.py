@@ -8,14 +8,16 @@ import sys
 
 import data_tools.cli
 import eval.cli
+import mlc.train.cli
 from data_tools.writer import ShardError
+from mlc.train.loop import TrainingError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code
-SUBCOMMANDS = {"shard": data_tools.cli, "eval": eval.cli}
+SUBCOMMANDS = {"shard": data_tools.cli, "train": mlc.train.cli, "eval": eval.cli}
 
 # Errors about the user's input, files or folders: one line naming the file and the fix, not a
 # traceback (MLC_DEBUG=1 shows it). InputFileError and MetricInputError are ValueErrors.
-USER_ERRORS = (ValueError, OSError, ShardError)
+USER_ERRORS = (ValueError, OSError, ShardError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,6 +115,9 @@ class ShardLoader:
                 num_workers=workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=2 if workers else None,
+                # Its own generator: creating an iterator must not draw from torch's global
+                # RNG, or a resumed run's dropout masks would differ from an uninterrupted one.
+                generator=torch.Generator(),
             )
             for raw in loader:
                 self.batch += 1

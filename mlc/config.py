@@ -1,0 +1,186 @@
+"""Typed training configuration: dataclasses, loaded from YAML, with `--set key=value` overrides.
+
+Durations, schedules and intervals are in samples (not epochs, whose length changes with the
+dataset and the number of ranks). Unknown keys and values of the wrong type are errors that list
+what is valid; config files are input from elsewhere, so nothing in them is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "runs/demo/data"  # an `mlc shard` folder
+    train_split: str = "train"
+    val_split: str | None = "test"
+    image_size: int = 64
+    channels: int = 3
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    allow_pipe: bool = False  # pipe: URLs run commands; only for shard lists you trust
+
+
+@dataclass
+class ModelConfig:
+    name: str = "xception-tiny"  # a preset of mlc.models
+    width: float | None = None  # preset overrides, None = the preset's
+    middle_blocks: int | None = None
+    fc_layers: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+    head_prior: float | None = 0.01
+    channels_last: bool = True
+    init: str | None = None  # "keras:PATH.h5" or "timm:PATH.pth": ImageNet weights
+    init_drop_head: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | rmsprop | adamw
+    lr: float = 0.045  # at the reference batch size below
+    lr_batch_size: int = 0  # lr scales linearly with global batch / this (0: no scaling)
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    decay_rate: float = 0.94  # lr *= decay_rate every decay_every samples (staircase)
+    decay_every: int = 2_562_334  # 2 ImageNet epochs
+    warmup: int = 0  # samples of linear warm-up
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per process
+    samples: int = 1_000_000  # total training samples (all processes)
+    seed: int = 0
+    deterministic: bool = False  # bitwise-reproducible (single process; slower)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU, with a grad scaler)
+    ema_decay: float = 0.0  # 0 = no EMA of weights
+    out: str = "runs/train"
+    log_every: int = 5_000  # samples
+    eval_every: int = 50_000
+    checkpoint_every: int = 50_000
+    keep_last: int = 3
+    eval_k: int = 100
+    eval_max_samples: int = 0  # 0 = the whole validation split
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_type(value, hint, where: str):
+    """value coerced to the dataclass field's type, or ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e6 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, values: dict, where: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(names)}")
+        if dataclasses.is_dataclass(getattr(obj, key)):
+            _apply(getattr(obj, key), value, f"{where}.{key}" if where else key)
+        else:
+            setattr(obj, key, _check_type(value, hints[key], f"{where}.{key}" if where else key))
+
+
+def parse_override(text: str) -> dict:
+    """ "train.samples=2e6" -> {"train": {"samples": 2e6}}; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        try:
+            _apply(config, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        try:
+            _apply(config, parse_override(text), "")
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}") from None
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    if config.optim.name not in ("sgd", "rmsprop", "adamw"):
+        raise ConfigError(f"optim.name must be sgd, rmsprop or adamw, got {config.optim.name!r}")
+    if config.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(
+            f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}"
+        )
+    for key in ("batch_size", "samples", "log_every", "eval_every", "checkpoint_every"):
+        if getattr(config.train, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1")
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError("train.ema_decay must be in [0, 1)")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,31 @@
+"""`mlc train`: the training job (argument parsing only; the job is mlc.train.loop.train)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train Xception on shards (one process, or under torchrun with DDP)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults without it")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.samples=200000 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="auto: the newest valid checkpoint in train.out; or a checkpoint file",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlc.config import load_config
+    from mlc.train.loop import train
+
+    train(load_config(args.config, args.set), resume=args.resume)
+    return 0

@@ -1,0 +1,43 @@
+"""What the operator sees after the fact: a JSONL metrics log, and TensorBoard if installed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per record to <out>/metrics.jsonl (kind: train, val, summary);
+    mirrors numeric fields to TensorBoard when the tensorboard package is there."""
+
+    def __init__(self, out: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.file = None
+        self.board = None
+        if not enabled:
+            return
+        Path(out).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(out) / "metrics.jsonl", "a")  # noqa: SIM115 (held for the run)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(Path(out) / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.board = None
+
+    def write(self, record: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"kind": kind, "time": time.time(), **record}) + "\n")
+        self.file.flush()
+        if self.board is not None and "samples" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "samples":
+                    self.board.add_scalar(f"{kind}/{key}", value, record["samples"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
