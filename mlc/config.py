@@ -29,6 +29,8 @@ class DataConfig:
     channels: int = 3
     num_workers: int = 2
     shuffle_buffer: int = 2000
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train crop area
+    crop_fraction: float = 0.875  # eval: central crop of the shorter side
     allow_pipe: bool = False  # pipe: URLs run commands; only for shard lists you trust
 
 

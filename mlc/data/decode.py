@@ -43,13 +43,15 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def random_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[float, ...]:
+def random_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = CROP_SCALE
+) -> tuple[float, ...]:
     """(left, top, right, bottom) of an Inception-style random crop: 10 tries at a random area
     fraction and log-uniform aspect ratio, else the largest central crop within the ratios."""
     area = width * height
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
+        target = area * rng.uniform(*scale)
         ratio = math.exp(rng.uniform(*log_ratio))
         w, h = math.sqrt(target * ratio), math.sqrt(target / ratio)
         if w <= width and h <= height:
@@ -93,10 +95,16 @@ def _decode_box(im: Image.Image, box, size: int, channels: int) -> np.ndarray:
     return pixels[:, :, None] if channels == 1 else pixels
 
 
-def decode_train(data: bytes, size: int, rng: np.random.Generator, channels: int = 3):
-    """Random resized crop to size x size and a random horizontal flip."""
+def decode_train(
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    channels: int = 3,
+    scale: tuple[float, float] = CROP_SCALE,
+):
+    """Random resized crop (area fraction in ``scale``) to size x size, random horizontal flip."""
     im = _open(data)
-    pixels = _decode_box(im, random_crop_box(*im.size, rng), size, channels)
+    pixels = _decode_box(im, random_crop_box(*im.size, rng, scale), size, channels)
     return pixels[:, ::-1] if rng.random() < 0.5 else pixels
 
 

@@ -42,6 +42,7 @@ class LoaderConfig:
     channels: int = 3
     shuffle_buffer: int = 2000  # raw samples held for shuffling (train only)
     crop_fraction: float = 0.875  # eval: central crop of the shorter side
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # train: area fraction of the random crop
     seed: int = 0
     num_workers: int = 2
     retries: int = 2  # extra attempts to open a shard before reporting it
@@ -246,7 +247,9 @@ def decode_samples(samples, config: LoaderConfig, epoch: int, num_classes: int, 
             labels = parse_labels(sample["json"], num_classes)
             if config.mode == "train":
                 rng = sample_rng(config.seed, epoch, sample["key"])
-                pixels = decode_train(sample["image"], config.image_size, rng, config.channels)
+                pixels = decode_train(
+                    sample["image"], config.image_size, rng, config.channels, config.crop_scale
+                )
             else:
                 pixels = decode_eval(
                     sample["image"], config.image_size, config.crop_fraction, config.channels

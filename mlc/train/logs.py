@@ -41,3 +41,21 @@ class MetricsLog:
             self.file.close()
         if self.board is not None:
             self.board.close()
+
+
+def write_curves(out: str | Path) -> Path:
+    """<out>/curves.png: training loss and validation fwMAP@K against samples, from
+    metrics.jsonl (so a resumed run's plot covers the whole run)."""
+    from eval.plots import line_chart, write_png
+
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    train = {r["samples"]: r["loss"] for r in records if r["kind"] == "train"}
+    val = {r["samples"]: r["fwmap"] for r in records if r["kind"] == "val"}
+    series = {"training loss": (list(train), list(train.values()))}
+    if val:
+        series["validation fwMAP@K"] = (list(val), list(val.values()))
+    path = Path(out) / "curves.png"
+    write_png(
+        path, line_chart(series, f"{Path(out).name}: loss and validation fwMAP", "samples", "")
+    )
+    return path

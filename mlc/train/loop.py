@@ -25,7 +25,7 @@ from mlc.data import LoaderConfig, ShardLoader, normalize
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.models import create_model
 from mlc.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from mlc.train.logs import MetricsLog
+from mlc.train.logs import MetricsLog, write_curves
 
 
 class TrainingError(RuntimeError):
@@ -133,6 +133,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
         shuffle_buffer=d.shuffle_buffer,
         seed=t.seed,
         num_workers=d.num_workers,
+        crop_scale=tuple(d.crop_scale),
         allow_pipe=d.allow_pipe,
     )
     loader = ShardLoader.from_dataset(
@@ -286,6 +287,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
     }
     if rank == 0:
         metrics.write(summary, kind="summary")
+        summary["curves"] = str(write_curves(out))
         say(
             f"done: {samples} samples in {_duration(summary['seconds'])}, best val fwMAP "
             f"{_fmt(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
@@ -316,6 +318,7 @@ def evaluate(
             mode="eval",
             channels=d.channels,
             num_workers=d.num_workers,
+            crop_fraction=d.crop_fraction,
             allow_pipe=d.allow_pipe,
         ),
         rank=rank,
