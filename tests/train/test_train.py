@@ -206,3 +206,35 @@ def test_two_process_ddp_matches_single_process(mosaics, tmp_path):
     assert val_1["images"] == val_2["images"] == 300  # DDP eval covers the split once
     assert abs(loss_1[-1] - loss_2[-1]) < 0.05
     assert abs(val_1["fwmap"] - val_2["fwmap"]) < 0.15
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(mosaics, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_config(
+        mosaics,
+        out,
+        "optim.name=sgd",
+        "optim.lr=1e30",
+        "train.samples=3200",
+        "train.checkpoint_every=16",
+    )
+    assert main(["train", *sets(args)]) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err or "loss is inf" in err
+    assert "the last good checkpoint is" in err
+
+
+def test_training_starts_from_imported_weights(mosaics, tmp_path):
+    from mlc.models import create_model
+    from mlc.models.weights import export_timm_state_dict
+
+    source = create_model("xception-tiny", width=0.125, num_classes=3)
+    torch.save(export_timm_state_dict(source), tmp_path / "init.pth")
+    out = tmp_path / "run"
+    args = tiny_config(
+        mosaics, out, f"model.init=timm:{tmp_path / 'init.pth'}", "train.samples=16", "optim.lr=0.0"
+    )
+    assert main(["train", *sets(args)]) == 0
+    trained = final_weights(out)
+    assert torch.equal(trained["stem.0.weight"], source.state_dict()["stem.0.weight"])
+    assert trained["head.weight"].shape[0] == 10  # the 3-class head was dropped
