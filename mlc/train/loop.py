@@ -156,143 +156,150 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
         say(f"resumed from {path} at {samples} samples")
 
     stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in handlers:
         signal.signal(sig, lambda s, _f: stop.update(signal=signal.Signals(s).name))
     metrics = MetricsLog(out, enabled=rank == 0)
-    world_batch = t.batch_size * world
-    last_saved = state_path = None
-    window_loss, window_steps, window_start, run_start = 0.0, 0, time.time(), time.time()
-    start_samples = samples
-    batches = iter(loader)
+    try:
+        world_batch = t.batch_size * world
+        last_saved = state_path = None
+        window_loss, window_steps, window_start, run_start = 0.0, 0, time.time(), time.time()
+        start_samples = samples
+        batches = iter(loader)
 
-    def state_dict() -> dict:
-        loaders = _gather(loader.state_dict(), world)
-        rngs = _gather(torch.get_rng_state(), world)
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema else None,
-            "loader": loaders,
-            "rng": rngs,
-            "samples": samples,
-            "step": step,
-            "best": best,
-            "config": to_dict(config),
-            "class_ids": class_ids,
-        }
-
-    def save(is_best: bool = False) -> Path | None:
-        state = state_dict()  # every rank takes part in the gathers
-        if rank != 0:
-            return None
-        return save_checkpoint(out, state, samples, t.keep_last, is_best)
-
-    model.train()
-    while samples < t.samples:
-        batch = next(batches)
-        lr = learning_rate(config, samples, world_batch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = normalize(batch.images.to(device, non_blocking=True))
-        targets, mask = batch.targets.to(device), batch.mask.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = ddp(images)
-        loss = masked_bce(logits, targets, mask)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update_parameters(model)
-        samples += world_batch
-        step += 1
-
-        value = loss.detach()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        value = value.item()
-        if not math.isfinite(value):
-            last = state_path or "none (no checkpoint written yet)"
-            raise TrainingError(
-                f"loss is {value} at step {step} ({samples} samples); the last "
-                f"good checkpoint is {last}. Lower the learning rate or check "
-                "the data, then resume from it."
-            )
-        window_loss += value
-        window_steps += 1
-
-        finished = samples >= t.samples
-        if _crossed(samples, world_batch, t.log_every) or finished:
-            elapsed = time.time() - window_start
-            rate = window_steps * world_batch / max(elapsed, 1e-9)
-            eta = (t.samples - samples) / max(rate, 1e-9)
-            record = {
+        def state_dict() -> dict:
+            loaders = _gather(loader.state_dict(), world)
+            rngs = _gather(torch.get_rng_state(), world)
+            return {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema else None,
+                "loader": loaders,
+                "rng": rngs,
                 "samples": samples,
                 "step": step,
-                "loss": window_loss / window_steps,
-                "lr": lr,
-                "samples_per_s": rate,
+                "best": best,
+                "config": to_dict(config),
+                "class_ids": class_ids,
             }
-            metrics.write(record)
-            say(
-                f"{samples:>10} samples  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                f"{rate:7.1f} samples/s  ETA {_duration(eta)}"
-            )
-            window_loss, window_steps, window_start = 0.0, 0, time.time()
 
-        is_best = False
-        if d.val_split and (_crossed(samples, world_batch, t.eval_every) or finished):
-            result = evaluate(
-                ema.module if ema else model, config, class_ids, reference, rank, world, device
-            )
-            result.update(samples=samples, step=step)
-            metrics.write(result, kind="val")
-            say(
-                f"{samples:>10} samples  val fwMAP@{t.eval_k} {result['fwmap']:.4f}  "
-                f"MAP@{t.eval_k} {result['map']:.4f}  full mAP {_fmt(result['full_map'])}"
-            )
-            if result["fwmap"] > best:
-                best, is_best = result["fwmap"], True
-            model.train()
-        if (
-            _crossed(samples, world_batch, t.checkpoint_every)
-            or finished
-            or is_best
-            or stop["signal"]
-        ):
-            saved = save(is_best)
-            state_path = saved or state_path
-            last_saved = samples
-        if stop["signal"]:
-            say(
-                f"{stop['signal']}: checkpoint written at {samples} samples; resume with "
-                f"--resume auto"
-            )
-            break
+        def save(is_best: bool = False) -> Path | None:
+            state = state_dict()  # every rank takes part in the gathers
+            if rank != 0:
+                return None
+            return save_checkpoint(out, state, samples, t.keep_last, is_best)
 
-    summary = {
-        "samples": samples,
-        "steps": step,
-        "best_fwmap": best if best > -math.inf else None,
-        "seconds": time.time() - run_start,
-        "samples_per_s": (samples - start_samples) / max(time.time() - run_start, 1e-9),
-        "checkpoint": str(state_path) if state_path else None,
-        "stopped_by": stop["signal"],
-        "last_saved": last_saved,
-    }
-    if rank == 0:
-        metrics.write(summary, kind="summary")
-        summary["curves"] = str(write_curves(out))
-        say(
-            f"done: {samples} samples in {_duration(summary['seconds'])}, best val fwMAP "
-            f"{_fmt(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
-        )
-    metrics.close()
+        model.train()
+        while samples < t.samples:
+            batch = next(batches)
+            lr = learning_rate(config, samples, world_batch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = normalize(batch.images.to(device, non_blocking=True))
+            targets, mask = batch.targets.to(device), batch.mask.to(device)
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                logits = ddp(images)
+            loss = masked_bce(logits, targets, mask)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
+            samples += world_batch
+            step += 1
+
+            value = loss.detach()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            value = value.item()
+            if not math.isfinite(value):
+                last = state_path or "none (no checkpoint written yet)"
+                raise TrainingError(
+                    f"loss is {value} at step {step} ({samples} samples); the last "
+                    f"good checkpoint is {last}. Lower the learning rate or check "
+                    "the data, then resume from it."
+                )
+            window_loss += value
+            window_steps += 1
+
+            finished = samples >= t.samples
+            if _crossed(samples, world_batch, t.log_every) or finished:
+                elapsed = time.time() - window_start
+                rate = window_steps * world_batch / max(elapsed, 1e-9)
+                eta = (t.samples - samples) / max(rate, 1e-9)
+                record = {
+                    "samples": samples,
+                    "step": step,
+                    "loss": window_loss / window_steps,
+                    "lr": lr,
+                    "samples_per_s": rate,
+                }
+                metrics.write(record)
+                say(
+                    f"{samples:>10} samples  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                    f"{rate:7.1f} samples/s  ETA {_duration(eta)}"
+                )
+                window_loss, window_steps, window_start = 0.0, 0, time.time()
+
+            is_best = False
+            if d.val_split and (_crossed(samples, world_batch, t.eval_every) or finished):
+                result = evaluate(
+                    ema.module if ema else model, config, class_ids, reference, rank, world, device
+                )
+                result.update(samples=samples, step=step)
+                metrics.write(result, kind="val")
+                say(
+                    f"{samples:>10} samples  val fwMAP@{t.eval_k} {result['fwmap']:.4f}  "
+                    f"MAP@{t.eval_k} {result['map']:.4f}  full mAP {_fmt(result['full_map'])}"
+                )
+                if result["fwmap"] > best:
+                    best, is_best = result["fwmap"], True
+                model.train()
+            if (
+                _crossed(samples, world_batch, t.checkpoint_every)
+                or finished
+                or is_best
+                or stop["signal"]
+            ):
+                saved = save(is_best)
+                state_path = saved or state_path
+                last_saved = samples
+            if stop["signal"]:
+                say(
+                    f"{stop['signal']}: checkpoint written at {samples} samples; resume with "
+                    f"--resume auto"
+                )
+                break
+
+        summary = {
+            "samples": samples,
+            "steps": step,
+            "best_fwmap": best if best > -math.inf else None,
+            "seconds": time.time() - run_start,
+            "samples_per_s": (samples - start_samples) / max(time.time() - run_start, 1e-9),
+            "checkpoint": str(state_path) if state_path else None,
+            "stopped_by": stop["signal"],
+            "last_saved": last_saved,
+        }
+        if rank == 0:
+            metrics.write(summary, kind="summary")
+            summary["curves"] = str(write_curves(out))
+            say(
+                f"done: {samples} samples in {_duration(summary['seconds'])}, best val fwMAP "
+                f"{_fmt(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
+            )
+    finally:  # the caller (a test, a notebook) gets its own Ctrl-C back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        metrics.close()
     return summary
 
 

@@ -87,7 +87,9 @@ def test_config_errors_are_clear(tmp_path):
 def test_loss_decreases_and_outputs_are_written(mosaics, tmp_path):
     out = tmp_path / "run"
     args = tiny_config(mosaics, out, "train.samples=1600", "train.eval_every=1600")
+    before = signal.getsignal(signal.SIGINT)
     assert main(["train", *sets(args)]) == 0
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's Ctrl-C handler is back
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 10 and losses[-1] < losses[0] * 0.9
