@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mlc.data.decode import DecodeError, decode_eval, decode_train
+from mlc.data.tarstream import tar_members
 from mlc.data.urls import Shard, ShardOpenError, open_with_retries
 from mlc.format import IMAGE_EXTENSIONS
 
@@ -172,20 +173,16 @@ def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
 def _tar_samples(stream, url: str, problems: Problems) -> Iterator[dict]:
     """Group consecutive tar members by key (the name up to the first dot)."""
     current: dict = {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.rpartition("/")[2].partition(".")
-            if current and key != current["key"]:
-                yield from _complete(current, url, problems)
-                current = {}
-            current["key"] = key
-            data = tar.extractfile(member).read()
-            if suffix == "json":
-                current["json"] = data
-            elif suffix in IMAGE_SUFFIXES:
-                current["image"], current["ext"] = data, suffix
+    for name, data in tar_members(stream):
+        key, _, suffix = name.rpartition("/")[2].partition(".")
+        if current and key != current["key"]:
+            yield from _complete(current, url, problems)
+            current = {}
+        current["key"] = key
+        if suffix == "json":
+            current["json"] = data
+        elif suffix in IMAGE_SUFFIXES:
+            current["image"], current["ext"] = data, suffix
     if current:
         yield from _complete(current, url, problems)
 

@@ -1,0 +1,50 @@
+"""The lean tar reader gives exactly what Python's tarfile gives, and rejects damage."""
+
+import io
+import tarfile
+
+import pytest
+
+from mlc.data.tarstream import tar_members
+
+
+def make_tar(members, fmt):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        directory = tarfile.TarInfo("folder")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+MEMBERS = [
+    ("000000001.jpg", b"\xff\xd8" + bytes(range(256)) * 7),
+    ("000000001.json", b'{"positives": [1]}'),
+    ("deep/" * 30 + "000000002.png", b"x" * 512),  # needs a long name
+    ("h\u00e9llo/000000003.json", b""),
+    ("000000004.jpg", b"y" * 1000),
+]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_same_members_as_tarfile(fmt):
+    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else [m for m in MEMBERS if len(m[0]) < 100]
+    data = make_tar(members, fmt)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(tar_members(io.BytesIO(data))) == expected == members
+
+
+def test_damage_raises_read_error():
+    data = make_tar(MEMBERS[:2], tarfile.GNU_FORMAT)
+    with pytest.raises(tarfile.ReadError, match="truncated"):
+        list(tar_members(io.BytesIO(data[:1200])))
+    corrupted = bytearray(data)
+    corrupted[10] ^= 0x01  # the first header's name: checksum no longer matches
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(corrupted))))
+    assert list(tar_members(io.BytesIO(b""))) == []
