@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,24 +145,13 @@ def run_bare(data: str, image_size: int, seconds: float) -> dict:
 def run_loader(data: str, image_size: int, warmup: int = 10, batches: int = 60) -> dict:
     import torch
 
-    from mlc.data import LoaderConfig, ShardLoader
+    from mlc.data import ShardLoader
+    from mlc.train.loop import loader_config
 
     config = job_config(data, image_size, 0, BATCH, "unused")
-    d, t = config.data, config.train
+    d = config.data
     loader = ShardLoader.from_dataset(
-        d.dataset,
-        d.train_split,
-        LoaderConfig(
-            batch_size=t.batch_size,
-            image_size=d.image_size,
-            mode="train",
-            channels=d.channels,
-            shuffle_buffer=d.shuffle_buffer,
-            seed=t.seed,
-            num_workers=0,
-            crop_scale=tuple(d.crop_scale),
-            allow_pipe=d.allow_pipe,
-        ),
+        d.dataset, d.train_split, replace(loader_config(config, "train"), num_workers=0)
     )
     it = iter(loader)
     for _ in range(warmup):  # the shuffle buffer fills during these

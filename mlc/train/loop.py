@@ -32,6 +32,23 @@ class TrainingError(RuntimeError):
     """The job cannot go on (NaN loss, bad resume); the message says what to do."""
 
 
+def loader_config(config: Config, mode: str) -> LoaderConfig:
+    """The loader settings of a training config, for the train or the validation split."""
+    d, t = config.data, config.train
+    return LoaderConfig(
+        batch_size=t.batch_size,
+        image_size=d.image_size,
+        mode=mode,
+        channels=d.channels,
+        shuffle_buffer=d.shuffle_buffer,
+        crop_scale=tuple(d.crop_scale),
+        crop_fraction=d.crop_fraction,
+        seed=t.seed,
+        num_workers=d.num_workers,
+        allow_pipe=d.allow_pipe,
+    )
+
+
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sigmoid binary cross-entropy averaged over the known labels only (mask == 1)."""
     mask = mask.float()
@@ -125,19 +142,8 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and device.type == "cuda")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
 
-    loader_config = LoaderConfig(
-        batch_size=t.batch_size,
-        image_size=d.image_size,
-        mode="train",
-        channels=d.channels,
-        shuffle_buffer=d.shuffle_buffer,
-        seed=t.seed,
-        num_workers=d.num_workers,
-        crop_scale=tuple(d.crop_scale),
-        allow_pipe=d.allow_pipe,
-    )
     loader = ShardLoader.from_dataset(
-        d.dataset, d.train_split, loader_config, rank=rank, world_size=world
+        d.dataset, d.train_split, loader_config(config, "train"), rank=rank, world_size=world
     )
     samples, step, best = 0, 0, -math.inf
     checkpoint = _find_resume(out, resume, say)
@@ -319,15 +325,7 @@ def evaluate(
     loader = ShardLoader.from_dataset(
         d.dataset,
         d.val_split,
-        LoaderConfig(
-            batch_size=t.batch_size,
-            image_size=d.image_size,
-            mode="eval",
-            channels=d.channels,
-            num_workers=d.num_workers,
-            crop_fraction=d.crop_fraction,
-            allow_pipe=d.allow_pipe,
-        ),
+        loader_config(config, "eval"),
         rank=rank,
         world_size=world,
     )
