@@ -90,23 +90,13 @@ def run_bare(data: str, image_size: int, seconds: float) -> dict:
     import torch
 
     from mlc.data import normalize
-    from mlc.models import create_model
-    from mlc.train.loop import make_optimizer, masked_bce
+    from mlc.train.loop import build_model, make_optimizer, masked_bce
 
     config = job_config(data, image_size, 1, BATCH, "unused")
-    d, m = config.data, config.model
+    d = config.data
     classes = len(json.loads((Path(data) / "classes.json").read_text())["classes"])
     torch.manual_seed(config.train.seed)
-    model = create_model(
-        m.name,
-        num_classes=classes,
-        in_channels=d.channels,
-        input_size=d.image_size,
-        fc_layers=tuple(m.fc_layers),
-        dropout=m.dropout,
-        head_prior=m.head_prior,
-        channels_last=m.channels_last,
-    )
+    model = build_model(config, classes)
     optimizer = make_optimizer(config, model.parameters())
     model.train()
     shape = (BATCH, d.channels, d.image_size, d.image_size)

@@ -49,6 +49,23 @@ def loader_config(config: Config, mode: str) -> LoaderConfig:
     )
 
 
+def build_model(config: Config, num_classes: int):
+    """The config's Xception preset with its overrides (weights not loaded yet)."""
+    m, d = config.model, config.data
+    overrides = {k: v for k, v in {"width": m.width, "middle_blocks": m.middle_blocks}.items() if v}
+    return create_model(
+        m.name,
+        num_classes=num_classes,
+        in_channels=d.channels,
+        input_size=d.image_size,
+        fc_layers=tuple(m.fc_layers),
+        dropout=m.dropout,
+        head_prior=m.head_prior,
+        channels_last=m.channels_last,
+        **overrides,
+    )
+
+
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sigmoid binary cross-entropy averaged over the known labels only (mask == 1)."""
     mask = mask.float()
@@ -108,25 +125,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
     train_stats = json.loads((Path(d.dataset) / stats_name(d.train_split)).read_text())
     reference = np.array([train_stats["positive_counts"][c] for c in class_ids], dtype=float)
 
-    overrides = {
-        k: v
-        for k, v in {
-            "width": config.model.width,
-            "middle_blocks": config.model.middle_blocks,
-        }.items()
-        if v
-    }
-    model = create_model(
-        config.model.name,
-        num_classes=len(class_ids),
-        in_channels=d.channels,
-        input_size=d.image_size,
-        fc_layers=tuple(config.model.fc_layers),
-        dropout=config.model.dropout,
-        head_prior=config.model.head_prior,
-        channels_last=config.model.channels_last,
-        **overrides,
-    )
+    model = build_model(config, len(class_ids))
     if config.model.init:
         _load_init(model, config.model.init, config.model.init_drop_head)
     model.to(device)
