@@ -22,11 +22,11 @@ until both a minimum count and a minimum time are reached (xception: 2 training 
 inference batches and >= 10 s; tiny: >= 3 s); images/s = timed images / timed seconds. The first
 compiled call (dynamo tracing + inductor code generation, forward and backward for training) is
 timed apart and reported as the compile time, with a fresh inductor cache (a temporary
-TORCHINDUCTOR_CACHE_DIR), so it is a first run's compile time. The note also gives the minor
-page faults per batch: glibc's malloc gives buffers above 32 MB (xception's activations at
-299x299, batch 8) fresh pages from the kernel on every call, and faulting them in costs a large,
-run-dependent share of the time (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the
-environment, or jemalloc / tcmalloc, remove it). The "cores" of a measurement are
+TORCHINDUCTOR_CACHE_DIR), so it is a first run's compile time. The process runs with mlc's
+runtime setting, as the `mlc` command does (mlc.runtime.keep_freed_memory: glibc's malloc
+otherwise gives buffers above 32 MB, xception's activations at 299x299 in batches of 8, fresh
+pages from the kernel on every call); --glibc-default-malloc leaves malloc as it is. The note
+gives the minor page faults per batch. The "cores" of a measurement are
 this process's CPU seconds per second while timed: the thread count on an idle machine (torch's
 threads spin while they wait); other processes on these 2 cores slow small-op workloads by far
 more than their share (threads wait at every op's barrier). A measurement under 85% of the thread
@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlc.models import create_model  # noqa: E402
 from mlc.models.fuse import fold_batch_norm  # noqa: E402
+from mlc.runtime import keep_freed_memory  # noqa: E402
 
 # preset: (input side, batch, warm-up iterations, min timed iterations (train, infer), min seconds)
 MODELS = {
@@ -425,7 +426,15 @@ def main() -> None:
     p.add_argument("--models", default="xception,xception-tiny", help="comma-separated presets")
     p.add_argument("--classes", type=int, default=1000, help="outputs of the head")
     p.add_argument("--profile", action="store_true", help="only profile one training step")
+    p.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="leave malloc as it is (default: mlc.runtime.keep_freed_memory, as `mlc` runs)",
+    )
     args = p.parse_args()
+    malloc = "glibc default" if args.glibc_default_malloc else "mlc runtime (keep freed memory)"
+    if not args.glibc_default_malloc and not keep_freed_memory():
+        malloc = "glibc default (keep_freed_memory did not apply)"
     names = [n for n in args.models.split(",") if n]
     for n in names:
         if n not in MODELS:
@@ -436,7 +445,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, ISA: {' '.join(isa) or '?'}; "
-        f"{args.classes} classes{', --quick' if args.quick else ''}",
+        f"{args.classes} classes{', --quick' if args.quick else ''}; malloc: {malloc}",
         flush=True,
     )
     if args.profile:
