@@ -77,6 +77,26 @@ class TrainConfig:
     keep_last: int = 3
     eval_k: int = 100
     eval_max_samples: int = 0  # 0 = the whole validation split
+    mode: str = "sync"  # sync (one process or DDP) | async (parameter servers, section ps)
+
+
+@dataclass
+class PsConfig:
+    """The asynchronous mode (train.mode=async, docs/async.md): S servers, W workers."""
+
+    servers: int = 1
+    workers: int = 2
+    push_in_flight: int = 1  # unanswered pushes a worker may have (0 = wait for each)
+    pull_every: int = 1  # worker steps between parameter pulls
+    max_staleness: int | None = None  # drop (and count) updates staler than this; None = keep
+    addr: str = "127.0.0.1"  # rendezvous: the machine that runs server 0 (node 0)
+    port: int = 0  # rendezvous port; 0 = a free one (one machine only)
+    nodes: int = 1  # machines; server i and worker j run on node i % nodes and j % nodes
+    node_rank: int = 0  # this machine's number
+    threads: int = 1  # torch threads per process
+    rpc_timeout: float = 60.0  # seconds for any one call between processes
+    start_timeout: float = 120.0  # seconds for all processes to start and meet
+    stop_timeout: float = 30.0  # seconds a process gets to exit before it is killed
 
 
 @dataclass
@@ -85,6 +105,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ps: PsConfig = field(default_factory=PsConfig)
 
 
 def _check_type(value, hint, where: str):
@@ -182,7 +203,46 @@ def check(config: Config) -> None:
             raise ConfigError(f"train.{key} must be >= 1")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError("train.ema_decay must be in [0, 1)")
+    if config.train.mode not in ("sync", "async"):
+        raise ConfigError(f"train.mode must be sync or async, got {config.train.mode!r}")
+    if config.train.mode == "async":
+        _check_async(config)
+
+
+def _check_async(config: Config) -> None:
+    ps = config.ps
+    for key in ("servers", "workers", "pull_every", "nodes", "threads"):
+        if getattr(ps, key) < 1:
+            raise ConfigError(f"ps.{key} must be >= 1")
+    if ps.push_in_flight < 0:
+        raise ConfigError("ps.push_in_flight must be >= 0")
+    if ps.max_staleness is not None and ps.max_staleness < 0:
+        raise ConfigError("ps.max_staleness must be >= 0 (or null: no limit)")
+    if not 0 <= ps.node_rank < ps.nodes:
+        raise ConfigError(f"ps.node_rank must be in [0, ps.nodes), got {ps.node_rank}")
+    if not 0 <= ps.port < 65536:
+        raise ConfigError(f"ps.port must be in [0, 65535], got {ps.port}")
+    if ps.nodes > 1 and ps.port == 0:
+        raise ConfigError("ps.port: several machines need a fixed rendezvous port")
+    for key in ("rpc_timeout", "start_timeout", "stop_timeout"):
+        if not getattr(ps, key) > 0:
+            raise ConfigError(f"ps.{key} must be > 0 seconds")
+    if config.train.ema_decay:
+        raise ConfigError("train.ema_decay: the async mode keeps no EMA (set it to 0)")
+    if config.train.precision == "fp16":
+        raise ConfigError("train.precision: the async mode supports fp32 and bf16, not fp16")
 
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+def from_dict(values: dict, where: str = "config") -> Config:
+    """A Config from to_dict()'s output (e.g. a checkpoint's), checked like a file."""
+    config = Config()
+    try:
+        _apply(config, values, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    check(config)
+    return config

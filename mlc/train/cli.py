@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train Xception on shards (one process, or under torchrun with DDP)"
+HELP = "train Xception on shards (one process, DDP under torchrun, or async parameter servers)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from mlc.train.loop import train
 
     config = load_config(args.config, args.set)
+    if config.train.mode == "async":  # parameter servers and workers (docs/async.md)
+        from mlc.train.async_ps import launch
+
+        launch(config, resume=args.resume)
+        return 0
     try:
         train(config, resume=args.resume)
         gc.collect()  # free DistributedDataParallel (its reducer) while the group is alive

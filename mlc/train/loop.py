@@ -148,6 +148,8 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
     checkpoint = _find_resume(out, resume, say)
     if checkpoint is not None:
         path, state = checkpoint
+        if state.get("mode", "sync") != "sync":
+            raise TrainingError(f"{path} was written by train.mode={state['mode']}: resume there")
         if state["class_ids"] != class_ids:
             raise TrainingError(f"{path} was trained on other classes than {d.dataset}'s")
         model.load_state_dict(state["model"])
@@ -331,11 +333,16 @@ def evaluate(
     model.eval()
     accumulator = MAPAccumulator(len(class_ids), k=t.eval_k)
     kept_scores, kept_labels, seen = [], [], 0
+    loss_sum, loss_count = 0.0, 0  # the loss over every known label of the split
     for batch in loader:
         logits = model(normalize(batch.images.to(device))).float().cpu()
         labels = torch.where(batch.mask.bool(), batch.targets.long(), -1)
         valid = batch.valid
         accumulator.update(logits[valid], labels[valid])
+        known = batch.mask.bool() & valid[:, None]
+        losses = F.binary_cross_entropy_with_logits(logits, batch.targets.float(), reduction="none")
+        loss_sum += float(losses[known].double().sum())
+        loss_count += int(known.sum())
         if len(class_ids) * (seen + int(valid.sum())) <= 50_000_000:  # full AP needs them all
             kept_scores.append(logits[valid])
             kept_labels.append(labels[valid])
@@ -349,7 +356,7 @@ def evaluate(
     weights = reference if reference.sum() > 0 else "uniform"
     result = total.compute(weights)
     full_map = None
-    parts = _gather((kept_scores, kept_labels, seen), world)
+    parts = _gather((kept_scores, kept_labels, seen, loss_sum, loss_count), world)
     if all(sum(len(s) for s in p[0]) == p[2] for p in parts):
         scores = torch.cat([s for p in parts for s in p[0]])
         labels = torch.cat([s for p in parts for s in p[1]])
@@ -359,6 +366,7 @@ def evaluate(
         "fwmap": result.weighted_map,
         "map": result.unweighted_map,
         "full_map": full_map,
+        "loss": sum(p[3] for p in parts) / max(sum(p[4] for p in parts), 1),
         "images": total.images,
         "classes_evaluated": int((result.positives > 0).sum()),
     }

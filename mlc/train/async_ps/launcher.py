@@ -1,0 +1,174 @@
+"""The launcher: starts this machine's servers and workers and watches them.
+
+``torchrun`` and ``mp.spawn`` stop the whole job when one process dies, which would throw away
+what the asynchronous mode is for. Here a worker that dies is reported and the others go on; a
+server that dies stops every local process (the job cannot go on without its parameters: the
+last checkpoint is the resume point); SIGTERM or Ctrl-C asks server 0 for a checkpoint and a
+clean stop. Every wait has a timeout: after the coordinator is done, or after a failure, the
+remaining processes get ``ps.stop_timeout`` seconds, then SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from mlc.train.async_ps import node
+from mlc.train.checkpoint import list_checkpoints
+from mlc.train.loop import TrainingError
+
+POLL = 0.1  # seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_roles(ps) -> list[tuple[str, int]]:
+    """This machine's processes: server i on node i % nodes, worker j on node j % nodes."""
+    servers = [("server", i) for i in range(ps.servers) if i % ps.nodes == ps.node_rank]
+    workers = [("worker", j) for j in range(ps.workers) if j % ps.nodes == ps.node_rank]
+    return servers + workers
+
+
+def launch(config, resume: str | None = None, log=print) -> dict:
+    """Run this machine's part of the async job; returns the summary (on node 0) or {}."""
+    ps, out = config.ps, Path(config.train.out)
+    port = ps.port or free_port()
+    context = mp.get_context("spawn")  # a fork would copy torch's threads and locks
+    messages = context.SimpleQueue()  # put() writes at once: children end with os._exit
+    procs: dict[tuple[str, int], mp.Process] = {}
+    for role, index in local_roles(ps):
+        procs[(role, index)] = context.Process(
+            target=node.main,
+            args=(role, index, config, resume, port, messages),
+            name=f"mlc-{role}{index}",
+            daemon=False,
+        )
+    stop = {"signal": None}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in handlers:
+        signal.signal(sig, lambda s, _f: stop.update(signal=signal.Signals(s).name))
+    try:
+        for proc in procs.values():
+            proc.start()
+        _write_processes(out, ps, port, procs)
+        log(
+            f"async: {ps.servers} servers, {ps.workers} workers ({len(procs)} here, node "
+            f"{ps.node_rank}/{ps.nodes}), rendezvous {ps.addr}:{port}"
+        )
+        failure = _watch(procs, ps, stop, log)
+    finally:
+        _end(procs, ps.stop_timeout)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    errors = _drain(messages)
+    if failure:
+        last = list_checkpoints(out)
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise TrainingError(
+            f"{failure}{detail}; the job stopped. Last checkpoint: "
+            f"{last[-1] if last else 'none'}; resume with --resume auto"
+        )
+    return _summary(out) if ("server", 0) in procs else {}
+
+
+def _watch(procs, ps, stop, log) -> str | None:
+    """Until every local process has ended; returns what failed, or None."""
+    reported: set = set()
+    forwarded = False
+    coordinator_done = None
+    while True:
+        time.sleep(POLL)
+        if stop["signal"] and not forwarded:
+            forwarded = True
+            if ("server", 0) in procs:
+                log(f"{stop['signal']}: asking server 0 for a checkpoint and a clean stop")
+                _signal(procs[("server", 0)], signal.SIGTERM)
+            else:
+                return f"{stop['signal']} on node {ps.node_rank}"
+        for (role, index), proc in procs.items():
+            if proc.exitcode is None or (role, index) in reported:
+                continue
+            reported.add((role, index))
+            if proc.exitcode == 0:
+                if (role, index) == ("server", 0):
+                    coordinator_done = time.time()
+                continue
+            how = _how(proc.exitcode)
+            if role == "server":
+                return f"server {index} {how}"
+            log(f"async: worker {index} {how}; the other workers go on")
+        if all(p.exitcode is not None for p in procs.values()):
+            return None
+        if coordinator_done and time.time() - coordinator_done > ps.stop_timeout:
+            left = [f"{r}{i}" for (r, i), p in procs.items() if p.exitcode is None]
+            log(f"async: {', '.join(left)} still running after the job ended; stopping them")
+            return None
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _signal(proc, sig) -> None:
+    with contextlib.suppress(ProcessLookupError, TypeError):  # gone, or never started
+        os.kill(proc.pid, sig)
+
+
+def _end(procs, timeout: float) -> None:
+    """Every process gone: a grace period, then SIGTERM, then SIGKILL (bounded waits)."""
+    deadline = time.time() + timeout
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        for proc in procs.values():
+            if sig is not None and proc.is_alive():
+                _signal(proc, sig)
+        for proc in procs.values():
+            proc.join(max(0.0, deadline - time.time()))
+        if not any(p.is_alive() for p in procs.values()):
+            return
+        deadline = time.time() + 5.0
+
+
+def _drain(messages) -> list[str]:
+    found = []
+    try:
+        while not messages.empty():
+            found.append(messages.get()[2])
+    except (OSError, EOFError):
+        pass
+    return found
+
+
+def _write_processes(out: Path, ps, port: int, procs) -> None:
+    """<out>/async/processes-node<k>.json: role -> pid, for operators (and tests)."""
+    folder = out / "async"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"processes-node{ps.node_rank}.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = {"port": port, "launcher": os.getpid()}
+    data.update({f"{role}{index}": p.pid for (role, index), p in procs.items()})
+    with tmp.open("w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _summary(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    summaries = [r for r in records if r["kind"] == "summary"]
+    return summaries[-1] if summaries else {}

@@ -1,0 +1,147 @@
+"""One process of the async job (a server or a worker): join the RPC group, do the role, leave.
+
+Exit codes: 0 done, 2 a user-facing error (message on stderr and to the launcher), 3 another
+process stopped answering, 1 anything else. A process never outlives its launcher: it exits
+when its parent is gone (a launcher killed with -9 leaves no orphans training on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+PARENT_POLL = 0.5  # seconds
+
+
+def rank_of(role: str, index: int, servers: int) -> int:
+    return index if role == "server" else servers + index
+
+
+def main(role: str, index: int, config, resume, port: int, messages) -> None:
+    """Target of the launcher's spawned processes; never returns (os._exit)."""
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    stop_signal = {"signal": None}
+    if role == "server" and index == 0:  # SIGTERM: the coordinator checkpoints and stops
+        signal.signal(signal.SIGTERM, lambda s, _f: stop_signal.update(signal="SIGTERM"))
+
+    import torch
+    import torch.distributed.rpc as rpc
+
+    from mlc.config import ConfigError
+    from mlc.train.async_ps.coordinator import PeerLost
+    from mlc.train.loop import TrainingError
+
+    ps = config.ps
+    torch.set_num_threads(ps.threads)
+    code, name = 1, f"{role}{index}"
+    try:
+        options = rpc.TensorPipeRpcBackendOptions(
+            init_method=f"tcp://{ps.addr}:{port}",
+            # The rendezvous waits this long for every process; calls pass their own timeouts.
+            rpc_timeout=ps.start_timeout,
+            num_worker_threads=max(16, 4 * ps.workers + 8),
+        )
+        rpc.init_rpc(
+            name,
+            rank=rank_of(role, index, ps.servers),
+            world_size=ps.servers + ps.workers,
+            rpc_backend_options=options,
+        )
+        try:
+            _run(role, index, config, resume, stop_signal)
+            code = 0
+        finally:
+            _shutdown(rpc, ps.stop_timeout)
+    except (TrainingError, ConfigError, ValueError, OSError) as e:
+        code = 2
+        _report(messages, role, index, f"{name}: {e}")
+    except PeerLost as e:
+        code = 3
+        _report(messages, role, index, f"{name}: {e}")
+    except RuntimeError as e:  # RPC failures: a peer died or the rendezvous timed out
+        code = 3
+        _report(messages, role, index, f"{name}: {e}")
+    except BaseException:  # noqa: BLE001 (report anything, then exit with 1)
+        _report(messages, role, index, f"{name}: {traceback.format_exc()}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: RPC threads must not keep a finished process
+
+
+def _run(role: str, index: int, config, resume, stop_signal) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+    import torch.distributed.rpc as rpc
+
+    from mlc.format import CLASSES_FILE
+    from mlc.train.async_ps import coordinator, server
+    from mlc.train.async_ps.plan import plan_shards
+    from mlc.train.async_ps.worker import run_worker
+    from mlc.train.loop import build_model
+
+    d, ps = config.data, config.ps
+    classes = json.loads((Path(d.dataset) / CLASSES_FILE).read_text())
+    class_ids = [c["id"] for c in classes["classes"]]
+    # Every process builds the same initial model (same seed): the plan and the servers'
+    # starting weights agree without sending them around.
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, len(class_ids))
+    if config.model.init:
+        from mlc.train.loop import _load_init
+
+        _load_init(model, config.model.init, config.model.init_drop_head)
+    plan = plan_shards({k: tuple(v.shape) for k, v in model.state_dict().items()}, ps.servers)
+    if role == "worker":
+        del model
+        run_worker(index, config, plan, len(class_ids))
+        return
+    server.SERVER = server.Server(index, config, plan[index], model)
+    if index > 0:  # serve until the coordinator says the job is over, or stops answering
+        while not server.FINISHED.wait(coordinator.PING_EVERY):
+            try:
+                rpc.rpc_sync("server0", server.ping, timeout=min(10.0, ps.rpc_timeout))
+            except RuntimeError:
+                raise coordinator.PeerLost("server 0 (the coordinator) does not answer") from None
+        return
+    job = coordinator.Coordinator(
+        config,
+        plan,
+        model,
+        class_ids,
+        coordinator.reference_weights(config, class_ids),
+        stop_signal,
+    )
+    try:
+        job.run(resume)
+    finally:
+        job.finish_servers()
+
+
+def _shutdown(rpc, timeout: float) -> None:
+    """Leave the RPC group without waiting for the others (graceful shutdown would wait for
+    every process, dead ones included), in a thread so that it cannot hang the exit."""
+    thread = threading.Thread(target=lambda: rpc.shutdown(graceful=False), daemon=True)
+    thread.start()
+    thread.join(timeout)
+
+
+def _report(messages, role: str, index: int, text: str) -> None:
+    print(f"mlc train (async): {text}", file=sys.stderr, flush=True)
+    with contextlib.suppress(Exception):  # the launcher may be gone
+        messages.put((role, index, text))
+
+
+def _exit_with_parent(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL)
+        if os.getppid() != parent:
+            os._exit(3)

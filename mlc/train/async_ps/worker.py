@@ -1,0 +1,102 @@
+"""A worker: streams its own shard slots, computes gradients on its batches, pushes them to the
+servers without waiting for the answers (at most ``ps.push_in_flight`` unanswered), and pulls
+fresh parameters every ``ps.pull_every`` steps. It stops when a server says the job has seen
+``train.samples`` samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.distributed.rpc as rpc
+
+from mlc.data import ShardLoader, normalize
+from mlc.train.async_ps import coordinator, server
+from mlc.train.async_ps.plan import Piece
+from mlc.train.loop import TrainingError, build_model, loader_config, masked_bce
+
+
+def run_worker(index: int, config, plan: list[list[Piece]], num_classes: int) -> None:
+    t, d, ps = config.train, config.data, config.ps
+    torch.manual_seed(t.seed + index)  # dropout masks differ between workers
+    model = build_model(config, num_classes)  # its weights come from the servers
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            # The running statistics become this batch's statistics, which the servers fold
+            # into theirs (server.py); the worker's own are never used (it only trains).
+            module.momentum = 1.0
+    model.train()
+    trainable = {name for name, _ in model.named_parameters()}
+    params = dict(model.named_parameters())
+    autocast = torch.bfloat16 if t.precision == "bf16" else None
+    servers = [f"server{s}" for s in range(len(plan))]
+
+    def call(to: str, func, *args):
+        return rpc.rpc_async(to, func, args=args, timeout=ps.rpc_timeout)
+
+    loader = ShardLoader.from_dataset(
+        d.dataset, d.train_split, loader_config(config, "train"), rank=index, world_size=ps.workers
+    )
+    position, stop = call(servers[0], coordinator.register, index).wait()
+    if position is not None:  # resumed: continue this worker's data stream
+        loader.load_state_dict(position)
+
+    def pull() -> tuple[list[int], bool]:
+        replies = [f.wait() for f in [call(name, server.pull) for name in servers]]
+        with torch.no_grad():
+            for pieces, (_, tensors, _) in zip(plan, replies, strict=True):
+                mine = [p for p in pieces if p.name in trainable]
+                for piece, tensor in zip(mine, tensors, strict=True):
+                    target = params[piece.name]
+                    target = target if piece.start is None else target[piece.start : piece.stop]
+                    target.copy_(tensor)
+        return [r[0] for r in replies], any(r[2] for r in replies)
+
+    versions, stop = pull()
+    in_flight: deque[list] = deque()
+
+    def answered(futures: list) -> bool:  # waits; True if a server says stop
+        return any(f.wait()[1] for f in futures)
+
+    batches = iter(loader)
+    step = 0
+    while not stop:
+        batch = next(batches)
+        images = normalize(batch.images)
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            logits = model(images)
+        loss = masked_bce(logits, batch.targets, batch.mask)
+        if not math.isfinite(loss.item()):
+            call(servers[0], coordinator.fail, index, f"worker {index}: loss is {loss.item()}")
+            raise TrainingError(f"worker {index}: loss is {loss.item()} at its step {step}")
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:  # the worker has the whole gradient: clip before splitting
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        state = model.state_dict(keep_vars=True)
+        futures = []
+        for s, pieces in enumerate(plan):
+            grads = [p.take(params[p.name].grad) for p in pieces if p.name in trainable]
+            stats = [
+                None if server.is_count(p.name) else p.take(state[p.name])
+                for p in pieces
+                if p.name not in trainable
+            ]
+            # The loss and the data position go to server 0 only: it keeps the log and the
+            # positions a checkpoint records.
+            extra = (loss.item(), loader.state_dict()) if s == 0 else (None, None)
+            args = (index, versions[s], grads, stats, t.batch_size, *extra)
+            futures.append(call(servers[s], server.push, *args))
+        in_flight.append(futures)
+        while len(in_flight) > ps.push_in_flight or (
+            in_flight and all(f.done() for f in in_flight[0])
+        ):
+            stop = answered(in_flight.popleft()) or stop
+        step += 1
+        if not stop and step % ps.pull_every == 0:
+            versions, stop = pull()
+    while in_flight:
+        answered(in_flight.popleft())
+    call(servers[0], coordinator.leave, index).wait()
