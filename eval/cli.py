@@ -1,4 +1,5 @@
-"""`mlc eval`: score a predictions file against labels with MAP@K (argument parsing only)."""
+"""`mlc eval`: score a checkpoint on shards, or a predictions file against labels, with MAP@K
+(argument parsing only; the work is eval.evaluate and eval.report)."""
 
 from __future__ import annotations
 
@@ -8,85 +9,164 @@ import sys
 from pathlib import Path
 
 from eval.example import write_example
-from eval.report import evaluate_files, format_summary, write_report
+from eval.report import DEFAULT_REPLICATES, evaluate_files, format_summary, write_report
 
-HELP = "score predictions against labels with MAP@K (docs/eval.md)"
+HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K (docs/eval.md)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictions", help="Parquet: key + scores (list of floats per row)")
-    p.add_argument(
+    g = p.add_argument_group("from a checkpoint")
+    g.add_argument("--checkpoint", help="an `mlc train` checkpoint (.pt)")
+    g.add_argument("--data", help="an `mlc shard` dataset folder to score")
+    g.add_argument("--split", default="test", help="split of --data (default test)")
+    g.add_argument(
+        "--class-map",
+        help='"common" (the class ids both share) or a JSON list of class ids / object '
+        '{"data id": "model id"}: evaluate a subset, or data whose ids differ',
+    )
+    g.add_argument("--batch-size", type=int, default=256, help="images per forward (256)")
+    g.add_argument("--workers", type=int, help="loader processes (default: the training config's)")
+    g.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
+
+    g = p.add_argument_group("from files")
+    g.add_argument(
+        "--predictions",
+        help="Parquet: key + scores (list of floats per row). With --checkpoint: where to WRITE "
+        "the scores (and labels), to rerun the metrics later from files",
+    )
+    g.add_argument(
         "--labels",
         help="OpenImages human image-labels CSV, or a Parquet/JSONL table "
         "(key, positives[, negatives])",
     )
-    p.add_argument(
+    g.add_argument(
         "--classes",
         help="class-descriptions CSV (OpenImages, no header) or JSON: names, and the score order "
         "when the predictions carry no mlc.class_ids metadata",
     )
-    p.add_argument(
-        "--weights",
-        default="positives",
-        help='per-class weights: a JSON/Parquet of reference counts, "uniform", or "positives" '
-        "(the evaluated labels' own counts; default)",
-    )
-    p.add_argument("--k", type=int, default=100, help="rank cut-off K (default 100)")
-    p.add_argument("--mode", choices=["class", "image"], default="class")
-    p.add_argument("--output", default="runs/eval", help="report folder (default runs/eval)")
-    p.add_argument(
+    g.add_argument(
         "--allow-missing",
         action="store_true",
         help="evaluate the images present in both files instead of failing when keys differ",
     )
-    p.add_argument(
+    g.add_argument(
         "--unlisted",
         choices=["auto", "unknown", "negative"],
         default="auto",
         help="what an (image, class) pair without a label row is; auto: unknown for OpenImages "
         "CSVs and tables with a negatives column, negative otherwise",
     )
-    p.add_argument(
+    g.add_argument(
         "--example",
         action="store_true",
         help="write a small OpenImages-format example into OUTPUT/example and evaluate it",
     )
 
+    g = p.add_argument_group("both")
+    g.add_argument(
+        "--weights",
+        help="per-class weights: a JSON/Parquet of reference counts (a training split's "
+        '<split>.stats.json), "uniform", or "positives" (the evaluated labels\' own counts). '
+        "Default: the training split's counts with --checkpoint, positives with files",
+    )
+    g.add_argument("--k", type=int, default=100, help="rank cut-off K (default 100)")
+    g.add_argument("--mode", choices=["class", "image"], default="class")
+    g.add_argument("--output", default="runs/eval", help="report folder (default runs/eval)")
+    g.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_REPLICATES,
+        help=f"bootstrap replicates for the 95%% intervals (default {DEFAULT_REPLICATES}; 0: none)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _example(args: argparse.Namespace) -> None:
+    if args.predictions or args.labels:
+        raise SystemExit("mlc eval: --example makes its own inputs; drop --predictions/--labels")
+    paths = write_example(Path(args.output) / "example")
+    args.predictions, args.labels = paths["predictions"], paths["labels"]
+    args.classes, args.weights = paths["classes"], str(paths["weights"])
+    command = ["mlc", "eval"] + [
+        f"--{name}={value}"
+        for name, value in [
+            ("predictions", args.predictions),
+            ("labels", args.labels),
+            ("classes", args.classes),
+            ("weights", args.weights),
+            ("output", args.output),
+        ]
+    ]
+    print("example written; the same evaluation by hand:\n  " + shlex.join(map(str, command)))
+
+
+def _from_checkpoint(args: argparse.Namespace):
+    import torch.distributed as dist
+
+    from eval.evaluate import evaluate_checkpoint
+
+    if not args.data:
+        raise SystemExit("mlc eval: --checkpoint needs --data (an `mlc shard` folder)")
+    if args.labels or args.example:
+        raise SystemExit("mlc eval: --checkpoint takes its labels from --data; drop --labels")
+    ok = False
+    try:
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            split=args.split,
+            weights=args.weights or "auto",
+            k=args.k,
+            mode=args.mode,
+            class_map=args.class_map,
+            predictions=args.predictions,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            fold=not args.no_fold,
+            progress=not args.quiet,
+        )
+        ok = True
+        return report
+    finally:
+        # A gloo group left alive can abort the process at exit (see mlc/train/cli.py). After
+        # an error the other ranks may be inside a collective: no barrier then.
+        if dist.is_available() and dist.is_initialized():
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+
 
 def run(args: argparse.Namespace) -> int:
-    if args.example:
-        if args.predictions or args.labels:
+    if args.checkpoint:
+        report = _from_checkpoint(args)
+        if report is None:  # not rank 0 of a torchrun job: rank 0 reports
+            return 0
+    else:
+        if args.example:
+            _example(args)
+        elif not (args.predictions and args.labels):
             raise SystemExit(
-                "mlc eval: --example makes its own inputs; drop --predictions/--labels"
+                "mlc eval: give --checkpoint and --data, or --predictions and --labels "
+                "(or use --example)"
             )
-        paths = write_example(Path(args.output) / "example")
-        args.predictions, args.labels = paths["predictions"], paths["labels"]
-        args.classes, args.weights = paths["classes"], str(paths["weights"])
-        command = ["mlc", "eval"] + [
-            f"--{name}={value}"
-            for name, value in [
-                ("predictions", args.predictions),
-                ("labels", args.labels),
-                ("classes", args.classes),
-                ("weights", args.weights),
-                ("output", args.output),
-            ]
-        ]
-        print("example written; the same evaluation by hand:\n  " + shlex.join(map(str, command)))
-    elif not (args.predictions and args.labels):
-        raise SystemExit("mlc eval: --predictions and --labels are required (or use --example)")
-    report = evaluate_files(
-        args.predictions,
-        args.labels,
-        classes=args.classes,
-        weights=args.weights,
-        k=args.k,
-        mode=args.mode,
-        allow_missing=args.allow_missing,
-        unlisted=args.unlisted,
-    )
+        report = evaluate_files(
+            args.predictions,
+            args.labels,
+            classes=args.classes,
+            weights=args.weights or "positives",
+            k=args.k,
+            mode=args.mode,
+            allow_missing=args.allow_missing,
+            unlisted=args.unlisted,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+        )
     print(format_summary(report))
-    for path in write_report(report, args.output):
+    for path in write_report(report, args.output, plots=not args.no_plots):
         print(f"wrote {path}")
     sys.stdout.flush()
     return 0

@@ -1,4 +1,5 @@
-"""Score prediction files against label files and write the report (summary.json, tables)."""
+"""Score prediction files against label files and write the report (summary.json, tables,
+report.md and plots). Evaluation from a checkpoint (eval/evaluate.py) writes the same report."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.bootstrap import PoissonBootstrap
 from eval.io import (
     Classes,
     InputFileError,
@@ -20,7 +22,60 @@ from eval.io import (
     read_predictions,
     read_weights,
 )
-from eval.metrics import class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
+from eval.metrics import ClassAP, class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
+
+CI_LEVEL = 0.95
+DEFAULT_REPLICATES = 200
+# Bootstrap replicates are capped so that their top-K summaries hold at most this many scores
+# (replicates x classes x K; ~5 bytes each, about twice that while merging).
+BOOTSTRAP_MAX_ENTRIES = 30_000_000
+BOOTSTRAP_METHOD = (
+    "Poisson bootstrap over images (each image weighted by a Poisson(1) count drawn from a hash "
+    "of its key, per replicate), percentile interval; docs/eval.md"
+)
+
+
+@dataclass
+class ClassTable:
+    """Per-class results of a class-wise evaluation: the table, report.md and the plots."""
+
+    result: ClassAP  # AP@K, P_c, known counts and the weights used
+    ids: list[str]
+    names: list[str]
+    reference: np.ndarray | None = None  # reference (training) positive counts; NaN = unknown
+    full: np.ndarray | None = None  # untruncated AP per class; None when not computed
+
+    def header(self) -> list[str]:
+        k = self.result.k
+        return [
+            "class_id",
+            "name",
+            "reference_count",
+            "weight",
+            "positives",
+            "known",
+            f"ap_at_{k}",
+            "full_ap",
+        ]
+
+    def rows(self) -> list[list]:
+        r = self.result
+        reference = self.reference if self.reference is not None else np.full(len(r.ap), np.nan)
+        full = self.full if self.full is not None else np.full(len(r.ap), np.nan)
+        return [
+            [cid, name, _count(ref), float(w), int(p), int(n), _number(ap), _number(f)]
+            for cid, name, ref, w, p, n, ap, f in zip(
+                self.ids,
+                self.names,
+                reference,
+                r.weights,
+                r.positives,
+                r.known,
+                r.ap,
+                full,
+                strict=True,
+            )
+        ]
 
 
 @dataclass
@@ -29,6 +84,64 @@ class Report:
     table_name: str  # per_class.csv or per_image.csv
     header: list[str]
     rows: list[list] = field(repr=False)
+    classes: ClassTable | None = field(default=None, repr=False)  # for report.md and plots
+    image_rows: list[list] | None = field(default=None, repr=False)  # per_image.csv as well
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _count(x: float):
+    return None if math.isnan(x) else (int(x) if float(x).is_integer() else float(x))
+
+
+def image_header(k: int) -> list[str]:
+    return ["key", "positives", "known", f"ap_at_{k}"]
+
+
+def bootstrap_replicates(requested: int, classes: int, k: int) -> int:
+    """Replicates that fit BOOTSTRAP_MAX_ENTRIES (at least 20 when any are requested)."""
+    if requested <= 0:
+        return 0
+    return min(requested, max(20, BOOTSTRAP_MAX_ENTRIES // max(1, classes * k)))
+
+
+def class_summary(
+    table: ClassTable,
+    image_map: float,
+    images_evaluated: int,
+    images_excluded: int,
+    bootstrap: PoissonBootstrap | None,
+    weights,
+) -> dict:
+    """The class-wise part of summary.json (shared by the file and checkpoint paths)."""
+    r = table.result
+    full_map = None
+    if table.full is not None:
+        full_map = _number(weighted_mean(table.full, np.ones_like(table.full)))
+    summary = {
+        "weighted_map_at_k": _number(r.weighted_map),
+        "unweighted_map_at_k": _number(r.unweighted_map),
+        "full_map": full_map,
+        "image_map_at_k": _number(image_map),
+        "classes_evaluated": int(np.sum(r.positives > 0)),
+        "classes_excluded_no_positives": len(r.excluded_no_positives),
+        "classes_zero_weight": len(r.excluded_zero_weight),
+        "excluded_class_ids": [table.ids[i] for i in r.excluded_no_positives],
+        "images_evaluated": images_evaluated,
+        "images_excluded_no_positives": images_excluded,
+    }
+    if bootstrap is not None:
+        intervals = bootstrap.intervals(weights, CI_LEVEL)
+        summary["confidence_intervals"] = {
+            "level": CI_LEVEL,
+            "method": BOOTSTRAP_METHOD,
+            "replicates": bootstrap.replicates,
+            "seed": bootstrap.seed,
+            **intervals,
+        }
+    return summary
 
 
 def _vocabulary(
@@ -50,10 +163,6 @@ def _vocabulary(
     return Classes(prediction_ids, [names.get(cid, cid) for cid in prediction_ids])
 
 
-def _number(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
-
-
 def evaluate_files(
     predictions: str | Path,
     labels: str | Path,
@@ -63,6 +172,8 @@ def evaluate_files(
     mode: str = "class",
     allow_missing: bool = False,
     unlisted: str = "auto",
+    bootstrap: int = DEFAULT_REPLICATES,
+    seed: int = 0,
 ) -> Report:
     """Everything `mlc eval` computes, as a Report (nothing is written)."""
     class_list = read_classes(classes) if classes else None
@@ -85,81 +196,100 @@ def evaluate_files(
         "label_rows_for_unscored_classes": label_set.skipped_other_classes,
         "positive_negative_conflicts": data.conflicts,
     }
+    if mode not in ("class", "image"):
+        raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
+    images = image_ap_at_k(data.scores, data.labels, k)
     if mode == "image":
-        result = image_ap_at_k(data.scores, data.labels, k)
         summary.update(
-            image_map_at_k=_number(result.mean),
-            images_evaluated=int(np.sum(result.positives > 0)),
-            images_excluded_no_positives=len(result.excluded_no_positives),
+            image_map_at_k=_number(images.mean),
+            images_evaluated=int(np.sum(images.positives > 0)),
+            images_excluded_no_positives=len(images.excluded_no_positives),
         )
         rows = [
             [key, int(p), int(n), _number(ap)]
             for key, p, n, ap in zip(
-                data.keys.to_pylist(), result.positives, result.known, result.ap, strict=True
+                data.keys.to_pylist(), images.positives, images.known, images.ap, strict=True
             )
         ]
-        return Report(summary, "per_image.csv", ["key", "positives", "known", f"ap_at_{k}"], rows)
-    if mode != "class":
-        raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
+        return Report(summary, "per_image.csv", image_header(k), rows)
     result = class_ap_at_k(data.scores, data.labels, k, weight_spec.values)
-    full = full_ap(data.scores, data.labels)
-    no_pos = result.excluded_no_positives
+    reference = weight_spec.values if not isinstance(weight_spec.values, str) else None
+    table = ClassTable(result, vocab.ids, vocab.names, reference, full_ap(data.scores, data.labels))
+    boot = None
+    replicates = bootstrap_replicates(bootstrap, len(vocab), k)
+    if replicates and len(data.keys):
+        boot = PoissonBootstrap(len(vocab), k, replicates, seed)
+        keys = data.keys.to_pylist()
+        for i in range(0, len(keys), 4096):
+            rows = slice(i, i + 4096)
+            boot.update(keys[rows], data.scores[rows], data.labels[rows], images.ap[rows])
     summary.update(
-        weighted_map_at_k=_number(result.weighted_map),
-        unweighted_map_at_k=_number(result.unweighted_map),
-        full_map=_number(weighted_mean(full, np.ones_like(full))),
+        class_summary(
+            table,
+            images.mean,
+            int(np.sum(images.positives > 0)),
+            len(images.excluded_no_positives),
+            boot,
+            weight_spec.values,
+        ),
         weights=weight_spec.source,
-        classes_evaluated=int(np.sum(result.positives > 0)),
-        classes_excluded_no_positives=len(no_pos),
-        classes_zero_weight=len(result.excluded_zero_weight),
         classes_without_reference_weight=weight_spec.unlisted,
         weight_file_classes_not_scored=weight_spec.extra,
-        excluded_class_ids=[vocab.ids[i] for i in no_pos],
     )
-    rows = [
-        [cid, name, float(w), int(p), int(n), _number(ap), _number(f)]
-        for cid, name, w, p, n, ap, f in zip(
-            vocab.ids,
-            vocab.names,
-            result.weights,
-            result.positives,
-            result.known,
-            result.ap,
-            full,
-            strict=True,
-        )
-    ]
-    header = ["class_id", "name", "weight", "positives", "known", f"ap_at_{k}", "full_ap"]
-    return Report(summary, "per_class.csv", header, rows)
+    return Report(summary, "per_class.csv", table.header(), table.rows(), table)
 
 
-def write_report(report: Report, out_dir: str | Path) -> list[Path]:
+def write_report(report: Report, out_dir: str | Path, plots: bool = True) -> list[Path]:
+    """summary.json and the table; for a class-wise report also report.md and the PNG plots."""
+    from eval.report_md import write_markdown_and_plots
+
     out = Path(out_dir)
     paths = [out / "summary.json", out / report.table_name]
     atomic_write_text(paths[0], json.dumps(report.summary, indent=2) + "\n")
     atomic_write_csv(paths[1], report.header, report.rows)
+    if report.image_rows is not None and report.table_name != "per_image.csv":
+        paths.append(out / "per_image.csv")
+        atomic_write_csv(paths[-1], image_header(report.summary["k"]), report.image_rows)
+    if report.classes is not None:
+        paths += write_markdown_and_plots(report, out, plots)
     return paths
+
+
+def _interval(s: dict, key: str) -> str:
+    ci = (s.get("confidence_intervals") or {}).get(key)
+    return f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
 
 
 def format_summary(report: Report) -> str:
     s, k = report.summary, report.summary["k"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    if s["mode"] == "image":
+    if s["mode"] == "image" and "weighted_map_at_k" not in s:
         lines = [
             f"image-wise MAP@{k}  {fmt(s['image_map_at_k'])}",
             f"images: {s['images_evaluated']} evaluated, "
             f"{s['images_excluded_no_positives']} excluded without a known positive",
         ]
     else:
+        image_line = f"image-wise AP@{k}  {fmt(s['image_map_at_k'])}" + _interval(
+            s, "image_map_at_k"
+        )
         lines = [
-            f"fwMAP@{k}  {fmt(s['weighted_map_at_k'])}   (weights: {s['weights']})",
-            f"MAP@{k}    {fmt(s['unweighted_map_at_k'])}   (unweighted)",
+            f"fwMAP@{k}  {fmt(s['weighted_map_at_k'])}"
+            + _interval(s, "weighted_map_at_k")
+            + f"   (weights: {s['weights']})",
+            f"MAP@{k}    {fmt(s['unweighted_map_at_k'])}"
+            + _interval(s, "unweighted_map_at_k")
+            + "   (unweighted)",
             f"full mAP   {fmt(s['full_map'])}",
+            image_line,
             f"classes: {s['classes_evaluated']} evaluated of {s['classes']}, "
             f"{s['classes_excluded_no_positives']} excluded without positives, "
             f"{s['classes_zero_weight']} with zero weight",
-            f"images: {s['images']}",
+            f"images: {s['images']} ({s['images_excluded_no_positives']} without a known "
+            "positive, left out of the image-wise mean)",
         ]
+        if s["mode"] == "image":
+            lines.insert(0, lines.pop(3))
     notes = {
         "predictions_without_labels": "predicted images without labels were skipped",
         "labels_without_predictions": "labelled images without predictions were skipped",
@@ -168,5 +298,6 @@ def format_summary(report: Report) -> str:
         "positive_negative_conflicts": "(image, class) pairs were both positive and negative: "
         "counted as positive",
     }
-    lines += [f"note: {s[key]} {text}" for key, text in notes.items() if s[key]]
+    lines += [f"note: {s[key]} {text}" for key, text in notes.items() if s.get(key)]
+    lines += [f"note: {text}" for text in s.get("notes", [])]
     return "\n".join(lines)

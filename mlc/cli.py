@@ -8,13 +8,19 @@ import sys
 
 import data_tools.cli
 import eval.cli
+import mlc.demo
 import mlc.train.cli
 from data_tools.writer import ShardError
 from mlc.runtime import keep_freed_memory
 from mlc.train.loop import TrainingError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code
-SUBCOMMANDS = {"shard": data_tools.cli, "train": mlc.train.cli, "eval": eval.cli}
+SUBCOMMANDS = {
+    "shard": data_tools.cli,
+    "train": mlc.train.cli,
+    "eval": eval.cli,
+    "demo": mlc.demo,
+}
 
 # Errors about the user's input, files or folders: one line naming the file and the fix, not a
 # traceback (MLC_DEBUG=1 shows it). InputFileError and MetricInputError are ValueErrors.

@@ -171,6 +171,7 @@ def test_class_mode_matches_hand_derivation(files, tmp_path, capsys):
     assert list(rows[0]) == [
         "class_id",
         "name",
+        "reference_count",
         "weight",
         "positives",
         "known",
@@ -185,6 +186,7 @@ def test_class_mode_matches_hand_derivation(files, tmp_path, capsys):
         assert float(by_id[cid]["full_ap"]) == pytest.approx(float(FULL_AP[cid]), abs=1e-12)
     assert by_id[D]["ap_at_2"] == by_id[D]["full_ap"] == ""  # excluded: empty, not 0
     assert {cid: float(r["weight"]) for cid, r in by_id.items()} == {A: 3, B: 1, C: 2, D: 5}
+    assert {cid: int(r["reference_count"]) for cid, r in by_id.items()} == {A: 3, B: 1, C: 2, D: 5}
     assert {cid: int(r["positives"]) for cid, r in by_id.items()} == {A: 2, B: 2, C: 2, D: 0}
     assert {cid: int(r["known"]) for cid, r in by_id.items()} == {A: 4, B: 4, C: 3, D: 3}
 

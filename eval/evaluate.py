@@ -1,0 +1,449 @@
+"""`mlc eval --checkpoint`: a trained checkpoint scores a sharded split; MAP@K, CIs, the report.
+
+One pass of the eval-mode loader (every sample exactly once over all processes) feeds, batch by
+batch, the streaming class-wise accumulator, the per-image AP@K sum, the Poisson bootstrap and,
+when asked, a predictions file; memory is bounded by the classes, K and the replicates, not by
+the number of images (full AP, which needs every score, is computed only below a size limit).
+Under torchrun every process scores its share and rank 0 merges the per-process summaries
+exactly: the result is the single-process one.
+
+This is the layer that joins the metric library to mlc (checkpoints, loader, model); the metric
+modules themselves (eval/metrics.py, eval/streaming.py, eval/bootstrap.py) import no mlc.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from eval.bootstrap import PoissonBootstrap
+from eval.classmap import ClassMatch, match_classes, read_class_map
+from eval.io import CLASS_IDS_METADATA, Classes, InputFileError, read_weights
+from eval.metrics import full_ap, image_ap_at_k
+from eval.report import (
+    DEFAULT_REPLICATES,
+    ClassTable,
+    Report,
+    bootstrap_replicates,
+    class_summary,
+)
+from eval.streaming import MAPAccumulator
+from mlc.config import Config
+from mlc.data import ShardLoader, normalize
+from mlc.format import CLASSES_FILE, stats_name
+from mlc.train.checkpoint import load_checkpoint
+from mlc.train.loop import build_model, loader_config
+
+FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
+EVAL_BATCH = 256
+
+
+# ---------------------------------------------------------------- checkpoint and classes
+
+
+def config_from_dict(data: dict) -> Config:
+    """The checkpoint's training config; keys this version does not know are ignored."""
+    config = Config()
+    for section in fields(Config):
+        target = getattr(config, section.name)
+        names = {f.name for f in fields(target)}
+        for key, value in (data.get(section.name) or {}).items():
+            if key in names:
+                setattr(target, key, value)
+    return config
+
+
+def load_model(checkpoint: str | Path, use_ema: bool = True):
+    """(model in eval mode, config, class ids, info) from an `mlc train` checkpoint.
+
+    Uses the EMA weights when the checkpoint has them, as the job's validation did.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such checkpoint")
+    try:
+        state = load_checkpoint(path)  # weights_only=True: a checkpoint cannot run code
+    except Exception as e:  # noqa: BLE001 (torch raises many types on damaged files)
+        raise InputFileError(f"{path}: cannot load as a checkpoint: {type(e).__name__}: {e}") from e
+    missing = [key for key in ("model", "config", "class_ids") if key not in state]
+    if missing:
+        raise InputFileError(f"{path}: not an `mlc train` checkpoint (no {', '.join(missing)})")
+    config = config_from_dict(state["config"])
+    class_ids = [str(c) for c in state["class_ids"]]
+    model = build_model(config, len(class_ids))
+    weights, source = state["model"], "model"
+    if use_ema and state.get("ema"):
+        prefix = "module."
+        weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+        source = "ema"
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise InputFileError(f"{path}: the weights do not fit its own config: {e}") from e
+    info = {"samples": state.get("samples"), "step": state.get("step"), "weights": source}
+    return model.eval(), config, class_ids, info
+
+
+def _data_classes(data: Path) -> tuple[list[str], list[str], str]:
+    path = data / CLASSES_FILE
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file (is {data} an `mlc shard` folder?)")
+    doc = json.loads(path.read_text())
+    classes = doc["classes"]
+    return [c["id"] for c in classes], [c.get("name", c["id"]) for c in classes], doc["annotation"]
+
+
+def _weights(spec: str, config: Config, data: Path, match: ClassMatch):
+    """(weights for the metric, their source, reference counts per class or None, notes).
+
+    "auto": the training split's positive counts (its stats.json, in the checkpoint's dataset
+    folder or in ``data``), else the evaluated positives. The reference counts of the table and
+    the frequency plot are the training counts whatever the weights, when they can be found.
+    """
+    vocab = Classes(match.ids, match.names)
+    name = stats_name(config.data.train_split)
+    folders = (Path(config.data.dataset), data)
+    train_stats = next((f / name for f in folders if (f / name).is_file()), None)
+    reference = read_weights(str(train_stats), vocab) if train_stats else None
+    notes = []
+    if spec != "auto":
+        chosen = read_weights(spec, vocab)
+    elif reference is not None:
+        chosen = reference
+    else:
+        notes.append(
+            f"no training stats ({name} in {config.data.dataset} or {data}): weighted by the "
+            "evaluated positives instead"
+        )
+        chosen = read_weights("positives", vocab)
+    if reference is None and not isinstance(chosen.values, str):
+        reference = chosen  # a weights file is the reference frequency
+    if chosen.unlisted:
+        notes.append(f"{chosen.unlisted} evaluated class(es) have no weight in {spec}: weight 0")
+    counts = None if reference is None else np.asarray(reference.values, dtype=float)
+    return chosen.values, chosen.source, counts, notes
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _process_group() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _gather(obj, rank: int, world: int) -> list | None:
+    """Every rank's obj on rank 0 (None elsewhere)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _exact_add(partials: list[float], values: np.ndarray) -> None:
+    """Add values to a sum held exactly as non-overlapping partials (Shewchuk; math.fsum's
+    algorithm). Partials of several processes concatenate, and math.fsum of them is the
+    correctly rounded total: the image-wise mean does not depend on the process count."""
+    for x in values.tolist():
+        i = 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+
+
+# ---------------------------------------------------------------- predictions file
+
+
+class ScoresWriter:
+    """Streams key, scores (logits) and labels to Parquet, in the schema `mlc eval
+    --predictions` reads; the same file serves as --labels. Each process writes a part; rank 0
+    joins them and renames the result into place (no half-written file)."""
+
+    def __init__(self, path: Path, class_ids: list[str], partial: bool, rank: int, world: int):
+        self.path, self.rank, self.world = Path(path), rank, world
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ids = pa.array(class_ids, pa.string())
+        self.partial = partial  # partial annotation: store verified negatives too
+        fields_ = [
+            ("key", pa.string()),
+            ("scores", pa.list_(pa.float32(), len(class_ids))),
+            ("positives", pa.list_(pa.string())),
+        ] + ([("negatives", pa.list_(pa.string()))] if partial else [])
+        metadata = {CLASS_IDS_METADATA: json.dumps(class_ids).encode()}
+        self.schema = pa.schema(fields_, metadata=metadata)
+        self.writer = pq.ParquetWriter(self._part(rank), self.schema)
+
+    def _part(self, rank: int) -> Path:
+        return self.path.with_name(f".{self.path.name}.part{rank}-of-{self.world}.tmp")
+
+    def _lists(self, mask: np.ndarray) -> pa.Array:
+        rows, cols = np.nonzero(mask)
+        offsets = np.zeros(mask.shape[0] + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rows, minlength=mask.shape[0]), out=offsets[1:])
+        return pa.ListArray.from_arrays(pa.array(offsets), self.ids.take(pa.array(cols)))
+
+    def write(self, keys: list[str], scores: torch.Tensor, labels: torch.Tensor) -> None:
+        lab = labels.numpy()
+        columns = [
+            pa.array(keys, pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(scores.numpy().ravel()), scores.shape[1]),
+            self._lists(lab == 1),
+        ] + ([self._lists(lab == 0)] if self.partial else [])
+        self.writer.write_batch(pa.record_batch(columns, schema=self.schema))
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def finish(self) -> None:
+        """Rank 0, after every part is closed: join the parts, rename into place."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with pq.ParquetWriter(tmp, self.schema) as out:
+            for rank in range(self.world):
+                part = pq.ParquetFile(self._part(rank))
+                for group in range(part.num_row_groups):
+                    out.write_table(part.read_row_group(group))
+                self._part(rank).unlink()
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+class _RankState:
+    """What one process accumulates: O(classes x K x replicates), not O(images)."""
+
+    def __init__(
+        self, classes: int, k: int, replicates: int, seed: int, keep_full: bool, keep_images: bool
+    ):
+        self.k = k
+        self.accumulator = MAPAccumulator(classes, k)
+        self.bootstrap = PoissonBootstrap(classes, k, replicates, seed) if replicates else None
+        self.image_partials: list[float] = []
+        self.images_with_ap = self.images_without_ap = 0
+        self.full = ([], []) if keep_full else None
+        self.image_rows = [] if keep_images else None
+
+    def update(self, keys: list[str], scores: torch.Tensor, labels: torch.Tensor) -> None:
+        self.accumulator.update(scores, labels)
+        images = image_ap_at_k(scores, labels, self.k)
+        defined = ~np.isnan(images.ap)
+        _exact_add(self.image_partials, images.ap[defined])
+        self.images_with_ap += int(defined.sum())
+        self.images_without_ap += int((~defined).sum())
+        if self.bootstrap is not None:
+            self.bootstrap.update(keys, scores, labels, images.ap)
+        if self.full is not None:
+            self.full[0].append(scores)
+            self.full[1].append(labels)
+        if self.image_rows is not None:
+            self.image_rows += [
+                [key, int(p), int(n), None if math.isnan(a) else float(a)]
+                for key, p, n, a in zip(
+                    keys, images.positives, images.known, images.ap, strict=True
+                )
+            ]
+
+    def state(self, problems) -> dict:
+        return {
+            "accumulator": self.accumulator.state_dict(),
+            "bootstrap": self.bootstrap.state_dict() if self.bootstrap else None,
+            "image_partials": self.image_partials,
+            "images_with_ap": self.images_with_ap,
+            "images_without_ap": self.images_without_ap,
+            "full": self.full,
+            "image_rows": self.image_rows,
+            "problems": dict(problems),
+        }
+
+
+def _model_for_inference(model, fold: bool, device: torch.device):
+    if fold:
+        from mlc.models.fuse import fold_batch_norm
+
+        model = fold_batch_norm(model)
+    return model.to(device).eval()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    weights: str = "auto",
+    k: int = 100,
+    mode: str = "class",
+    class_map: str | None = None,
+    predictions: str | Path | None = None,
+    batch_size: int = EVAL_BATCH,
+    workers: int | None = None,
+    bootstrap: int = DEFAULT_REPLICATES,
+    seed: int = 0,
+    full_ap_limit: int = FULL_AP_LIMIT,
+    fold: bool = True,
+    progress: bool = True,
+) -> Report | None:
+    """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere."""
+    if mode not in ("class", "image"):
+        raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
+    rank, world, device = _process_group()
+    data = Path(data)
+    model, config, model_ids, info = load_model(checkpoint)
+    data_ids, data_names, annotation = _data_classes(data)
+    mapping = read_class_map(class_map) if class_map else None
+    match = match_classes(
+        model_ids,
+        data_ids,
+        data_names,
+        mapping,
+        f"checkpoint {checkpoint}",
+        f"{data / CLASSES_FILE}",
+        f"--class-map {class_map}",
+    )
+    weight_values, weight_source, reference, notes = _weights(weights, config, data, match)
+    loader_settings = replace(
+        loader_config(config, "eval"),
+        batch_size=batch_size,
+        num_workers=config.data.num_workers if workers is None else workers,
+    )
+    loader = ShardLoader.from_dataset(data, split, loader_settings, rank=rank, world_size=world)
+    total = sum(s.samples for s in loader.shards)
+    classes = len(match.ids)
+    replicates = bootstrap_replicates(bootstrap, classes, k)
+    keep_full = classes * total <= full_ap_limit
+    state = _RankState(classes, k, replicates, seed, keep_full, mode == "image")
+    writer = (
+        ScoresWriter(Path(predictions), match.ids, annotation == "partial", rank, world)
+        if predictions
+        else None
+    )
+    model = _model_for_inference(model, fold, device)
+    model_cols, data_cols = torch.from_numpy(match.model_cols), torch.from_numpy(match.data_cols)
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=math.ceil(total / world),
+        unit="img",
+        desc=f"eval {split}",
+        mininterval=1.0,
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
+    start = time.perf_counter()
+    with torch.inference_mode(), bar:
+        for batch in loader:
+            valid = batch.valid
+            logits = model(normalize(batch.images.to(device, non_blocking=True)))
+            logits = logits.float().cpu()
+            labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
+            if not match.identity:
+                logits, labels = logits[:, model_cols], labels[:, data_cols]
+            if not bool(valid.all()):  # eval padding (docs/loader.md)
+                logits, labels = logits[valid], labels[valid]
+            keys = [key for key, ok in zip(batch.keys, valid.tolist(), strict=True) if ok]
+            if keys:
+                state.update(keys, logits, labels)
+                if writer is not None:
+                    writer.write(keys, logits, labels)
+            bar.update(len(keys))
+    seconds = time.perf_counter() - start
+    if writer is not None:
+        writer.close()
+    states = _gather(state.state(loader.problems), rank, world)
+    if rank != 0:
+        return None
+    if writer is not None:
+        writer.finish()
+    if not keep_full:
+        notes.append(
+            f"full mAP not computed: {classes} classes x {total} images exceed the limit of "
+            f"{full_ap_limit} scores held in memory"
+        )
+    report = _report(states, match, k, mode, weight_values, reference, replicates, seed)
+    s = report.summary
+    s.update(
+        checkpoint=str(checkpoint),
+        checkpoint_samples=info["samples"],
+        weights_from=info["weights"],
+        model=config.model.name,
+        data=str(data),
+        split=split,
+        weights=weight_source,
+        processes=world,
+        seconds=round(seconds, 3),
+        images_per_s=round(s["images"] / max(seconds, 1e-9), 1),
+        model_classes_not_evaluated=match.model_not_evaluated,
+        data_classes_not_evaluated=match.data_not_evaluated,
+        predictions_file=str(predictions) if predictions else None,
+        notes=notes,
+    )
+    return report
+
+
+def _report(states, match, k, mode, weights, reference, replicates, seed) -> Report:
+    total = MAPAccumulator.from_state_dict(states[0]["accumulator"])
+    for st in states[1:]:
+        total.merge(MAPAccumulator.from_state_dict(st["accumulator"]))
+    result = total.compute(weights)
+    boot = None
+    if replicates:
+        boot = PoissonBootstrap.from_state_dict(states[0]["bootstrap"])
+        for st in states[1:]:
+            boot.merge(PoissonBootstrap.from_state_dict(st["bootstrap"]))
+    full = None
+    if states[0]["full"] is not None:
+        scores = [s for st in states for s in st["full"][0]]
+        labels = [s for st in states for s in st["full"][1]]
+        if scores:
+            full = full_ap(torch.cat(scores), torch.cat(labels))
+    with_ap = sum(st["images_with_ap"] for st in states)
+    image_sum = math.fsum(x for st in states for x in st["image_partials"])
+    image_map = image_sum / with_ap if with_ap else float("nan")
+    table = ClassTable(result, match.ids, match.names, reference, full)
+    problems: dict = {}
+    for st in states:
+        for key, count in st["problems"].items():
+            problems[key] = problems.get(key, 0) + count
+    summary = {
+        "k": k,
+        "mode": mode,
+        "images": total.images,
+        "classes": len(match.ids),
+        **class_summary(
+            table,
+            image_map,
+            with_ap,
+            sum(st["images_without_ap"] for st in states),
+            boot,
+            weights,
+        ),
+        "loader_problems": problems,
+    }
+    image_rows = None
+    if mode == "image":
+        image_rows = [row for st in states for row in st["image_rows"]]
+    return Report(summary, "per_class.csv", table.header(), table.rows(), table, image_rows)

@@ -1,0 +1,104 @@
+"""The streaming Poisson bootstrap: every replicate equals the metric library run on the resample
+it stands for (rows repeated by their multiplicities), whatever the batching, row order or
+merging; the multiplicities are Poisson(1); intervals behave."""
+
+import numpy as np
+import pytest
+
+from eval.bootstrap import PoissonBootstrap, key_hashes, percentile_interval, poisson_counts
+from eval.metrics import class_ap_at_k, image_ap_at_k
+
+
+def data(n=400, c=6, seed=0):
+    rng = np.random.default_rng(seed)
+    # Rounded scores: many ties, also across the K-th rank.
+    scores = np.round(rng.normal(size=(n, c)), 1).astype(np.float32)
+    labels = rng.choice([-1, 0, 1], p=[0.2, 0.5, 0.3], size=(n, c)).astype(np.int8)
+    labels[:, -1] = np.where(labels[:, -1] == 1, 0, labels[:, -1])  # a class without positives
+    keys = [f"img-{i:05d}" for i in range(n)]
+    return keys, scores, labels
+
+
+def feed(boot, keys, scores, labels, k, rows):
+    image_ap = image_ap_at_k(scores, labels, k).ap
+    for i in range(0, len(keys), rows):
+        part = slice(i, i + rows)
+        boot.update(keys[part], scores[part], labels[part], image_ap[part])
+    return boot
+
+
+@pytest.mark.parametrize("k", [1, 15, 1000])
+def test_each_replicate_is_the_library_on_its_resample(k):
+    keys, scores, labels = data()
+    replicates, weights = 25, np.array([5.0, 1.0, 0.0, 2.0, 3.0, 1.0])
+    boot = feed(
+        PoissonBootstrap(scores.shape[1], k, replicates, seed=7), keys, scores, labels, k, 64
+    )
+    values = boot.replicate_values(weights)
+    counts = poisson_counts(key_hashes(keys, 7), replicates)
+    image_ap = image_ap_at_k(scores, labels, k).ap
+    for b in range(replicates):
+        rows = np.repeat(np.arange(len(keys)), counts[:, b])  # the resample, explicitly
+        expected = class_ap_at_k(scores[rows], labels[rows], k, weights)
+        assert values["weighted"][b] == pytest.approx(expected.weighted_map, abs=1e-12)
+        assert values["unweighted"][b] == pytest.approx(expected.unweighted_map, abs=1e-12)
+        assert values["image"][b] == pytest.approx(np.nanmean(image_ap[rows]), abs=1e-12)
+
+
+def test_positives_weights_follow_each_resample():
+    keys, scores, labels = data(n=200)
+    boot = feed(PoissonBootstrap(scores.shape[1], 10, 8), keys, scores, labels, 10, 50)
+    values = boot.replicate_values("positives")
+    counts = poisson_counts(key_hashes(keys, 0), 8)
+    for b in range(8):
+        rows = np.repeat(np.arange(len(keys)), counts[:, b])
+        expected = class_ap_at_k(scores[rows], labels[rows], 10, "positives").weighted_map
+        assert values["weighted"][b] == pytest.approx(expected, abs=1e-12)
+
+
+def test_batching_order_and_merging_do_not_matter():
+    keys, scores, labels = data()
+    whole = feed(PoissonBootstrap(6, 20, 30, seed=1), keys, scores, labels, 20, 1000)
+    order = np.random.default_rng(3).permutation(len(keys))
+    shuffled = [keys[i] for i in order], scores[order], labels[order]
+    a = feed(PoissonBootstrap(6, 20, 30, seed=1), *[x[:150] for x in shuffled], 20, 7)
+    b = feed(PoissonBootstrap(6, 20, 30, seed=1), *[x[150:] for x in shuffled], 20, 33)
+    a.merge(PoissonBootstrap.from_state_dict(b.state_dict()))  # as from another process
+    for name, values in whole.replicate_values("uniform").items():
+        assert np.allclose(a.replicate_values("uniform")[name], values, rtol=0, atol=1e-12), name
+    # Class-wise replicates are exact (the same top-K summaries), not merely close.
+    assert np.array_equal(
+        a.replicate_values("uniform")["unweighted"], whole.replicate_values("uniform")["unweighted"]
+    )
+
+
+def test_multiplicities_are_poisson_1_and_depend_on_key_and_seed():
+    keys = [f"k{i}" for i in range(20000)]
+    counts = poisson_counts(key_hashes(keys, 0), 10)
+    assert counts.mean() == pytest.approx(1.0, abs=0.01)
+    assert counts.var() == pytest.approx(1.0, abs=0.02)
+    assert np.mean(counts == 0) == pytest.approx(np.exp(-1), abs=0.005)
+    assert np.array_equal(poisson_counts(key_hashes(keys[:5], 0), 10), counts[:5])
+    assert not np.array_equal(poisson_counts(key_hashes(keys, 1), 10), counts)
+    assert not np.array_equal(counts[:, 0], counts[:, 1])  # replicates differ
+
+
+def test_intervals_contain_the_estimate_and_shrink_with_more_images():
+    widths = []
+    for n in (300, 3000):
+        keys, scores, labels = data(n=n, seed=2)
+        # Labels that follow the scores loosely: AP well above chance, far from 1.
+        noise = np.random.default_rng(n).random(scores.shape)
+        labels = np.where(labels == -1, -1, noise < 1 / (1 + np.exp(-2 * scores))).astype(np.int8)
+        boot = feed(PoissonBootstrap(6, 50, 200), keys, scores, labels, 50, 512)
+        point = class_ap_at_k(scores, labels, 50, "uniform").unweighted_map
+        low, high = boot.intervals("uniform")["unweighted_map_at_k"]
+        assert low < point < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] * 0.6  # about 1/sqrt(10) of it
+
+
+def test_percentile_interval_ignores_undefined_replicates():
+    assert percentile_interval(np.array([np.nan, np.nan])) is None
+    low, high = percentile_interval(np.array([np.nan, *np.linspace(0, 1, 1001)]))
+    assert low == pytest.approx(0.025) and high == pytest.approx(0.975)
