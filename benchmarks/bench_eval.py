@@ -1,0 +1,184 @@
+"""Evaluation throughput: `mlc eval --checkpoint` (loader included) against the bare model forward.
+
+    python benchmarks/bench_eval.py [--data DIR] [--split test] [--workers 0,1]
+                                    [--bootstrap 200,0] [--bare-seconds 20] [--repeats 1]
+
+Model: xception-tiny as configs/demo.yaml builds it (56x56 input, channels_last, 10 classes),
+untrained (throughput does not depend on the weights), saved as an `mlc train` checkpoint in a
+temporary folder. Data: the test split of runs/demo/data (10,000 Fashion-MNIST mosaics, 56x56
+PNGs) when it is there; otherwise `mlc shard fashion-mnist` of 1,000 + 10,000 mosaics into a
+temporary folder.
+
+mlc eval: `python -m mlc.cli eval --checkpoint CK --data DIR --split SPLIT --quiet --workers W
+--bootstrap B --output TMP`, a fresh process per row. Its images/s is summary.json's
+`images_per_s`: the whole pass, from asking the loader for the first batch to the last batch's
+metric updates (decoding, batching, normalize, forward, accumulator, image-wise AP, bootstrap,
+scores copied out), over every image of the split; process start-up, checkpoint loading and
+writing the report are left out and given separately as the command's wall time.
+
+Bare forward: the same model prepared as mlc eval prepares it (fold_batch_norm,
+channels_last, inference_mode), batch 256 (mlc eval's default), on 8 in-memory random uint8
+[256, 3, 56, 56] channels_last batches, normalised by mlc.data.normalize every step, logits
+copied to float32 CPU tensors; 3 untimed batches, then batches for at least --bare-seconds. It
+runs in its own fresh process before and after the eval rows; the faster of the two is the
+reference (the ratios are the conservative ones). torch's threads are left at their default
+(2 on this 2-core machine) everywhere. Target: mlc eval >= 85% of the bare forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_DATA = ROOT / "runs" / "demo" / "data"
+BATCH = 256
+TARGET = 0.85
+RESULT = "RESULT "
+
+
+def make_checkpoint(data: str, path: Path) -> None:
+    import torch
+
+    from mlc.config import load_config, to_dict
+    from mlc.train.loop import build_model
+
+    config = load_config(CONFIG, [f"data.dataset={data}"])
+    classes = json.loads((Path(data) / "classes.json").read_text())["classes"]
+    torch.manual_seed(0)
+    model = build_model(config, len(classes))
+    state = {"model": model.state_dict(), "config": to_dict(config), "samples": 0, "step": 0}
+    torch.save({**state, "class_ids": [c["id"] for c in classes]}, path)
+
+
+def run_bare(checkpoint: str, seconds: float) -> dict:
+    import torch
+
+    from eval.evaluate import load_model
+    from mlc.data import normalize
+    from mlc.models.fuse import fold_batch_norm
+
+    model, config, class_ids, _ = load_model(checkpoint)
+    model = fold_batch_norm(model).eval()
+    d = config.data
+    shape = (BATCH, d.channels, d.image_size, d.image_size)
+    batches = [
+        torch.randint(0, 256, shape, dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last
+        )
+        for _ in range(8)
+    ]
+    with torch.inference_mode():
+        for i in range(3):
+            model(normalize(batches[i])).float().cpu()
+        steps, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            model(normalize(batches[steps % len(batches)])).float().cpu()
+            steps += 1
+    return {"images_per_s": steps * BATCH / elapsed, "threads": torch.get_num_threads()}
+
+
+def child(kind: str, **kwargs) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--child-args", json.dumps(kwargs)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith(RESULT))
+    return json.loads(line[len(RESULT) :])
+
+
+def run_eval(checkpoint: str, data: str, split: str, workers: int, bootstrap: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as out:
+        cmd = [sys.executable, "-m", "mlc.cli", "eval", "--checkpoint", checkpoint]
+        cmd += ["--data", data, "--split", split, "--quiet", "--output", out]
+        cmd += ["--workers", str(workers), "--bootstrap", str(bootstrap), "--no-plots"]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"mlc eval failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    return {
+        "images_per_s": summary["images_per_s"],
+        "images": summary["images"],
+        "pass_seconds": summary["seconds"],
+        "wall_seconds": wall,
+        "command": " ".join(cmd[1:]).replace(out, "OUT"),
+    }
+
+
+def find_data(tmp: Path) -> tuple[str, str]:
+    if (DEMO_DATA / "test.stats.json").is_file():
+        return str(DEMO_DATA), "test"
+    out = tmp / "data"
+    cmd = [sys.executable, "-m", "mlc.cli", "shard", "fashion-mnist", "--out", str(out)]
+    cmd += ["--train-count", "1000", "--test-count", "10000", "--workers", "2", "--quiet"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return str(out), "test"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", help="an `mlc shard` folder (default: runs/demo/data)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--workers", default="0,1", help="loader processes of the eval rows")
+    p.add_argument("--bootstrap", default="200,0", help="bootstrap replicates of the eval rows")
+    p.add_argument("--bare-seconds", type=float, default=20.0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each eval row (best kept)")
+    p.add_argument("--child")
+    p.add_argument("--child-args")
+    args = p.parse_args()
+    if args.child:
+        print(RESULT + json.dumps(run_bare(**json.loads(args.child_args))))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        data, split = (args.data, args.split) if args.data else find_data(Path(tmp))
+        checkpoint = str(Path(tmp) / "ckpt.pt")
+        make_checkpoint(data, Path(checkpoint))
+        bare = [child("bare", checkpoint=checkpoint, seconds=args.bare_seconds)]
+        rows = []
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for boot in [int(b) for b in args.bootstrap.split(",")]:
+                runs = [run_eval(checkpoint, data, split, workers, boot)]
+                runs += [
+                    run_eval(checkpoint, data, split, workers, boot)
+                    for _ in range(args.repeats - 1)
+                ]
+                best = max(runs, key=lambda r: r["images_per_s"])
+                rows.append((f"mlc eval, --workers {workers} --bootstrap {boot}", best))
+        bare.append(child("bare", checkpoint=checkpoint, seconds=args.bare_seconds))
+    reference = max(b["images_per_s"] for b in bare)
+    print(
+        f"data: {data} ({split}, {rows[0][1]['images']} images), model xception-tiny 56x56, "
+        f"batch {BATCH}, torch threads {bare[0]['threads']}"
+    )
+    runs = ", ".join(f"{b['images_per_s']:.0f}" for b in bare)
+    print(f"bare forward runs: {runs} images/s (before and after the eval rows)")
+    print()
+    print("| measurement | images/s | x bare forward | pass s | command wall s |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| bare forward, in-memory tensors | {reference:.0f} | 1.000 | - | - |")
+    for name, r in rows:
+        print(
+            f"| {name} | {r['images_per_s']:.0f} | {r['images_per_s'] / reference:.3f} | "
+            f"{r['pass_seconds']:.2f} | {r['wall_seconds']:.1f} |"
+        )
+    print()
+    default = next(r for name, r in rows if name.endswith("--bootstrap 200"))
+    ratio = default["images_per_s"] / reference
+    verdict = "met" if ratio >= TARGET else "MISSED"
+    print(f"mlc eval (defaults) / bare forward = {ratio:.3f}; target >= {TARGET:.2f}: {verdict}")
+    print(f"eval command: {default['command']}")
+
+
+if __name__ == "__main__":
+    main()
