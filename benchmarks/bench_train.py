@@ -237,6 +237,9 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run:
+        from mlc.runtime import keep_freed_memory
+
+        keep_freed_memory()  # as the `mlc` command runs
         if args.run == "bare":
             result = run_bare(args.data, args.image_size, args.bare_seconds)
         elif args.run == "loader":

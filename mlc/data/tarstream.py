@@ -57,7 +57,8 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         if len(header) < BLOCK:
             raise tarfile.ReadError("truncated tar header")
         stored = _number(header[148:156])
-        computed = sum(header[:148]) + 32 * 8 + sum(header[156:])
+        # the sum of all bytes with the checksum field read as 8 spaces
+        computed = sum(header) - sum(header[148:156]) + 32 * 8
         if stored != computed:
             raise tarfile.ReadError("bad tar header checksum")
         size = _number(header[124:136])
