@@ -3,24 +3,32 @@
 The classic bootstrap redraws N images with replacement B times and re-ranks every class of
 every resample: B full evaluations and all scores in memory. The Poisson bootstrap (Hanley &
 MacGibbon 2006; the usual choice for streams and distributed data) gives each image an
-independent Poisson(1) multiplicity in each replicate instead, which has the same large-N
+independent Poisson(1) multiplicity m in each replicate instead, which has the same large-N
 behaviour and needs no global view of the data:
 
 - An image's multiplicities are a pure function of (seed, image key, replicate), so any
   batching and any number of processes produce the same replicates.
-- A class-wise replicate is an ordinary ranking in which an image scored s appears m times: m
-  tied items. Each replicate keeps the same O(classes x K) top-K summary as
-  ``MAPAccumulator`` (``eval.metrics.TopK``), so memory is O(B x classes x K) whatever the
-  number of images, and summaries of disjoint image sets merge exactly.
+- A class-wise replicate is an ordinary ranking in which an image scored s appears m times (m
+  tied items). Its AP@K needs the replicate's positive count P_c and its top K copies. P_c (and
+  the known count) of every replicate are sums of m over the images: kept exactly, B x classes
+  numbers. The top K copies come from a pool: the POOL = 2K + 30 best known items of each
+  class over all images, with their key hashes (a streaming top-POOL, O(classes x POOL) memory,
+  merged exactly across processes). A replicate's top K copies and its tie block at rank K lie
+  inside the pool whenever the pool items scored above the pool's lowest score hold at least K
+  copies in that replicate: 2K + 29 items of Poisson(1) multiplicity fall short of K with
+  probability at most 3e-12 (P(Poisson(2K + 29) < K), largest at K = 11; 3e-22 at K = 100). The
+  condition is checked for every replicate and class; `inexact` counts where it fails (there
+  the pool's answer is used as an approximation).
 - Image-wise AP@K is a per-image quantity: each replicate keeps sum(m * AP_i) and sum(m).
 
-An interval is the 2.5th and 97.5th percentile of the B replicate values (percentile method).
-Imports only torch and numpy.
+Per batch this costs a hash per key, B multiplicities per image, two small matrix products and
+a top-POOL merge per class; the replicates are ranked once, at the end. An interval is the
+2.5th and 97.5th percentile of the B replicate values (percentile method). Imports only torch
+and numpy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -33,7 +41,6 @@ from eval.metrics import (
     ap_from_top_k,
     check_k,
     check_scores_labels,
-    merge_top_k,
     resolve_weights,
 )
 
@@ -41,9 +48,13 @@ from eval.metrics import (
 # (P(X >= 20) < 1e-18, below the resolution of a 53-bit uniform).
 _CDF = np.cumsum([math.exp(-1) / math.factorial(j) for j in range(20)])
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-# Candidate (image, class, replicate) entries expanded per merge: bounds the temporaries.
-_ENTRIES_PER_MERGE = 4_000_000
-_FIELDS = ("values", "labels", "tie_count", "tie_positives", "positives", "known")
+# Pool entries x replicates expanded at a time when the replicates are ranked: bounds memory.
+_CHUNK = 4_000_000
+_POOL_FIELDS = ("pool_values", "pool_labels", "pool_hashes")
+
+
+def pool_size(k: int) -> int:
+    return 2 * k + 30
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -55,20 +66,29 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def key_hashes(keys: list[str], seed: int = 0) -> np.ndarray:
-    """One 64-bit hash per image key (keyed BLAKE2b), the seed of its multiplicities."""
-    salt = int(seed).to_bytes(8, "little", signed=True)
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt).digest(), "little")
-            for k in keys
-        ],
-        dtype=np.uint64,
-    )
+    """One 64-bit hash per image key: its UTF-8 bytes, 8 at a time, chained through SplitMix64
+    from a seed-dependent start (vectorised over the batch; the hash of a key does not depend
+    on the other keys of its batch)."""
+    raw = [k.encode() for k in keys]
+    lengths = np.array([len(b) for b in raw], dtype=np.int64)
+    width = max(8, -(-int(lengths.max(initial=0)) // 8) * 8)
+    padded = np.zeros((len(raw), width), dtype=np.uint8)
+    if raw:
+        flat = np.frombuffer(b"".join(b.ljust(width, b"\0") for b in raw), dtype=np.uint8)
+        padded[:] = flat.reshape(len(raw), width)
+    words = padded.view("<u8")
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.full(len(raw), seed % 2**64, dtype=np.uint64) + _GOLDEN)
+        for j in range(words.shape[1]):
+            inside = j * 8 < lengths  # words past a key's end leave its hash alone
+            h = np.where(inside, _splitmix64(h ^ words[:, j]), h)
+        return _splitmix64(h ^ lengths.astype(np.uint64))
 
 
-def poisson_counts(hashes: np.ndarray, replicates: int) -> np.ndarray:
-    """[n, replicates] Poisson(1) multiplicities, image i's row a function of hashes[i] only."""
-    b = np.arange(1, replicates + 1, dtype=np.uint64)
+def poisson_counts(hashes: np.ndarray, replicates: int, first: int = 0) -> np.ndarray:
+    """[n, replicates] Poisson(1) multiplicities of replicates first .. first + replicates - 1;
+    image i's row is a function of hashes[i] alone."""
+    b = np.arange(first + 1, first + replicates + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         bits = _splitmix64(hashes[:, None] + b[None, :] * _GOLDEN)
     uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
@@ -85,11 +105,7 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] 
 
 
 class PoissonBootstrap:
-    """``update(keys, scores, labels, image_ap)`` per batch; ``intervals(weights)`` at the end.
-
-    ``replicates`` x ``num_classes`` rankings are summarised as one TopK of that many queries
-    (query b * num_classes + c is class c in replicate b).
-    """
+    """``update(keys, scores, labels, image_ap)`` per batch; ``intervals(weights)`` at the end."""
 
     def __init__(self, num_classes: int, k: int = 100, replicates: int = 200, seed: int = 0):
         if num_classes < 1 or replicates < 1:
@@ -98,9 +114,13 @@ class PoissonBootstrap:
             )
         self.num_classes, self.k = num_classes, check_k(k)
         self.replicates, self.seed = replicates, seed
+        shape = (replicates, num_classes)
+        self.positives = np.zeros(shape, dtype=np.int64)  # sum of m over positive images
+        self.known = np.zeros(shape, dtype=np.int64)  # sum of m over images with a known label
         self.image_sums = np.zeros(replicates)  # sum over images of m * AP@K_i
         self.image_counts = np.zeros(replicates, dtype=np.int64)  # sum of m (images with AP)
-        self._top: TopK | None = None
+        self.inexact = 0  # replicate-classes whose top K was not provably inside the pool
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ accumulate
 
@@ -111,98 +131,50 @@ class PoissonBootstrap:
                 f"bootstrap batch: {len(keys)} keys, scores {tuple(s.shape)}; expected one key "
                 f"per row and {self.num_classes} classes"
             )
-        counts = poisson_counts(key_hashes(keys, self.seed), self.replicates)
-        if self._top is None:
-            self._top = self._empty(s.dtype)
-        if s.dtype != self._top.values.dtype:
-            raise MetricInputError(
-                f"scores are {s.dtype}, earlier batches were "
-                f"{self._top.values.dtype}: use one dtype"
-            )
-        self._update_classes(s, lab, counts)
+        hashes = key_hashes(keys, self.seed)
+        counts = poisson_counts(hashes, self.replicates)
+        weights = counts.T.astype(np.float64)  # float products of small integers: exact
+        labels_np = lab.numpy()
+        self.positives += (weights @ (labels_np == 1)).astype(np.int64)
+        self.known += (weights @ (labels_np != -1)).astype(np.int64)
         if image_ap is not None:
             has = ~np.isnan(image_ap)
-            self.image_sums += counts[has].T.astype(np.float64) @ image_ap[has]
+            self.image_sums += weights[:, has] @ image_ap[has]
             self.image_counts += counts[has].sum(0)
-
-    def _update_classes(self, s: torch.Tensor, lab: torch.Tensor, counts: np.ndarray) -> None:
-        """Merge the batch's items that can still enter some replicate's top K.
-
-        An item scored below the lowest K-th score of its class over all replicates can enter
-        no replicate's top K, nor tie at a new K-th score: only the rest are expanded into
-        (replicate, multiplicity) entries. Rows go in chunks that keep the expansion bounded
-        (the first batches, before any K-th score exists, keep everything).
-        """
-        known = (lab != -1).numpy()
-        positive = (lab == 1).numpy()
-        start = 0
-        while start < s.shape[0]:
-            kth = self._top.values[:, -1].reshape(self.replicates, self.num_classes)
-            thr = kth.min(0).values
-            keep = ((s[start:] >= thr) & (lab[start:] != -1)).numpy()
-            per_row = keep.sum(1) * self.replicates
-            stop = start + max(1, int(np.searchsorted(np.cumsum(per_row), _ENTRIES_PER_MERGE)))
-            stop = min(stop, s.shape[0])
-            rows = slice(start, stop)
-            part = self._candidates(
-                s[rows], lab[rows], keep[: stop - start], counts[rows], known[rows], positive[rows]
-            )
-            self._top = merge_top_k(self._top, part)
-            start = stop
-
-    def _candidates(self, s, lab, keep, counts, known, positive) -> TopK:
-        c, q = self.num_classes, self.replicates * self.num_classes
-        rows, cols = np.nonzero(keep)
-        pair, rep = np.nonzero(counts[rows])  # candidate pair x replicate where m > 0
-        mult = counts[rows[pair], rep]
-        entry = np.repeat(np.arange(len(pair)), mult)  # an item of multiplicity m: m copies
-        pair, rep = pair[entry], rep[entry]
-        query = rep * c + cols[pair]
-        order = np.argsort(query, kind="stable")
-        query = query[order]
-        per_query = np.bincount(query, minlength=q)
-        slot = np.arange(len(query)) - (np.cumsum(per_query) - per_query)[query]
-        width = int(per_query.max()) if len(query) else 0
-        # One -inf column more than needed, as in MAPAccumulator._candidates: the part's own
-        # "K-th" value is -inf, so the merge counts ties at the new K-th score from its items.
-        values = torch.full((q, width + 1), NEG_INF, dtype=s.dtype)
-        labels = torch.full((q, width + 1), -1, dtype=torch.int8)
-        r, k = torch.from_numpy(rows[pair][order]), torch.from_numpy(cols[pair][order])
-        values[query, slot] = s[r, k]
-        labels[query, slot] = lab[r, k]
-        # Positives and known counts of each replicate: multiplicity-weighted sums.
-        positives = torch.from_numpy((counts.T @ positive.astype(np.int64)).reshape(q))
-        known_counts = torch.from_numpy((counts.T @ known.astype(np.int64)).reshape(q))
-        zeros = torch.zeros(q, dtype=torch.int64)
-        return TopK(values, labels, zeros, zeros.clone(), positives, known_counts)
-
-    def _empty(self, dtype: torch.dtype) -> TopK:
-        q = self.replicates * self.num_classes
-        zeros = torch.zeros(q, dtype=torch.int64)
-        return TopK(
-            torch.full((q, self.k), NEG_INF, dtype=dtype),
-            torch.full((q, self.k), -1, dtype=torch.int8),
-            zeros,
-            zeros.clone(),
-            zeros.clone(),
-            zeros.clone(),
+        batch = (
+            s.T.masked_fill(lab.T == -1, NEG_INF),  # unknown items are in no ranking
+            lab.T.contiguous(),
+            torch.from_numpy(hashes.view(np.int64))[None, :].expand(self.num_classes, -1),
         )
+        self._merge_pool(batch)
 
-    # ------------------------------------------------------------------ merge and results
+    def _merge_pool(self, items) -> None:
+        """Keep each class's POOL best known items (value, label, key hash)."""
+        if self._pool is not None:
+            if items[0].dtype != self._pool[0].dtype:
+                raise MetricInputError(
+                    f"scores are {items[0].dtype}, earlier batches were "
+                    f"{self._pool[0].dtype}: use one dtype"
+                )
+            items = tuple(torch.cat([a, b], 1) for a, b in zip(self._pool, items, strict=True))
+        width = min(pool_size(self.k), items[0].shape[1])
+        values, index = torch.topk(items[0], width, dim=1)
+        self._pool = (values, items[1].gather(1, index), items[2].gather(1, index))
 
     def merge(self, other: PoissonBootstrap) -> None:
+        """Add another accumulator's images (e.g. another process's) to this one: exact."""
         same = (other.num_classes, other.k, other.replicates, other.seed)
         if same != (self.num_classes, self.k, self.replicates, self.seed):
             raise MetricInputError(
                 f"cannot merge bootstrap {same} into "
                 f"{(self.num_classes, self.k, self.replicates, self.seed)}"
             )
-        if other._top is not None:
-            if self._top is None:
-                self._top = self._empty(other._top.values.dtype)
-            self._top = merge_top_k(self._top, other._top)
+        self.positives += other.positives
+        self.known += other.known
         self.image_sums += other.image_sums
         self.image_counts += other.image_counts
+        if other._pool is not None:
+            self._merge_pool(other._pool)
 
     def state_dict(self) -> dict:
         state = {
@@ -210,21 +182,69 @@ class PoissonBootstrap:
             "k": self.k,
             "replicates": self.replicates,
             "seed": self.seed,
+            "positives": self.positives,
+            "known": self.known,
             "image_sums": self.image_sums,
             "image_counts": self.image_counts,
         }
-        if self._top is not None:
-            state.update({f: getattr(self._top, f) for f in _FIELDS})
+        if self._pool is not None:
+            state.update(zip(_POOL_FIELDS, self._pool, strict=True))
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> PoissonBootstrap:
         boot = cls(state["num_classes"], state["k"], state["replicates"], state["seed"])
+        for name in ("positives", "known", "image_counts"):
+            setattr(boot, name, np.array(state[name], dtype=np.int64))
         boot.image_sums = np.array(state["image_sums"], dtype=np.float64)
-        boot.image_counts = np.array(state["image_counts"], dtype=np.int64)
-        if "values" in state:
-            boot._top = TopK(*(torch.as_tensor(state[f]) for f in _FIELDS))
+        if "pool_values" in state:
+            boot._pool = tuple(torch.as_tensor(state[f]) for f in _POOL_FIELDS)
         return boot
+
+    # ------------------------------------------------------------------ the replicates
+
+    def _replicate_tops(self, first: int, count: int) -> tuple[TopK, np.ndarray]:
+        """The TopK summaries of replicates first .. first + count - 1 (query b * C + c), and
+        which of them are exact (their top K and K-th tie block inside the pool)."""
+        c, k = self.num_classes, self.k
+        values, labels, hashes = (t.numpy() for t in self._pool)
+        pool = values.shape[1]
+        valid = values != NEG_INF
+        m = poisson_counts(hashes.reshape(-1).view(np.uint64), count, first)
+        m = m.reshape(c, pool, count).transpose(2, 0, 1) * valid  # [count, C, pool]
+        q = count * c
+        # Expand every pool item into its m copies, in descending score order per replicate.
+        m_flat = m.reshape(q, pool)
+        copies = np.repeat(np.arange(q * pool), m_flat.reshape(-1))
+        row = copies // pool
+        per_row = m_flat.sum(1)
+        slot = np.arange(len(copies)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        keep = slot < k
+        top_values = torch.full((q, k), NEG_INF, dtype=self._pool[0].dtype)
+        top_labels = torch.full((q, k), -1, dtype=torch.int8)
+        item = copies[keep] % pool
+        cls_of_row = row[keep] % c
+        index = (torch.from_numpy(row[keep]), torch.from_numpy(slot[keep]))
+        top_values[index] = torch.from_numpy(values[cls_of_row, item])
+        top_labels[index] = torch.from_numpy(labels[cls_of_row, item])
+        # The tie block at rank K: every pool copy scored exactly the K-th score.
+        kth = top_values[:, -1].numpy().reshape(count, c, 1)
+        tied = (values[None] == kth) & valid
+        tie_count = (m * tied).sum(-1).reshape(q)
+        tie_positives = (m * (tied & (labels[None] == 1))).sum(-1).reshape(q)
+        top = TopK(
+            top_values,
+            top_labels,
+            torch.from_numpy(tie_count),
+            torch.from_numpy(tie_positives),
+            torch.from_numpy(self.positives[first : first + count].reshape(q)),
+            torch.from_numpy(self.known[first : first + count].reshape(q)),
+        )
+        # Exact when the pool holds every known item of the class (it is not full), or when
+        # the copies scored above the pool's lowest score number at least K.
+        full = valid[:, -1]
+        above = (m * (values[None] > values[None, :, -1:])).sum(-1)
+        return top, (~full[None, :] | (above >= k)).reshape(q)
 
     def replicate_values(self, weights="positives") -> dict[str, np.ndarray]:
         """Each replicate's weighted and unweighted MAP@K and image-wise AP@K ([B] arrays).
@@ -233,17 +253,26 @@ class PoissonBootstrap:
         the same in every replicate; "positives" means each replicate's own positive counts.
         """
         b, c = self.replicates, self.num_classes
-        nan = np.full(b, np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
             images = np.where(self.image_counts > 0, self.image_sums / self.image_counts, np.nan)
-        if self._top is None:
-            return {"weighted": nan, "unweighted": nan.copy(), "image": images}
-        ap = ap_from_top_k(self._top, self.k).reshape(b, c)
-        positives = self._top.positives.numpy().reshape(b, c)
+        if self._pool is None:
+            return {
+                "weighted": np.full(b, np.nan),
+                "unweighted": np.full(b, np.nan),
+                "image": images,
+            }
+        ap = np.empty((b, c))
+        step = max(1, _CHUNK // (c * self._pool[0].shape[1]))
+        self.inexact = 0
+        for first in range(0, b, step):
+            count = min(step, b - first)
+            top, exact = self._replicate_tops(first, count)
+            ap[first : first + count] = ap_from_top_k(top, self.k).reshape(count, c)
+            self.inexact += int((~exact).sum())
         if isinstance(weights, str) and weights == "positives":
-            w = positives.astype(np.float64)
+            w = self.positives.astype(np.float64)
         else:
-            w = np.broadcast_to(resolve_weights(weights, positives[0]), (b, c))
+            w = np.broadcast_to(resolve_weights(weights, self.positives[0]), (b, c))
 
         def mean(w):  # eval.metrics.weighted_mean of each replicate
             ok = ~np.isnan(ap) & (w > 0)

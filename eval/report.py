@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.bootstrap import PoissonBootstrap
+from eval.bootstrap import PoissonBootstrap, pool_size
 from eval.io import (
     Classes,
     InputFileError,
@@ -26,9 +26,9 @@ from eval.metrics import ClassAP, class_ap_at_k, full_ap, image_ap_at_k, weighte
 
 CI_LEVEL = 0.95
 DEFAULT_REPLICATES = 200
-# Bootstrap replicates are capped so that their top-K summaries hold at most this many scores
-# (replicates x classes x K; ~5 bytes each, about twice that while merging).
-BOOTSTRAP_MAX_ENTRIES = 30_000_000
+# Bootstrap replicates are capped so that ranking them at the end expands at most this many
+# (replicate, class, pool item) entries: a few seconds per 100 million.
+BOOTSTRAP_MAX_ENTRIES = 400_000_000
 BOOTSTRAP_METHOD = (
     "Poisson bootstrap over images (each image weighted by a Poisson(1) count drawn from a hash "
     "of its key, per replicate), percentile interval; docs/eval.md"
@@ -101,10 +101,10 @@ def image_header(k: int) -> list[str]:
 
 
 def bootstrap_replicates(requested: int, classes: int, k: int) -> int:
-    """Replicates that fit BOOTSTRAP_MAX_ENTRIES (at least 20 when any are requested)."""
+    """Replicates within BOOTSTRAP_MAX_ENTRIES (at least 20 when any are requested)."""
     if requested <= 0:
         return 0
-    return min(requested, max(20, BOOTSTRAP_MAX_ENTRIES // max(1, classes * k)))
+    return min(requested, max(20, BOOTSTRAP_MAX_ENTRIES // max(1, classes * pool_size(k))))
 
 
 def class_summary(
@@ -140,6 +140,8 @@ def class_summary(
             "replicates": bootstrap.replicates,
             "seed": bootstrap.seed,
             **intervals,
+            # replicate-classes whose top K was not provably in the pool (approximated)
+            "inexact_replicate_classes": bootstrap.inexact,
         }
     return summary
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eval.bootstrap import PoissonBootstrap, key_hashes, percentile_interval, poisson_counts
-from eval.metrics import class_ap_at_k, image_ap_at_k
+from eval.metrics import ap_from_top_k, class_ap_at_k, image_ap_at_k
 
 
 def data(n=400, c=6, seed=0):
@@ -102,3 +102,26 @@ def test_percentile_interval_ignores_undefined_replicates():
     assert percentile_interval(np.array([np.nan, np.nan])) is None
     low, high = percentile_interval(np.array([np.nan, *np.linspace(0, 1, 1001)]))
     assert low == pytest.approx(0.025) and high == pytest.approx(0.975)
+
+
+def test_the_pool_condition_flags_exactly_the_replicates_it_cannot_answer(monkeypatch):
+    # A pool of only K items: often too small, so the check must catch it; wherever it says
+    # "exact", the replicate's AP@K must equal the explicit resample's.
+    import eval.bootstrap
+
+    monkeypatch.setattr(eval.bootstrap, "pool_size", lambda k: k)
+    keys, scores, labels = data(n=300, c=4)
+    k, replicates = 20, 30
+    boot = feed(PoissonBootstrap(4, k, replicates), keys, scores, labels, k, 64)
+    top, exact = boot._replicate_tops(0, replicates)
+    ap = ap_from_top_k(top, k).reshape(replicates, 4)
+    counts = poisson_counts(key_hashes(keys, 0), replicates)
+    wrong = 0
+    for b in range(replicates):
+        rows = np.repeat(np.arange(len(keys)), counts[:, b])
+        expected = class_ap_at_k(scores[rows], labels[rows], k).ap
+        for c in range(4):
+            same = np.isclose(ap[b, c], expected[c], atol=1e-12, equal_nan=True)
+            assert same or not exact[b * 4 + c], (b, c)
+            wrong += not same
+    assert (~exact).sum() > 0 and wrong <= (~exact).sum()
