@@ -235,14 +235,3 @@ def _check_async(config: Config) -> None:
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
-
-
-def from_dict(values: dict, where: str = "config") -> Config:
-    """A Config from to_dict()'s output (e.g. a checkpoint's), checked like a file."""
-    config = Config()
-    try:
-        _apply(config, values, "")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    check(config)
-    return config

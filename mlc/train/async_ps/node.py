@@ -105,6 +105,7 @@ def _run(role: str, index: int, config, resume, stop_signal) -> None:
         run_worker(index, config, plan, len(class_ids))
         return
     server.SERVER = server.Server(index, config, plan[index], model)
+    server.BUILT.set()
     if index > 0:  # serve until the coordinator says the job is over, or stops answering
         while not server.FINISHED.wait(coordinator.PING_EVERY):
             try:

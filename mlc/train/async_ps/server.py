@@ -170,6 +170,7 @@ class Server:
 # ---------------------------------------------------------------------- RPC entry points
 
 SERVER: Server | None = None  # this process's server
+BUILT = threading.Event()  # set once SERVER exists (RPCs can arrive before that)
 READY = threading.Event()  # set once the server holds its initial (or resumed) state
 FINISHED = threading.Event()  # set by the coordinator when the job is over
 
@@ -210,6 +211,8 @@ def snapshot():
 
 def load(state):
     """From the coordinator: a resumed state, or None (start from the initial weights)."""
+    if not BUILT.wait(timeout=PAUSE_LIMIT):
+        raise RuntimeError("the parameter server was not built in time")
     if state is not None:
         SERVER.load(state)
     READY.set()
