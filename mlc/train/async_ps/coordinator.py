@@ -161,9 +161,10 @@ class Coordinator:
             finished = samples >= t.samples
             if _failures:
                 self._stop_all()
+                last = self.last_checkpoint or "none (no checkpoint written yet)"
                 raise TrainingError(
-                    f"{_failures[0]}; the last good checkpoint is {self.last_checkpoint}. Lower "
-                    "the learning rate or check the data, then resume from it."
+                    f"{_failures[0]}; the last good checkpoint is {last}. Lower the learning "
+                    "rate or check the data, then resume from it."
                 )
             crossed = {k: samples // getattr(t, k) > m for k, m in marks.items()}
             marks = {k: samples // getattr(t, k) for k in marks}

@@ -31,10 +31,15 @@ def main(role: str, index: int, config, resume, port: int, messages) -> None:
     if role == "server" and index == 0:  # SIGTERM: the coordinator checkpoints and stops
         signal.signal(signal.SIGTERM, lambda s, _f: stop_signal.update(signal="SIGTERM"))
 
+    import warnings
+
     import torch
     import torch.distributed.rpc as rpc
 
     from mlc.config import ConfigError
+
+    # torch's RPC rendezvous itself uses a deprecated gloo call: not the operator's concern
+    warnings.filterwarnings("ignore", message="You are using a Backend")
     from mlc.train.async_ps.coordinator import PeerLost
     from mlc.train.loop import TrainingError
 
