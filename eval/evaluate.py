@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -281,12 +283,80 @@ class _RankState:
         }
 
 
+def prefetched(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead.
+
+    With the loader in the main process (num_workers=0), decoding the next batch overlaps the
+    model's forward: PIL's decoder and torch's kernels release the GIL, so the two share the
+    cores instead of taking turns. Exceptions are re-raised in the caller's thread.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                items.put(item)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            items.put(e)
+        items.put(done)
+
+    thread = threading.Thread(target=produce, name="mlc-eval-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
 def _model_for_inference(model, fold: bool, device: torch.device):
     if fold:
         from mlc.models.fuse import fold_batch_norm
 
         model = fold_batch_norm(model)
     return model.to(device).eval()
+
+
+def _score_pass(model, loader, match, device, state, writer, prefetch, progress, total, desc):
+    """One pass of the eval loader: forward, labels in {1, 0, -1}, the evaluated columns, the
+    valid rows (eval padding dropped), then the accumulators and the scores file."""
+    from tqdm import tqdm
+
+    model_cols, data_cols = torch.from_numpy(match.model_cols), torch.from_numpy(match.data_cols)
+    bar = tqdm(
+        total=total,
+        unit="img",
+        desc=desc,
+        mininterval=1.0,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with torch.inference_mode(), bar:
+        for batch in prefetched(loader) if prefetch else loader:
+            valid = batch.valid
+            logits = model(normalize(batch.images.to(device, non_blocking=True))).float().cpu()
+            labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
+            if not match.identity:
+                logits, labels = logits[:, model_cols], labels[:, data_cols]
+            if not bool(valid.all()):  # eval padding (docs/loader.md)
+                logits, labels = logits[valid], labels[valid]
+            keys = [key for key, ok in zip(batch.keys, valid.tolist(), strict=True) if ok]
+            if keys:
+                state.update(keys, logits, labels)
+                if writer is not None:
+                    writer.write(keys, logits, labels)
+            bar.update(len(keys))
 
 
 def evaluate_checkpoint(
@@ -304,6 +374,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     full_ap_limit: int = FULL_AP_LIMIT,
     fold: bool = True,
+    prefetch: bool = True,
     progress: bool = True,
 ) -> Report | None:
     """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere."""
@@ -341,35 +412,19 @@ def evaluate_checkpoint(
         else None
     )
     model = _model_for_inference(model, fold, device)
-    model_cols, data_cols = torch.from_numpy(match.model_cols), torch.from_numpy(match.data_cols)
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=math.ceil(total / world),
-        unit="img",
-        desc=f"eval {split}",
-        mininterval=1.0,
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-    )
     start = time.perf_counter()
-    with torch.inference_mode(), bar:
-        for batch in loader:
-            valid = batch.valid
-            logits = model(normalize(batch.images.to(device, non_blocking=True)))
-            logits = logits.float().cpu()
-            labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
-            if not match.identity:
-                logits, labels = logits[:, model_cols], labels[:, data_cols]
-            if not bool(valid.all()):  # eval padding (docs/loader.md)
-                logits, labels = logits[valid], labels[valid]
-            keys = [key for key, ok in zip(batch.keys, valid.tolist(), strict=True) if ok]
-            if keys:
-                state.update(keys, logits, labels)
-                if writer is not None:
-                    writer.write(keys, logits, labels)
-            bar.update(len(keys))
+    _score_pass(
+        model,
+        loader,
+        match,
+        device,
+        state,
+        writer,
+        prefetch,
+        progress and rank == 0,
+        math.ceil(total / world),
+        f"eval {split}",
+    )
     seconds = time.perf_counter() - start
     if writer is not None:
         writer.close()
