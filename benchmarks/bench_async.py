@@ -1,18 +1,20 @@
 """The asynchronous mode against the synchronous job, and what the sharding plan sends per step.
 
     python benchmarks/bench_async.py [--samples 12800] [--data DIR] [--tasks demo,tiny]
-                                     [--traffic-only]
+                                     [--repeat 2] [--traffic-only]
 
 1. Throughput on the same task, in one run, each job a fresh subprocess:
-   - single process (`mlc train`, torch's default 2 threads),
+   - single process (`mlc train`, torch's default 2 threads, and with OMP_NUM_THREADS=1),
    - synchronous DDP with 2 ranks (`torchrun --nproc_per_node=2`, OMP_NUM_THREADS=1 each),
    - async with 1 server and 2 workers (train.mode=async, ps.threads=1: 3 processes).
    Every process reads batches of the same size (per-process batch: DDP and async handle twice
    the samples per round). Samples/s come from the jobs' own per-window records in
    <out>/metrics.jsonl (log_every samples each), the first window (start-up) left out; the
-   whole-run wall time (process start to exit) is printed beside. Tasks: "demo" is
-   configs/demo.yaml (xception-tiny, 56x56, batch 64); "tiny" is the tests' task (width 0.125,
-   32x32, batch 16), where the per-step cost is small and the communication shows.
+   whole-run wall time (process start to exit) is printed beside. --repeat rounds over the
+   modes (default 2), the best of each kept: 2-thread runs collapse when anything else runs.
+   Tasks: "demo" is configs/demo.yaml (xception-tiny, 56x56, batch 64); "tiny" is the tests'
+   task (width 0.125, 32x32, batch 16), where the per-step cost is small and the communication
+   shows.
    Data: runs/demo/data if it has a train split, else `mlc shard fashion-mnist` of 12,000 images.
 
 2. Bytes per worker step for `xception` with a 17,000-class head and 1, 2 and 4 servers, from
@@ -59,6 +61,11 @@ TASKS = {
 }
 
 
+# single: torch's default threads (2 here); single-1t: one thread (as each DDP rank and each
+# async process)
+MODES = ("single", "single-1t", "ddp", "async")
+
+
 def sets(*pairs: str) -> list[str]:
     return [x for p in pairs for x in ("--set", p)]
 
@@ -87,8 +94,10 @@ def run_job(mode: str, task: str, data: Path, samples: int, out: Path) -> dict:
         f"train.out={out}",
     )
     env = dict(os.environ)
-    if mode == "single":
+    if mode.startswith("single"):
         cmd = [sys.executable, "-m", "mlc.cli", "train", *common]
+        if mode == "single-1t":
+            env["OMP_NUM_THREADS"] = "1"
     elif mode == "ddp":
         env["OMP_NUM_THREADS"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
@@ -174,6 +183,7 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--tasks", default="demo,tiny")
     parser.add_argument("--traffic-only", action="store_true")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds; the best is kept")
     args = parser.parse_args()
 
     print("bytes per worker step, xception with a 17,000-class head (fp32):")
@@ -196,18 +206,29 @@ def main() -> None:
     print(f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     data = dataset(args.data)
     print(f"data: {data}; {args.samples} samples per job")
-    print("| task | mode | samples/s | x single | wall s | async staleness (count) |")
-    print("|---|---|---:|---:|---:|---|")
+    print(
+        "| task | mode | samples/s | x single | wall s | load at start | async staleness "
+        "(updates) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
         for task in args.tasks.split(","):
-            base = None
-            for mode in ("single", "ddp", "async"):
-                row = run_job(mode, task, data, args.samples, Path(tmp) / f"{task}-{mode}")
-                base = base or row["samples_per_s"]
+            best: dict[str, dict] = {}
+            for rep in range(args.repeat):  # rounds over the modes; the best of each is kept
+                for mode in MODES:
+                    load = os.getloadavg()[0]
+                    row = run_job(mode, task, data, args.samples, Path(tmp) / f"{task}-{mode}{rep}")
+                    row["load"] = load
+                    if mode not in best or row["samples_per_s"] > best[mode]["samples_per_s"]:
+                        best[mode] = row
+            base = best["single"]["samples_per_s"]
+            for mode in MODES:
+                row = best[mode]
                 stale = row.get("staleness", "")
                 print(
                     f"| {task} | {mode} | {row['samples_per_s']:.0f} | "
-                    f"{row['samples_per_s'] / base:.2f} | {row['wall_s']:.1f} | {stale} |",
+                    f"{row['samples_per_s'] / base:.2f} | {row['wall_s']:.1f} | "
+                    f"{row['load']:.2f} | {stale} |",
                     flush=True,
                 )
     load = os.getloadavg()
