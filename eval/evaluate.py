@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
-import threading
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -283,43 +281,6 @@ class _RankState:
         }
 
 
-def prefetched(iterable, depth: int = 2):
-    """Iterate ``iterable`` in a background thread, ``depth`` items ahead.
-
-    With the loader in the main process (num_workers=0), decoding the next batch overlaps the
-    model's forward: PIL's decoder and torch's kernels release the GIL, so the two share the
-    cores instead of taking turns. Exceptions are re-raised in the caller's thread.
-    """
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterable:
-                if stop.is_set():
-                    return
-                items.put(item)
-        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-            items.put(e)
-        items.put(done)
-
-    thread = threading.Thread(target=produce, name="mlc-eval-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
 def _model_for_inference(model, fold: bool, device: torch.device):
     if fold:
         from mlc.models.fuse import fold_batch_norm
@@ -328,7 +289,7 @@ def _model_for_inference(model, fold: bool, device: torch.device):
     return model.to(device).eval()
 
 
-def _score_pass(model, loader, match, device, state, writer, prefetch, progress, total, desc):
+def _score_pass(model, loader, match, device, state, writer, progress, total, desc):
     """One pass of the eval loader: forward, labels in {1, 0, -1}, the evaluated columns, the
     valid rows (eval padding dropped), then the accumulators and the scores file."""
     from tqdm import tqdm
@@ -343,7 +304,7 @@ def _score_pass(model, loader, match, device, state, writer, prefetch, progress,
         dynamic_ncols=True,
     )
     with torch.inference_mode(), bar:
-        for batch in prefetched(loader) if prefetch else loader:
+        for batch in loader:
             valid = batch.valid
             logits = model(normalize(batch.images.to(device, non_blocking=True))).float().cpu()
             labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
@@ -374,7 +335,6 @@ def evaluate_checkpoint(
     seed: int = 0,
     full_ap_limit: int = FULL_AP_LIMIT,
     fold: bool = True,
-    prefetch: bool = True,
     progress: bool = True,
 ) -> Report | None:
     """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere."""
@@ -420,7 +380,6 @@ def evaluate_checkpoint(
         device,
         state,
         writer,
-        prefetch,
         progress and rank == 0,
         math.ceil(total / world),
         f"eval {split}",
