@@ -52,16 +52,21 @@ def _plots(report, out: Path) -> list[Path]:
     }
     weighted = np.flatnonzero(defined & (r.weights > 0))
     order = weighted[np.argsort(-r.ap[weighted], kind="stable")]
-    side = min(BARS, (len(order) + 1) // 2)
-    picked = list(order[:side]) + [i for i in order[-side:] if i not in order[:side]]
     share = r.weights / max(r.weights[weighted].sum(), 1e-300)
+    if len(order) <= 2 * BARS:  # few classes: all of them, best first
+        picked, colors, legend = list(order), [0] * len(order), []
+        title = f"all {len(order)} weighted classes by AP@{k}"
+    else:
+        picked = list(order[:BARS]) + list(order[-BARS:])
+        colors, legend = [0] * BARS + [1] * BARS, ["best", "worst"]
+        title = f"best {BARS} and worst {BARS} of {len(order)} weighted classes by AP@{k}"
     charts["best_worst_classes.png"] = bar_chart(
         [f"{table.names[i]} (w {100 * share[i]:.1f}%)" for i in picked],
         [float(r.ap[i]) for i in picked],
-        f"best {side} and worst {len(picked) - side} weighted classes by AP@{k}",
-        f"AP@{k}",
-        colors=[0] * side + [1] * (len(picked) - side),
-        legend=["best", "worst"],
+        title,
+        f"AP@{k} (w: share of the weight)",
+        colors=colors,
+        legend=legend,
     )
     paths = []
     for name, data in charts.items():

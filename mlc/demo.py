@@ -198,6 +198,13 @@ def run_demo(
     t0 = time.perf_counter()
     summary = train(config)
     times["train"] = time.perf_counter() - t0
+    if summary["stopped_by"]:  # Ctrl-C or SIGTERM: the job saved a checkpoint and returned
+        log(
+            f"{summary['stopped_by']}: stopped after {summary['samples']} samples; "
+            f"{summary['checkpoint']} can be evaluated with `mlc eval --checkpoint "
+            f"{summary['checkpoint']} --data {dataset}`"
+        )
+        return {"source": source, "dataset": str(dataset), "times": times, "train": summary}
 
     t0 = time.perf_counter()
     log(f"[3/3] evaluate {summary['checkpoint']} on {dataset} (test)")
@@ -260,7 +267,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(
+    result = run_demo(
         args.out,
         args.source,
         args.fashion_mnist,
@@ -272,4 +279,4 @@ def run(args: argparse.Namespace) -> int:
         not args.quiet,
     )
     sys.stdout.flush()
-    return 0
+    return 130 if result["train"]["stopped_by"] else 0  # 130: stopped by a signal

@@ -69,3 +69,20 @@ def test_histogram_bar_heights_follow_the_counts():
 def test_line_chart_still_draws():
     pixels = decode(line_chart({"loss": ([0, 1, 2], [3, 2, 1])}, "t", "samples", ""))
     assert colored(pixels, BLUE).sum() > 100
+
+
+def test_a_report_of_many_classes_shows_the_best_and_the_worst(tmp_path):
+    from eval.example import write_example
+    from eval.report import evaluate_files, write_report
+
+    paths = write_example(tmp_path / "example")  # 30 classes
+    report = evaluate_files(
+        paths["predictions"], paths["labels"], paths["classes"], str(paths["weights"])
+    )
+    write_report(report, tmp_path / "out")
+    pixels = decode((tmp_path / "out" / "best_worst_classes.png").read_bytes())
+    bars = colored(pixels, BLUE).any(1), colored(pixels, RED).any(1)
+    # 10 blue bars above 10 red ones (bar rows are 16 px; the legend sits in the title line).
+    assert bars[0][40:].sum() == pytest.approx(10 * 11, abs=10)
+    assert bars[1][40:].sum() == pytest.approx(10 * 11, abs=10)
+    assert np.flatnonzero(bars[0][40:]).max() < np.flatnonzero(bars[1][40:]).min()

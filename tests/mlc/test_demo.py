@@ -61,3 +61,16 @@ def test_shapes_are_drawn_where_their_labels_say():
         minlength=len(SHAPES),
     )
     assert counts[0] > 2 * counts[-1] > 0
+
+
+def test_a_demo_stopped_during_training_does_not_evaluate(tmp_path, monkeypatch, capsys):
+    import mlc.train.loop
+
+    def stopped_train(config, **kwargs):  # what train() returns after Ctrl-C / SIGTERM
+        return {"stopped_by": "SIGINT", "samples": 64, "checkpoint": "ckpt.pt"}
+
+    monkeypatch.setattr(mlc.train.loop, "train", stopped_train)
+    args = ["demo", "--out", str(tmp_path), "--source", "shapes", "--quiet", "--workers", "1"]
+    assert main([*args, "--train-count", "40", "--test-count", "20"]) == 130
+    assert "SIGINT: stopped after 64 samples" in capsys.readouterr().out
+    assert not (tmp_path / "eval").exists()
