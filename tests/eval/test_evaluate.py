@@ -150,8 +150,10 @@ def test_the_scores_file_reproduces_the_report(single, mosaics, tmp_path):  # no
 
 def test_report_files_plots_and_intervals(single):
     out, summary = single
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("summary.json", "per_class.csv", "report.md"):
-        assert (out / name).is_file()
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     for name in ("ap_vs_frequency.png", "best_worst_classes.png", "ap_distribution.png"):
         image = Image.open(out / name)
         image.verify()
