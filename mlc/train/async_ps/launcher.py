@@ -54,6 +54,7 @@ def launch(config, resume: str | None = None, log=print) -> dict:
             daemon=False,
         )
     stop = {"signal": None}
+    failure = None
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in handlers:
         signal.signal(sig, lambda s, _f: stop.update(signal=signal.Signals(s).name))
@@ -66,8 +67,12 @@ def launch(config, resume: str | None = None, log=print) -> dict:
             f"{ps.node_rank}/{ps.nodes}), rendezvous {ps.addr}:{port}"
         )
         failure = _watch(procs, ps, stop, log)
+    except BaseException:
+        failure = "the launcher failed"
+        raise
     finally:
-        _end(procs, ps.stop_timeout)
+        # After a failure nothing is waited for: the job cannot go on without a server.
+        _end(procs, ps.stop_timeout if failure is None else 0.0)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     errors = _drain(messages)
@@ -95,6 +100,7 @@ def _watch(procs, ps, stop, log) -> str | None:
                 _signal(procs[("server", 0)], signal.SIGTERM)
             else:
                 return f"{stop['signal']} on node {ps.node_rank}"
+        failed = []  # servers that ended badly since the last look
         for (role, index), proc in procs.items():
             if proc.exitcode is None or (role, index) in reported:
                 continue
@@ -103,10 +109,15 @@ def _watch(procs, ps, stop, log) -> str | None:
                 if (role, index) == ("server", 0):
                     coordinator_done = time.time()
                 continue
-            how = _how(proc.exitcode)
             if role == "server":
-                return f"server {index} {how}"
-            log(f"async: worker {index} {how}; the other workers go on")
+                failed.append((index, proc.exitcode))
+            else:
+                log(f"async: worker {index} {_how(proc.exitcode)}; the other workers go on")
+        if failed:
+            # Name the cause: exit code 3 means "another process stopped answering", the
+            # consequence of a death that another server of the same look shows.
+            index, code = min(failed, key=lambda f: f[1] == node.PEER_LOST)
+            return f"server {index} {_how(code)}"
         if all(p.exitcode is not None for p in procs.values()):
             return None
         if coordinator_done and time.time() - coordinator_done > ps.stop_timeout:

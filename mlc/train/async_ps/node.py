@@ -16,6 +16,7 @@ import time
 import traceback
 
 PARENT_POLL = 0.5  # seconds
+PEER_LOST = 3  # exit code: another process of the job stopped answering
 
 
 def rank_of(role: str, index: int, servers: int) -> int:
@@ -68,10 +69,10 @@ def main(role: str, index: int, config, resume, port: int, messages) -> None:
         code = 2
         _report(messages, role, index, f"{name}: {e}")
     except PeerLost as e:
-        code = 3
+        code = PEER_LOST
         _report(messages, role, index, f"{name}: {e}")
     except RuntimeError as e:  # RPC failures: a peer died or the rendezvous timed out
-        code = 3
+        code = PEER_LOST
         _report(messages, role, index, f"{name}: {e}")
     except BaseException:  # noqa: BLE001 (report anything, then exit with 1)
         _report(messages, role, index, f"{name}: {traceback.format_exc()}")
@@ -150,4 +151,4 @@ def _exit_with_parent(parent: int) -> None:
     while True:
         time.sleep(PARENT_POLL)
         if os.getppid() != parent:
-            os._exit(3)
+            os._exit(PEER_LOST)
