@@ -26,7 +26,14 @@ from mlc.train.async_ps import server
 from mlc.train.async_ps.plan import Piece, assemble, split
 from mlc.train.checkpoint import save_checkpoint
 from mlc.train.logs import MetricsLog, write_curves
-from mlc.train.loop import TrainingError, _duration, _find_resume, _fmt, evaluate
+from mlc.train.loop import (
+    TrainingError,
+    _duration,
+    _find_resume,
+    _fmt,
+    evaluate,
+    learning_rate,
+)
 
 POLL = 0.05  # seconds between looks at the counters
 PING_EVERY = 2.0  # seconds between liveness checks of the other servers
@@ -114,8 +121,8 @@ class Coordinator:
                 f"same number of workers (now {ps.workers}): each continues its own data"
             )
         pieces = split(self.plan, state["model"])
+        trainable = {n for n, _ in self.model.named_parameters()}
         for s, counters in enumerate(state["servers"]):
-            trainable = {n for n, _ in self.model.named_parameters()}
             own = self.plan[s]
             part = {
                 "params": [t for p, t in zip(own, pieces[s], strict=True) if p.name in trainable],
@@ -234,6 +241,7 @@ class Coordinator:
             "samples": samples,
             "step": first["version"],
             "loss": loss,
+            "lr": learning_rate(self.config, samples, self.config.train.batch_size),
             "samples_per_s": rate,
             "versions": [s["version"] for s in stats],
             "dropped": [s["dropped"] for s in stats],
@@ -245,7 +253,8 @@ class Coordinator:
         self.metrics.write(record)
         worst = max((max(s["staleness"], default=0) for s in stats), default=0)
         self.say(
-            f"{samples:>10} samples  loss {_fmt(loss)}  {rate:7.1f} samples/s  versions "
+            f"{samples:>10} samples  loss {_fmt(loss)}  lr {record['lr']:.2e}  "
+            f"{rate:7.1f} samples/s  versions "
             f"{record['versions']}  staleness max {worst}  dropped {sum(record['dropped'])}"
         )
 
