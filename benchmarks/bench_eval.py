@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -136,7 +137,7 @@ def run_eval(checkpoint: str, data: str, split: str, workers: int, bootstrap: in
         "images": summary["images"],
         "pass_seconds": summary["seconds"],
         "wall_seconds": wall,
-        "command": " ".join(cmd[1:]).replace(out, "OUT"),
+        "command": " ".join(cmd[1:]).replace(out, "OUT").replace(checkpoint, "CKPT"),
     }
 
 
@@ -167,7 +168,8 @@ def main() -> None:
         print(RESULT + json.dumps(run(**json.loads(args.child_args))))
         return
 
-    table, verdicts = [], []
+    table, verdicts, notes = [], [], []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         data, split = (args.data, args.split) if args.data else find_data(Path(tmp))
         for size in [int(x) for x in args.image_size.split(",")]:
@@ -186,6 +188,12 @@ def main() -> None:
                     rows.append((f"mlc eval --workers {workers} --bootstrap {boot}", best))
             bare.append(child("bare", checkpoint=checkpoint, seconds=args.bare_seconds))
             reference = max(b["images_per_s"] for b in bare)
+            low = min(b["images_per_s"] for b in bare)
+            if low < 0.9 * reference:  # something else took the CPU during this size's rows
+                notes.append(
+                    f"DISTURBED at {size}x{size}: the bare forward runs differ by "
+                    f"{100 * (1 - low / reference):.0f}%; rerun on a quiet machine"
+                )
             runs = ", ".join(f"{b['images_per_s']:.0f}" for b in bare)
             table.append(
                 f"| {size} | bare forward, in-memory tensors (runs: {runs}) | "
@@ -218,6 +226,9 @@ def main() -> None:
     print("\n".join(table))
     print()
     print("\n".join(verdicts))
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min): {load_before} before, {load_after} after")
+    print("\n".join(notes))
     print(f"eval command: {rows[0][1]['command']}")
 
 
