@@ -321,3 +321,23 @@ def test_a_dead_server_stops_the_job_with_a_resumable_checkpoint(mosaics, tmp_pa
     state = last_state(out)  # complete and loadable (weights_only)
     assert state["mode"] == "async" and len(state["servers"]) == 2
     assert str(list_checkpoints(out)[-1]) in output
+
+
+def test_two_machines_launch_with_one_command_each(mosaics, tmp_path):
+    # The several-machine launch, with both "machines" here: the same command with ps.nodes=2
+    # and each node_rank; server i and worker j run on node i % 2 and j % 2.
+    from mlc.train.async_ps.launcher import free_port
+
+    out = tmp_path / "run"
+    common = async_args(mosaics, out, "train.samples=640", "ps.servers=2", "ps.nodes=2")
+    common += [f"ps.port={free_port()}"]
+    node1 = start([*common, "ps.node_rank=1"])
+    run([*common, "ps.node_rank=0"])
+    output, _ = node1.communicate(timeout=TIMEOUT)
+    assert node1.returncode == 0, output[-3000:]
+    assert "(2 here, node 1/2)" in output
+    placed = json.loads((out / "async" / "processes-node1.json").read_text())
+    assert {k for k in placed if k[:6] in ("server", "worker")} == {"server1", "worker1"}
+    state = last_state(out)
+    assert [s["version"] for s in state["servers"]] == [state["step"]] * 2  # no drops
+    assert state["samples"] >= 640 and all(p is not None for p in state["loader"])
