@@ -133,13 +133,15 @@ class PoissonBootstrap:
             )
         hashes = key_hashes(keys, self.seed)
         counts = poisson_counts(hashes, self.replicates)
-        weights = counts.T.astype(np.float64)  # float products of small integers: exact
+        # Integer products and an elementwise sum, not float matrix products: those go to
+        # numpy's BLAS, whose own thread pool fights torch's for the cores between batches.
         labels_np = lab.numpy()
-        self.positives += (weights @ (labels_np == 1)).astype(np.int64)
-        self.known += (weights @ (labels_np != -1)).astype(np.int64)
+        counts_t = np.ascontiguousarray(counts.T)
+        self.positives += counts_t @ (labels_np == 1).astype(np.int64)
+        self.known += counts_t @ (labels_np != -1).astype(np.int64)
         if image_ap is not None:
             has = ~np.isnan(image_ap)
-            self.image_sums += weights[:, has] @ image_ap[has]
+            self.image_sums += (counts[has] * image_ap[has, None]).sum(0)
             self.image_counts += counts[has].sum(0)
         batch = (
             s.T.masked_fill(lab.T == -1, NEG_INF),  # unknown items are in no ranking
