@@ -212,6 +212,8 @@ def main() -> None:
             default = rows[0][1]  # the first workers and bootstrap values: the defaults
             ratio = default["images_per_s"] / reference
             verdict = "met" if ratio >= TARGET else "MISSED"
+            if low < 0.9 * reference:
+                verdict += " (disturbed run: not valid)"
             verdicts.append(
                 f"{size}x{size}: {rows[0][0]} / bare forward = {ratio:.3f}; "
                 f"target >= {TARGET:.2f}: {verdict}"
@@ -228,6 +230,8 @@ def main() -> None:
     print("\n".join(verdicts))
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): {load_before} before, {load_after} after")
+    if load_before[0] > 1.5:
+        notes.append("the machine was busy when the run started (1-min load > 1.5)")
     print("\n".join(notes))
     print(f"eval command: {rows[0][1]['command']}")
 
