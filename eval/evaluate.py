@@ -42,7 +42,7 @@ from mlc.config import Config
 from mlc.data import ShardLoader, normalize
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.train.checkpoint import load_checkpoint
-from mlc.train.loop import build_model, loader_config
+from mlc.train.loop import build_model, loader_config, setup_distributed
 
 FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
 EVAL_BATCH = 256
@@ -135,18 +135,6 @@ def _weights(spec: str, config: Config, data: Path, match: ClassMatch):
 
 
 # ---------------------------------------------------------------- processes
-
-
-def _process_group() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
 
 
 def _gather(obj, rank: int, world: int) -> list | None:
@@ -340,7 +328,7 @@ def evaluate_checkpoint(
     """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere."""
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
-    rank, world, device = _process_group()
+    rank, world, device = setup_distributed()
     data = Path(data)
     model, config, model_ids, info = load_model(checkpoint)
     data_ids, data_names, annotation = _data_classes(data)

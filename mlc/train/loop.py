@@ -99,7 +99,8 @@ def make_optimizer(config: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -112,7 +113,7 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def train(config: Config, resume: str | None = None, log=print) -> dict:
-    rank, world, device = _setup_distributed()
+    rank, world, device = setup_distributed()
     t, d = config.train, config.data
     out = Path(t.out)
     say = log if rank == 0 else (lambda *a, **k: None)

@@ -6,8 +6,8 @@ import json
 import numpy as np
 from PIL import Image
 
+from data_tools.sources.shapes import CELL, GRID, SHAPES, shapes_catalog
 from mlc.cli import main
-from mlc.demo import CELL, GRID, SHAPES, shapes_catalog
 
 
 def test_demo_without_fashion_mnist_falls_back_to_shapes(tmp_path, capsys):
