@@ -274,6 +274,7 @@ def make_batches(
         mask = np.zeros((b, num_classes), dtype=np.uint8)
         valid = np.zeros(b, dtype=bool)
         keys = [""] * b
+        rows, positive_cols, known_rows, known_cols = [], [], [], []  # set once per batch
         for i in range(b):
             item = next(decoded, None)
             if item is None:
@@ -281,13 +282,17 @@ def make_batches(
                     raise AssertionError("a train slot ran dry")  # expand_tars cycles
                 break
             keys[i], images[i], (positives, negatives) = item
-            targets[i, positives] = 1
-            if full:
-                mask[i] = 1
-            else:
-                mask[i, positives] = 1
-                mask[i, negatives] = 1
+            rows += [i] * len(positives)
+            positive_cols += positives
+            if not full:
+                known_rows += [i] * (len(positives) + len(negatives))
+                known_cols += positives + negatives
             valid[i] = True
+        targets[rows, positive_cols] = 1
+        if full:
+            mask[valid] = 1
+        else:
+            mask[known_rows, known_cols] = 1
         batch = {
             # NHWC storage viewed as NCHW: channels_last, no copy.
             "images": torch.from_numpy(images).permute(0, 3, 1, 2),
