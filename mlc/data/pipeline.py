@@ -274,7 +274,7 @@ def make_batches(
         mask = np.zeros((b, num_classes), dtype=np.uint8)
         valid = np.zeros(b, dtype=bool)
         keys = [""] * b
-        rows, positive_cols, known_rows, known_cols = [], [], [], []  # set once per batch
+        positive_rows, positive_cols, known_rows, known_cols = [], [], [], []  # set once per batch
         for i in range(b):
             item = next(decoded, None)
             if item is None:
@@ -282,13 +282,13 @@ def make_batches(
                     raise AssertionError("a train slot ran dry")  # expand_tars cycles
                 break
             keys[i], images[i], (positives, negatives) = item
-            rows += [i] * len(positives)
+            positive_rows += [i] * len(positives)
             positive_cols += positives
             if not full:
                 known_rows += [i] * (len(positives) + len(negatives))
                 known_cols += positives + negatives
             valid[i] = True
-        targets[rows, positive_cols] = 1
+        targets[positive_rows, positive_cols] = 1
         if full:
             mask[valid] = 1
         else:
