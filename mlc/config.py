@@ -97,6 +97,7 @@ class PsConfig:
     rpc_timeout: float = 60.0  # seconds for any one call between processes
     start_timeout: float = 120.0  # seconds for all processes to start and meet
     stop_timeout: float = 30.0  # seconds a process gets to exit before it is killed
+    restart_workers: int = 0  # restarts per worker slot (replacements rejoin); 0 = none
 
 
 @dataclass
@@ -216,6 +217,11 @@ def _check_async(config: Config) -> None:
             raise ConfigError(f"ps.{key} must be >= 1")
     if ps.push_in_flight < 0:
         raise ConfigError("ps.push_in_flight must be >= 0")
+    if ps.restart_workers < 0:
+        raise ConfigError("ps.restart_workers must be >= 0")
+    # RPC ids are 16-bit: a replacement takes the id servers + workers * restart + slot
+    if ps.servers + ps.workers * (ps.restart_workers + 1) > 32768:
+        raise ConfigError("ps.restart_workers: servers + workers x (restarts + 1) must be <= 32768")
     if ps.max_staleness is not None and ps.max_staleness < 0:
         raise ConfigError("ps.max_staleness must be >= 0 (or null: no limit)")
     if not 0 <= ps.node_rank < ps.nodes:

@@ -6,6 +6,7 @@ Every run is a subprocess with a timeout and its own free rendezvous port (ps.po
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,8 +281,10 @@ def test_a_killed_worker_lets_the_others_finish(mosaics, tmp_path):
     output, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, output[-3000:]
     assert "worker 1 was killed by SIGKILL; the other workers go on" in output
+    assert "replacement" not in output  # ps.restart_workers=0 (the default): no restart
     summary = records(out, "summary")[-1]
     assert summary["lost_workers"] == [1] and summary["samples"] >= 1600
+    assert summary["restarts"] == {} and "worker1_r1" not in summary["pushes"]
     assert all_gone(out)
 
 
@@ -344,3 +347,49 @@ def test_two_machines_launch_with_one_command_each(mosaics, tmp_path):
     state = last_state(out)
     assert [s["version"] for s in state["servers"]] == [state["step"]] * 2  # no drops
     assert state["samples"] >= 640 and all(p is not None for p in state["loader"])
+
+
+def test_a_killed_worker_is_replaced_and_rejoins(mosaics, tmp_path):
+    # ps.restart_workers=1: the launcher starts a replacement for the killed worker's slot; it
+    # joins the running RPC group (dynamic membership), continues the slot's data stream from
+    # the last position server 0 received, pushes again, and the job ends normally.
+    out = tmp_path / "run"
+    proc = start(async_args(mosaics, out, "train.samples=4800", "ps.restart_workers=1"))
+
+    def worker1_pushed() -> bool:
+        train = (out / "metrics.jsonl").is_file() and records(out, "train")
+        return bool(train) and train[-1]["pushes"].get("worker1", 0) >= 2
+
+    wait_for(worker1_pushed, proc)
+    killed = pids(out)["worker1"]
+    os.kill(killed, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, output[-3000:]
+    assert "worker 1 was killed by SIGKILL; starting a replacement (restart 1 of 1)" in output
+    rejoined = [r for r in records(out, "worker") if r["event"] == "rejoined"]
+    assert [(r["worker"], r["name"], r["restart"]) for r in rejoined] == [(1, "worker1_r1", 1)]
+    summary = records(out, "summary")[-1]
+    assert summary["lost_workers"] == [] and summary["restarts"] == {"1": 1}
+    assert summary["samples"] >= 4800
+    assert summary["pushes"]["worker1_r1"] > 0  # the replacement's own pushes
+    # Its data stream continued after the last batch of the slot whose push server 0 received
+    # (each push is one batch: 37 batches per epoch per worker here, the kill came earlier).
+    start_at, final = rejoined[0]["position"], last_state(out)["loader"][1]
+    assert start_at == {"epoch": 0, "batch": summary["pushes"]["worker1"]}
+    assert (final["epoch"], final["batch"]) > (0, start_at["batch"])
+    assert pids(out)["worker1"] != killed and gone(killed)
+    assert all_gone(out)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ps.restart_workers=-1", "ps.restart_workers must be >= 0"),
+        ("ps.restart_workers=20000", "servers + workers x (restarts + 1)"),
+    ],
+)
+def test_restart_workers_is_validated(tmp_path, override, message):
+    from mlc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, async_args(tmp_path, tmp_path / "out", override))

@@ -3,6 +3,7 @@
     launcher.py     starts and watches this machine's processes (not torchrun: it would stop
                     the job when one worker dies)
     node.py         one process: join the torch.distributed.rpc group, be a server or a worker
+    membership.py   the dynamic group (ps.restart_workers > 0): a replacement worker joins
     plan.py         which server owns which tensor (the head split by class rows)
     server.py       a server's pieces, optimizer state, version counter, staleness counters
     worker.py       compute gradients, push them (bounded in flight), pull every n steps

@@ -3,7 +3,10 @@
 While RPC threads apply the workers' pushes, this loop watches the sample count (server 0 gets
 every push) and, as it crosses ``train.log_every`` / ``eval_every`` / ``checkpoint_every``,
 logs the counters of every server (staleness histograms, drops, throughput), validates the
-gathered model with the synchronous job's ``evaluate`` and writes checkpoints. A checkpoint is
+gathered model with the synchronous job's ``evaluate`` and writes checkpoints. It pings the
+workers every ``PING_EVERY`` seconds: one that does not answer is lost (logged, and a record of
+kind ``worker`` in metrics.jsonl); a replacement that registers for a lost slot rejoins (the
+same, event ``rejoined``). A checkpoint is
 one consistent cut: every server stops applying (pause), each hands over a copy of its pieces,
 optimizer state and counters, all go on (resume), and the cut is written as one file with the
 synchronous job's atomic saver.
@@ -46,18 +49,35 @@ class PeerLost(RuntimeError):
 # ------------------------------------------------------ RPC entry points for the workers
 
 _lock = threading.Lock()
-_registered: set[int] = set()
+_names: dict[int, str] = {}  # worker slot -> RPC name of its latest registered process
+_restarts: dict[int, int] = {}  # worker slot -> incarnation of that process (0: the first)
+_joined: list[dict] = []  # registrations of replacements, for the main loop to report
 _left: set[int] = set()
 _failures: list[str] = []
 
 
-def register(worker: int):
-    """A worker starts: its data position (from a resumed checkpoint, else None) and stop."""
+def register(worker: int, name: str | None = None, restart: int = 0):
+    """A worker starts: its data position and stop. The position is the one after the slot's
+    last push that server 0 received (from a resumed checkpoint, or from the process this one
+    replaces), else None (the start of its stream)."""
     srv = server._server()
-    with _lock:
-        _registered.add(worker)
     with srv.lock:
-        return srv.loader.get(worker), srv.stop
+        position, stop, samples = srv.loader.get(worker), srv.stop, srv.samples
+    with _lock:
+        _names[worker] = name or f"worker{worker}"
+        _restarts[worker] = restart
+        if restart:
+            _joined.append(
+                {
+                    "event": "rejoined",
+                    "worker": worker,
+                    "name": _names[worker],
+                    "restart": restart,
+                    "samples": samples,
+                    "position": position,
+                }
+            )
+    return position, stop
 
 
 def leave(worker: int) -> None:
@@ -83,6 +103,8 @@ class Coordinator:
         self.names = [f"server{s}" for s in range(len(plan))]
         self.best, self.last_checkpoint = -math.inf, None
         self.lost: set[int] = set()
+        self.lost_at: dict[int, float] = {}  # slot -> when it was found gone
+        self.started = time.time()
 
     def call(self, s: int, func, *args, timeout=None):
         """func on server s: a direct call for this process's server, RPC for the others."""
@@ -154,7 +176,7 @@ class Coordinator:
             self.metrics.close()
 
     def _loop(self) -> dict:
-        t, d, ps = self.config.train, self.config.data, self.config.ps
+        t, d = self.config.train, self.config.data
         srv = server.SERVER
         start_samples = srv.samples
         marks = {
@@ -179,7 +201,7 @@ class Coordinator:
                 self._ping_servers()
                 self._check_workers()
                 last_ping = time.time()
-            if finished or self.stop_signal["signal"] or len(self.lost) == ps.workers:
+            if finished or self.stop_signal["signal"] or self._every_worker_gone():
                 break
             if crossed["log_every"]:
                 self._log()
@@ -214,6 +236,8 @@ class Coordinator:
             "checkpoint": str(self.last_checkpoint),
             "stopped_by": self.stop_signal["signal"],
             "lost_workers": sorted(self.lost),
+            "restarts": {str(w): k for w, k in sorted(_restarts.items()) if k},
+            "pushes": dict(srv.pushes),
             "mode": "async",
         }
         self.metrics.write(summary, kind="summary")
@@ -248,6 +272,7 @@ class Coordinator:
             # per server: staleness -> applied updates (cumulative over the run)
             "staleness": [{str(k): v for k, v in sorted(s["staleness"].items())} for s in stats],
             "own_staleness_max": {str(w): v for w, v in sorted(first["own_staleness_max"].items())},
+            "pushes": first["pushes"],  # per worker process (a replacement has its own name)
             "lost_workers": sorted(self.lost),
         }
         self.metrics.write(record)
@@ -340,19 +365,59 @@ class Coordinator:
             self.call(s, server.ping, timeout=min(10.0, self.config.ps.rpc_timeout))
 
     def _worker_alive(self, w: int) -> bool:
+        ps = self.config.ps
+        with _lock:
+            name = _names.get(w)
         try:
-            rpc.rpc_sync(f"worker{w}", server.ping, timeout=min(5.0, self.config.ps.rpc_timeout))
+            rpc.get_worker_info(name or f"worker{w}")
+        except RuntimeError:  # not in the group yet (dynamic membership): give it start_timeout
+            return name is None and time.time() - self.started < ps.start_timeout
+        try:
+            rpc.rpc_sync(name or f"worker{w}", server.ping, timeout=min(5.0, ps.rpc_timeout))
             return True
         except RuntimeError:
             return False
 
     def _check_workers(self) -> None:
         with _lock:
+            joined = list(_joined)
+            _joined.clear()
+        for event in joined:  # replacements that registered since the last look
+            w = event["worker"]
+            self.lost.discard(w)
+            self.lost_at.pop(w, None)
+            self.metrics.write(event, kind="worker")
+            self.say(
+                f"worker {w} rejoined ({event['name']}, restart {event['restart']}) at "
+                f"{event['samples']} samples; its data continues from {event['position']}"
+            )
+        with _lock:
             waiting = set(range(self.config.ps.workers)) - _left - self.lost
+            names = dict(_names)
         for w in sorted(waiting):
             if not self._worker_alive(w):
                 self.lost.add(w)
-                self.say(f"worker {w} is gone (it does not answer); the others go on")
+                self.lost_at[w] = time.time()
+                name = names.get(w, f"worker{w}")
+                samples = server.SERVER.samples
+                self.metrics.write(
+                    {"event": "lost", "worker": w, "name": name, "samples": samples}, kind="worker"
+                )
+                self.say(f"worker {w} is gone ({name} does not answer); the others go on")
+
+    def _every_worker_gone(self) -> bool:
+        """Every slot lost, and none can still be replaced (ps.restart_workers left, and lost
+        less than ps.start_timeout ago: the launcher restarts a slot at once)."""
+        ps = self.config.ps
+        if len(self.lost) < ps.workers:
+            return False
+        with _lock:
+            restarts = dict(_restarts)
+        return not any(
+            restarts.get(w, 0) < ps.restart_workers
+            and time.time() - self.lost_at.get(w, 0.0) < ps.start_timeout
+            for w in self.lost
+        )
 
     def _wait_for_workers(self) -> None:
         deadline = time.time() + self.config.ps.stop_timeout + self.config.ps.rpc_timeout

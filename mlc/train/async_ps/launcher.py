@@ -1,11 +1,13 @@
 """The launcher: starts this machine's servers and workers and watches them.
 
 ``torchrun`` and ``mp.spawn`` stop the whole job when one process dies, which would throw away
-what the asynchronous mode is for. Here a worker that dies is reported and the others go on; a
-server that dies stops every local process (the job cannot go on without its parameters: the
-last checkpoint is the resume point); SIGTERM or Ctrl-C asks server 0 for a checkpoint and a
-clean stop. Every wait has a timeout: after the coordinator is done, or after a failure, the
-remaining processes get ``ps.stop_timeout`` seconds, then SIGTERM, then SIGKILL.
+what the asynchronous mode is for. Here a worker that dies is reported and the others go on
+(with ``ps.restart_workers`` > 0 a replacement is started for its slot, at most that many times
+per slot, and rejoins the running job: membership.py); a server that dies stops every local
+process (the job cannot go on without its parameters: the last checkpoint is the resume point);
+SIGTERM or Ctrl-C asks server 0 for a checkpoint and a clean stop. Every wait has a timeout:
+after the coordinator is done, or after a failure, the remaining processes get
+``ps.stop_timeout`` seconds, then SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ def launch(config, resume: str | None = None, log=print) -> dict:
     port = ps.port or free_port()
     context = mp.get_context("spawn")  # a fork would copy torch's threads and locks
     messages = context.SimpleQueue()  # put() writes at once: children end with os._exit
-    procs: dict[tuple[str, int], mp.Process] = {}
-    for role, index in local_roles(ps):
-        procs[(role, index)] = context.Process(
+
+    def make(role: str, index: int, restart: int = 0) -> mp.Process:
+        return context.Process(
             target=node.main,
-            args=(role, index, config, resume, port, messages),
-            name=f"mlc-{role}{index}",
+            args=(role, index, config, resume, port, messages, restart),
+            name=f"mlc-{role}{index}" + (f"-r{restart}" if restart else ""),
             daemon=False,
         )
+
+    procs: dict[tuple[str, int], mp.Process] = {}
+    for role, index in local_roles(ps):
+        procs[(role, index)] = make(role, index)
     stop = {"signal": None}
     failure = None
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -66,7 +72,7 @@ def launch(config, resume: str | None = None, log=print) -> dict:
             f"async: {ps.servers} servers, {ps.workers} workers ({len(procs)} here, node "
             f"{ps.node_rank}/{ps.nodes}), rendezvous {ps.addr}:{port}"
         )
-        failure = _watch(procs, ps, stop, log)
+        failure = _watch(procs, ps, stop, log, make, lambda: _write_processes(out, ps, port, procs))
     except BaseException:
         failure = "the launcher failed"
         raise
@@ -86,9 +92,12 @@ def launch(config, resume: str | None = None, log=print) -> dict:
     return _summary(out) if ("server", 0) in procs else {}
 
 
-def _watch(procs, ps, stop, log) -> str | None:
-    """Until every local process has ended; returns what failed, or None."""
+def _watch(procs, ps, stop, log, make, record) -> str | None:
+    """Until every local process has ended; returns what failed, or None. A worker that dies
+    is replaced (``make``, then ``record`` rewrites the pid file) while its slot has restarts
+    left and the job goes on."""
     reported: set = set()
+    restarts = {index: 0 for role, index in procs if role == "worker"}
     forwarded = False
     coordinator_done = None
     while True:
@@ -111,6 +120,16 @@ def _watch(procs, ps, stop, log) -> str | None:
                 continue
             if role == "server":
                 failed.append((index, proc.exitcode))
+            elif restarts[index] < ps.restart_workers and not (coordinator_done or stop["signal"]):
+                restarts[index] += 1
+                log(
+                    f"async: worker {index} {_how(proc.exitcode)}; starting a replacement "
+                    f"(restart {restarts[index]} of {ps.restart_workers})"
+                )
+                procs[(role, index)] = make(role, index, restarts[index])
+                procs[(role, index)].start()
+                reported.discard((role, index))
+                record()
             else:
                 log(f"async: worker {index} {_how(proc.exitcode)}; the other workers go on")
         if failed:
@@ -167,7 +186,7 @@ def _write_processes(out: Path, ps, port: int, procs) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"processes-node{ps.node_rank}.json"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data = {"port": port, "launcher": os.getpid()}
+    data = {"port": port, "launcher": os.getpid()}  # a replaced worker: its latest process
     data.update({f"{role}{index}": p.pid for (role, index), p in procs.items()})
     with tmp.open("w") as f:
         json.dump(data, f)

@@ -23,8 +23,9 @@ def rank_of(role: str, index: int, servers: int) -> int:
     return index if role == "server" else servers + index
 
 
-def main(role: str, index: int, config, resume, port: int, messages) -> None:
-    """Target of the launcher's spawned processes; never returns (os._exit)."""
+def main(role: str, index: int, config, resume, port: int, messages, restart: int = 0) -> None:
+    """Target of the launcher's spawned processes; never returns (os._exit). ``restart``: the
+    incarnation of a worker slot (0 first, k the k-th replacement: it joins a running job)."""
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
@@ -41,12 +42,14 @@ def main(role: str, index: int, config, resume, port: int, messages) -> None:
 
     # torch's RPC rendezvous itself uses a deprecated gloo call: not the operator's concern
     warnings.filterwarnings("ignore", message="You are using a Backend")
+    from mlc.train.async_ps import membership
     from mlc.train.async_ps.coordinator import PeerLost
     from mlc.train.loop import TrainingError
 
     ps = config.ps
     torch.set_num_threads(ps.threads)
-    code, name = 1, f"{role}{index}"
+    code = 1
+    name = membership.worker_name(index, restart) if role == "worker" else f"{role}{index}"
     try:
         options = rpc.TensorPipeRpcBackendOptions(
             init_method=f"tcp://{ps.addr}:{port}",
@@ -54,14 +57,30 @@ def main(role: str, index: int, config, resume, port: int, messages) -> None:
             rpc_timeout=ps.start_timeout,
             num_worker_threads=max(16, 4 * ps.workers + 8),
         )
-        rpc.init_rpc(
-            name,
-            rank=rank_of(role, index, ps.servers),
-            world_size=ps.servers + ps.workers,
-            rpc_backend_options=options,
-        )
+        if ps.restart_workers:  # dynamic membership: replacements can join (membership.py)
+            if restart:
+                dead = [membership.worker_name(index, k) for k in range(restart)]
+                membership.release_tokens(ps.addr, port, ps.start_timeout, dead)
+            membership.install(ps.start_timeout)
+            rank = (
+                membership.worker_rank(index, restart, ps.servers, ps.workers)
+                if role == "worker"
+                else index
+            )
+            rpc.init_rpc(name, rank=rank, rpc_backend_options=options)
+            if membership.forgotten:
+                left_out = ", ".join(membership.forgotten)
+                print(f"{name}: joined; gone members left out: {left_out}", flush=True)
+            membership.wait_for([f"server{s}" for s in range(ps.servers)], ps.start_timeout)
+        else:  # a static group: fixed at the rendezvous
+            rpc.init_rpc(
+                name,
+                rank=rank_of(role, index, ps.servers),
+                world_size=ps.servers + ps.workers,
+                rpc_backend_options=options,
+            )
         try:
-            _run(role, index, config, resume, stop_signal)
+            _run(role, index, config, resume, stop_signal, restart)
             code = 0
         finally:
             _shutdown(rpc, ps.stop_timeout)
@@ -81,7 +100,7 @@ def main(role: str, index: int, config, resume, port: int, messages) -> None:
     os._exit(code)  # skip interpreter teardown: RPC threads must not keep a finished process
 
 
-def _run(role: str, index: int, config, resume, stop_signal) -> None:
+def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -> None:
     import json
     from pathlib import Path
 
@@ -108,7 +127,7 @@ def _run(role: str, index: int, config, resume, stop_signal) -> None:
     plan = plan_shards({k: tuple(v.shape) for k, v in model.state_dict().items()}, ps.servers)
     if role == "worker":
         del model
-        run_worker(index, config, plan, len(class_ids))
+        run_worker(index, config, plan, len(class_ids), restart)
         return
     server.SERVER = server.Server(index, config, plan[index], model)
     server.BUILT.set()

@@ -51,6 +51,7 @@ class Server:
         self.samples = 0  # samples in those pushes: the job's clock (lr schedule, budget)
         self.staleness: Counter = Counter()  # staleness of applied updates -> count
         self.dropped = 0
+        self.pushes: Counter = Counter()  # worker process name -> pushes received (this start)
         self.own: dict[int, int] = {}  # worker -> max own updates applied since its pull
         self.recent: dict[int, deque] = {}  # worker -> versions its last updates applied at
         self.loader: dict[int, dict] = {}  # worker -> data position after its last push
@@ -58,20 +59,23 @@ class Server:
 
     # ------------------------------------------------------------------ called by workers
 
-    def push(self, worker, pulled, grads, stats, batch, loss=None, loader=None):
+    def push(self, worker, pulled, grads, stats, batch, loss=None, loader=None, name=None):
         """Apply one worker batch's gradients (or drop them if too stale); returns
         (version, stop). ``pulled``: this server's version the gradients were computed from;
-        ``stats``: the batch statistics of the buffer pieces (None for the batch counters)."""
+        ``stats``: the batch statistics of the buffer pieces (None for the batch counters);
+        ``name``: the worker process's RPC name (a replacement has its own)."""
         with self.lock:
             if not self.lock.wait_for(lambda: not self.paused, timeout=PAUSE_LIMIT):
                 print(f"server {self.index}: checkpoint cut took > {PAUSE_LIMIT}s; going on")
             before = self.samples
             self.received += 1
+            self.pushes[name if name is not None else f"worker{worker}"] += 1
             self.samples += batch
             # The budget is spent: this reply already tells the worker (pushes in flight still
             # land, so a run ends within W x (push_in_flight + 1) batches of train.samples).
             self.stop = self.stop or self.samples >= self.config.train.samples
-            if loader is not None:
+            if loader is not None and _later(loader, self.loader.get(worker)):
+                # Pushes in flight may be applied out of order: keep the furthest position
                 self.loader[worker] = loader
             if loss is not None:
                 self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
@@ -132,6 +136,7 @@ class Server:
                 "staleness": dict(self.staleness),
                 "dropped": self.dropped,
                 "own_staleness_max": dict(self.own),
+                "pushes": dict(self.pushes),
                 "loss_sum": self.loss_sum,
                 "loss_count": self.loss_count,
             }
@@ -165,6 +170,11 @@ class Server:
             self.samples, self.dropped = state["samples"], state["dropped"]
             self.staleness = Counter({int(k): v for k, v in state["staleness"].items()})
             self.loader = {int(k): v for k, v in state["loader"].items()}
+
+
+def _later(position: dict, than: dict | None) -> bool:
+    """A loader position ({"epoch", "batch"}) after another (or the first one)."""
+    return than is None or (position["epoch"], position["batch"]) > (than["epoch"], than["batch"])
 
 
 # ---------------------------------------------------------------------- RPC entry points

@@ -2,6 +2,10 @@
 servers without waiting for the answers (at most ``ps.push_in_flight`` unanswered), and pulls
 fresh parameters every ``ps.pull_every`` steps. It stops when a server says the job has seen
 ``train.samples`` samples.
+
+A replacement (``restart`` > 0, after the launcher saw the slot's process die) does the same:
+server 0 gives it the slot's data position after the last push server 0 received, and its
+first pull gives it the servers' current parameters.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ import torch
 import torch.distributed.rpc as rpc
 
 from mlc.data import ShardLoader, normalize
-from mlc.train.async_ps import coordinator, server
+from mlc.train.async_ps import coordinator, membership, server
 from mlc.train.async_ps.plan import Piece
 from mlc.train.loop import TrainingError, build_model, loader_config, masked_bce
 
 
-def run_worker(index: int, config, plan: list[list[Piece]], num_classes: int) -> None:
+def run_worker(
+    index: int, config, plan: list[list[Piece]], num_classes: int, restart: int = 0
+) -> None:
     t, d, ps = config.train, config.data, config.ps
-    torch.manual_seed(t.seed + index)  # dropout masks differ between workers
+    name = membership.worker_name(index, restart)
+    torch.manual_seed(t.seed + index + ps.workers * restart)  # dropout masks differ
     model = build_model(config, num_classes)  # its weights come from the servers
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -39,9 +46,14 @@ def run_worker(index: int, config, plan: list[list[Piece]], num_classes: int) ->
     loader = ShardLoader.from_dataset(
         d.dataset, d.train_split, loader_config(config, "train"), rank=index, world_size=ps.workers
     )
-    position, stop = call(servers[0], coordinator.register, index).wait()
-    if position is not None:  # resumed: continue this worker's data stream
+    position, stop = call(servers[0], coordinator.register, index, name, restart).wait()
+    if position is not None:  # resumed or replaced: continue this slot's data stream
         loader.load_state_dict(position)
+    if restart:
+        print(
+            f"{name}: rejoined as restart {restart} of worker {index}, data at {position}",
+            flush=True,
+        )
 
     def pull() -> tuple[list[int], bool]:
         replies = [f.wait() for f in [call(name, server.pull) for name in servers]]
@@ -87,7 +99,7 @@ def run_worker(index: int, config, plan: list[list[Piece]], num_classes: int) ->
             # The loss and the data position go to server 0 only: it keeps the log and the
             # positions a checkpoint records.
             extra = (loss.item(), loader.state_dict()) if s == 0 else (None, None)
-            args = (index, versions[s], grads, stats, t.batch_size, *extra)
+            args = (index, versions[s], grads, stats, t.batch_size, *extra, name)
             futures.append(call(servers[s], server.push, *args))
         in_flight.append(futures)
         while len(in_flight) > ps.push_in_flight or (
