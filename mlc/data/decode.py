@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import math
 import random
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -29,7 +31,49 @@ class DecodeError(ValueError):
     """The image bytes cannot be decoded."""
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MODES = {0: "L", 2: "RGB"}  # color type -> mode, for the PNGs _plain_png reads itself
+
+
+def _plain_png(data: bytes) -> Image.Image | None:
+    """An 8-bit, non-interlaced grayscale or RGB PNG without transparency, read without PIL's
+    plugin machinery (which costs more than decoding a 56x56 image): the chunks are walked
+    and CRC-checked here, and PIL's own PNG ("zip") decoder unfilters the pixels. None for
+    any other PNG (PIL's full reader takes it)."""
+    pos, idat, header = 8, [], None
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + length]
+        if len(body) < length or zlib.crc32(data[pos + 4 : pos + 8 + length]) != int.from_bytes(
+            data[pos + 8 + length : pos + 12 + length], "big"
+        ):
+            raise DecodeError(f"damaged PNG chunk {kind!r} at byte {pos}")
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        elif kind in (b"tRNS", b"PLTE", b"iCCP", b"gAMA", b"sBIT") or not kind[:1].islower():
+            return None  # transparency, palettes, color profiles, unknown critical chunks
+        pos += 12 + length
+    if header is None or kind != b"IEND":
+        return None
+    width, height, depth, color, _, _, interlace = header
+    if depth != 8 or interlace or color not in PNG_MODES:
+        return None
+    mode = PNG_MODES[color]
+    try:
+        return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
+    except Exception as e:  # noqa: BLE001
+        raise DecodeError(f"{type(e).__name__}: {e}") from None
+
+
 def _open(data: bytes) -> Image.Image:
+    if data[:8] == PNG_SIGNATURE:
+        im = _plain_png(data)
+        if im is not None:
+            return im
     try:
         return Image.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 (PIL raises many types)

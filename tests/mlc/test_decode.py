@@ -6,10 +6,11 @@ from __future__ import annotations
 import io
 import math
 import time
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 from mlc.data.decode import (
     CROP_RATIO,
@@ -20,6 +21,7 @@ from mlc.data.decode import (
     decode_train,
     random_crop_box,
 )
+from mlc.data.decode import _open as open_image
 
 
 def encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -304,6 +306,68 @@ def test_16_bit_png_is_scaled_not_clipped():
     out = decode_eval(data, 32, crop_fraction=1.0)
     expected = reference_eval(Image.fromarray((ramp >> 8).astype(np.uint8)), 32, 1.0)
     assert mean_abs_diff(out, expected) < 3
+
+
+def _pngs() -> dict[str, tuple[bytes, bool]]:
+    """name -> (PNG bytes, whether the short reader takes it rather than PIL's full one)."""
+    base = smooth_image(37, 23, seed=3)
+    gray16 = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    with_text = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "ancillary chunks are skipped")
+    base.save(with_text, "PNG", pnginfo=info)
+    return {
+        "L": (encode(base.convert("L"), "PNG"), True),
+        "RGB": (encode(base, "PNG"), True),
+        "RGB, tiny IDAT chunks": (encode(base, "PNG", compress_level=0), True),
+        "RGB with a text chunk": (with_text.getvalue(), True),
+        "L with transparency": (encode(base.convert("L"), "PNG", transparency=7), False),
+        "RGBA": (encode(base.convert("RGBA"), "PNG"), False),
+        "P": (encode(base.convert("P"), "PNG"), False),
+        "16-bit": (encode(gray16, "PNG"), False),
+        "interlaced": (_with_header_byte(encode(base, "PNG"), 12, 1), False),
+    }
+
+
+def _with_header_byte(png: bytes, offset: int, value: int) -> bytes:
+    """The PNG with IHDR byte ``offset`` set (12: interlace method; PIL cannot write Adam7)."""
+    header = bytearray(png[12:29])  # "IHDR" + 13 bytes
+    header[4 + offset] = value
+    crc = zlib.crc32(bytes(header)).to_bytes(4, "big")
+    return png[:12] + bytes(header) + crc + png[33:]
+
+
+@pytest.mark.parametrize("name", list(_pngs()))
+def test_png_short_reader_equals_pil(name, monkeypatch):
+    data, short = _pngs()[name]
+    declined = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: declined.append(name))
+    im = open_image(data)
+    monkeypatch.undo()
+    if not short:  # PIL's full reader takes it
+        assert declined == [name]
+        return
+    assert not declined
+    full = Image.open(io.BytesIO(data))
+    assert im.mode == full.mode and im.size == full.size
+    assert np.array_equal(np.asarray(im), np.asarray(full)), name
+
+
+def test_png_short_reader_detects_damage():
+    data = encode(smooth_image(40, 30), "PNG")
+    start = data.index(b"IDAT") + 20
+    flipped = data[:start] + bytes([data[start] ^ 1]) + data[start + 1 :]
+    with pytest.raises(DecodeError, match="damaged PNG chunk b'IDAT'"):
+        decode_eval(flipped, 16)
+    # a consistent chunk (CRC recomputed) whose compressed pixels are cut short
+    idat = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[idat : idat + 4], "big")
+    body = data[idat + 8 : idat + 8 + length // 2]
+    chunk = (len(body)).to_bytes(4, "big") + b"IDAT" + body
+    chunk += zlib.crc32(chunk[4:]).to_bytes(4, "big")
+    short = data[:idat] + chunk + data[idat + 12 + length :]
+    with pytest.raises(DecodeError):
+        decode_eval(short, 16)
 
 
 # ---------------------------------------------------------------- errors
