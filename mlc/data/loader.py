@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mlc.data.pipeline import EpochStream, LoaderConfig
+from mlc.data.pipeline import EpochStream, LoaderConfig, batch_views
+from mlc.data.turn import Turn, taking_turns
 from mlc.data.urls import Shard, dataset_shards
 from mlc.format import CLASSES_FILE
 
@@ -105,26 +106,43 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
+    def pauses_workers(self) -> bool:
+        """Whether workers decode only while the main process waits (mlc/data/turn.py):
+        by default when torch's threads already take every core."""
+        if self.config.num_workers == 0 or os.name != "posix":  # the gate relies on fork
+            return False
+        if self.config.pause_workers is not None:
+            return self.config.pause_workers
+        return (os.cpu_count() or 1) <= torch.get_num_threads()
+
     def __iter__(self):
         while True:
             stream = self._stream(self.epoch, self.batch)
             workers = self.config.num_workers
+            stream.turn = Turn() if self.pauses_workers() else None
             loader = DataLoader(
                 stream,
                 batch_size=None,
                 num_workers=workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=2 if workers else None,
+                multiprocessing_context="fork" if stream.turn else None,
                 # Its own generator: creating an iterator must not draw from torch's global
                 # RNG, or a resumed run's dropout masks would differ from an uninterrupted one.
                 generator=torch.Generator(),
             )
-            for raw in loader:
+            for raw in taking_turns(loader, stream.turn):
                 self.batch += 1
                 self.problems.update(raw["problems"])
                 if len(self.skipped_keys) < 1000:
                     self.skipped_keys.extend(raw["skipped"][: 1000 - len(self.skipped_keys)])
-                yield Batch(raw["images"], raw["targets"], raw["mask"], raw["valid"], raw["keys"])
+                c = self.config
+                images, targets, mask, valid = batch_views(
+                    raw["packed"], c.batch_size, c.image_size, c.channels, self.num_classes
+                )
+                # NHWC storage viewed as NCHW: channels_last, no copy.
+                images = images.permute(0, 3, 1, 2)
+                yield Batch(images, targets, mask, valid.view(torch.bool), raw["keys"])
             if self.config.mode == "eval":
                 self.batch = 0  # the next pass (the next validation) starts from the top
                 return

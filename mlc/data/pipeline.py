@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mlc.data.decode import DecodeError, decode_eval, decode_train
 from mlc.data.tarstream import tar_members
+from mlc.data.turn import wait_for_turn
 from mlc.data.urls import Shard, ShardOpenError, open_with_retries
 from mlc.format import IMAGE_EXTENSIONS
 
@@ -49,6 +50,9 @@ class LoaderConfig:
     num_workers: int = 2
     retries: int = 2  # extra attempts to open a shard before reporting it
     allow_pipe: bool = False  # allow pipe: URLs (they run commands)
+    # Workers decode only while the main process waits for a batch, not during its step:
+    # None = when the cores are too few for both (docs/loader.md, "Sharing cores").
+    pause_workers: bool | None = None
 
     def __post_init__(self):
         if self.mode not in ("train", "eval"):
@@ -235,9 +239,12 @@ def parse_labels(data: bytes, num_classes: int) -> tuple[list[int], list[int]]:
     lists = []
     for field_name in ("positives", "negatives"):
         values = labels.get(field_name) if isinstance(labels, dict) else None
-        if not isinstance(values, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_classes for v in values
-        ):
+        indices = (
+            isinstance(values, list)
+            and all(type(v) is int for v in values)  # not bool, a subclass of int
+            and (not values or min(values) >= 0 and max(values) < num_classes)
+        )
+        if not indices:
             raise ValueError(f"{field_name} is not a list of class indices < {num_classes}")
         lists.append(values)
     return lists[0], lists[1]
@@ -262,43 +269,60 @@ def decode_samples(samples, config: LoaderConfig, epoch: int, num_classes: int, 
         yield sample["key"], pixels, labels
 
 
+def batch_views(packed, batch: int, size: int, channels: int, num_classes: int):
+    """(images NHWC, targets, mask, valid) as views of one flat uint8 buffer (numpy or torch).
+
+    A batch crosses from a DataLoader worker to the main process as this one buffer: torch
+    hands every tensor over through its own shared-memory file and socket handshake, ~0.3 ms
+    each, which for four tensors was a third of a 56x56 batch's decoding time.
+    """
+    ends = np.cumsum([batch * size * size * channels, batch * num_classes, batch * num_classes])
+    images = packed[: ends[0]].reshape(batch, size, size, channels)
+    targets = packed[ends[0] : ends[1]].reshape(batch, num_classes)
+    mask = packed[ends[1] : ends[2]].reshape(batch, num_classes)
+    valid = packed[ends[2] : ends[2] + batch]
+    return images, targets, mask, valid
+
+
+def packed_size(batch: int, size: int, channels: int, num_classes: int) -> int:
+    return batch * (size * size * channels + 2 * num_classes + 1)
+
+
 def make_batches(
     decoded, config: LoaderConfig, count: int, num_classes: int, full: bool, problems: Problems
 ):
     """Exactly ``count`` batches; eval pads the last ones with invalid entries (valid=False)."""
-    size, b = config.image_size, config.batch_size
+    shape = (config.batch_size, config.image_size, config.channels, num_classes)
     decoded = iter(decoded)
     for _ in range(count):
-        images = np.zeros((b, size, size, config.channels), dtype=np.uint8)
-        targets = np.zeros((b, num_classes), dtype=np.uint8)
-        mask = np.zeros((b, num_classes), dtype=np.uint8)
-        valid = np.zeros(b, dtype=bool)
-        keys = [""] * b
+        packed = np.zeros(packed_size(*shape), dtype=np.uint8)
+        images, targets, mask, valid = batch_views(packed, *shape)
+        gray = GrayRows(images)
+        keys = [""] * config.batch_size
         positive_rows, positive_cols, known_rows, known_cols = [], [], [], []  # set once per batch
-        for i in range(b):
+        for i in range(config.batch_size):
             item = next(decoded, None)
             if item is None:
                 if config.mode == "train":
                     raise AssertionError("a train slot ran dry")  # expand_tars cycles
                 break
-            keys[i], images[i], (positives, negatives) = item
+            keys[i], pixels, (positives, negatives) = item
+            if not gray.put(i, pixels):
+                images[i] = pixels
             positive_rows += [i] * len(positives)
             positive_cols += positives
             if not full:
                 known_rows += [i] * (len(positives) + len(negatives))
                 known_cols += positives + negatives
-            valid[i] = True
+            valid[i] = 1
+        gray.fill()
         targets[positive_rows, positive_cols] = 1
         if full:
-            mask[valid] = 1
+            mask[valid.view(bool)] = 1
         else:
             mask[known_rows, known_cols] = 1
         batch = {
-            # NHWC storage viewed as NCHW: channels_last, no copy.
-            "images": torch.from_numpy(images).permute(0, 3, 1, 2),
-            "targets": torch.from_numpy(targets),
-            "mask": torch.from_numpy(mask),
-            "valid": torch.from_numpy(valid),
+            "packed": torch.from_numpy(packed),
             "keys": keys,
             "skipped": list(problems.keys),
             "problems": dict(problems.counts),  # since the previous batch of this worker
@@ -306,6 +330,38 @@ def make_batches(
         problems.keys.clear()
         problems.counts.clear()
         yield batch
+
+
+class GrayRows:
+    """Grayscale images of an RGB batch, kept as one channel until the batch is complete.
+
+    The decoder gives a grayscale image for an RGB model as a broadcast view (channel stride
+    0); numpy copies such a view into an RGB batch row at ~15 us for 64x64, torch repeats the
+    channel for the whole batch at ~3 us per image. Fashion-MNIST-like data is all grayscale.
+    """
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.rows, self.gray = images, [], None
+
+    def put(self, i: int, pixels: np.ndarray) -> bool:
+        """Keep row i if it is a grayscale image for an RGB batch; False: not taken."""
+        if pixels.strides[2] != 0 or self.images.shape[3] != 3:
+            return False
+        if self.gray is None:
+            self.gray = np.zeros(self.images.shape[:3] + (1,), dtype=np.uint8)
+        self.gray[i] = pixels[:, :, :1]
+        self.rows.append(i)
+        return True
+
+    def fill(self) -> None:
+        """Write the kept rows into the batch, repeated over the three channels."""
+        if not self.rows:
+            return
+        images, gray = torch.from_numpy(self.images), torch.from_numpy(self.gray)
+        if len(self.rows) == len(images):
+            images.copy_(gray.expand(images.shape))
+        else:
+            images[self.rows] = gray[self.rows].expand(-1, -1, -1, 3)
 
 
 # ---------------------------------------------------------------- one rank's epoch
@@ -329,6 +385,7 @@ class EpochStream(IterableDataset):
         self.shards, self.num_classes, self.full = shards, num_classes, full_annotation
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.start_batch = epoch, start_batch
+        self.turn = None  # a Turn when workers pause during the step (ShardLoader sets it)
 
     def workers(self) -> int:
         return max(1, self.config.num_workers)
@@ -366,6 +423,7 @@ class EpochStream(IterableDataset):
         stages: list[Callable] = [
             lambda _: passes(one_pass, repeat=train),
             lambda s: skip(s, done * c.batch_size),
+            lambda s: wait_for_turn(s, self.turn) if info and self.turn else s,
             lambda s: decode_samples(s, c, self.epoch, self.num_classes, problems),
             lambda s: make_batches(s, c, count - done, self.num_classes, self.full, problems),
         ]

@@ -46,6 +46,7 @@ def loader_config(config: Config, mode: str) -> LoaderConfig:
         seed=t.seed,
         num_workers=d.num_workers,
         allow_pipe=d.allow_pipe,
+        pause_workers=d.pause_workers,
     )
 
 
