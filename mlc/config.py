@@ -32,7 +32,6 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train crop area
     crop_fraction: float = 0.875  # eval: central crop of the shorter side
     allow_pipe: bool = False  # pipe: URLs run commands; only for shard lists you trust
-    pause_workers: bool | None = None  # workers decode only while the step waits; None: auto
 
 
 @dataclass

@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlc.data.pipeline import EpochStream, LoaderConfig, batch_views
-from mlc.data.turn import Turn, taking_turns
 from mlc.data.urls import Shard, dataset_shards
 from mlc.format import CLASSES_FILE
 
@@ -106,32 +105,21 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
-    def pauses_workers(self) -> bool:
-        """Whether workers decode only while the main process waits (mlc/data/turn.py):
-        by default when torch's threads already take every core."""
-        if self.config.num_workers == 0 or os.name != "posix":  # the gate relies on fork
-            return False
-        if self.config.pause_workers is not None:
-            return self.config.pause_workers
-        return (os.cpu_count() or 1) <= torch.get_num_threads()
-
     def __iter__(self):
         while True:
             stream = self._stream(self.epoch, self.batch)
             workers = self.config.num_workers
-            stream.turn = Turn() if self.pauses_workers() else None
             loader = DataLoader(
                 stream,
                 batch_size=None,
                 num_workers=workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=2 if workers else None,
-                multiprocessing_context="fork" if stream.turn else None,
                 # Its own generator: creating an iterator must not draw from torch's global
                 # RNG, or a resumed run's dropout masks would differ from an uninterrupted one.
                 generator=torch.Generator(),
             )
-            for raw in taking_turns(loader, stream.turn):
+            for raw in loader:
                 self.batch += 1
                 self.problems.update(raw["problems"])
                 if len(self.skipped_keys) < 1000:

@@ -29,7 +29,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mlc.data.decode import DecodeError, decode_eval, decode_train
 from mlc.data.tarstream import tar_members
-from mlc.data.turn import wait_for_turn
 from mlc.data.urls import Shard, ShardOpenError, open_with_retries
 from mlc.format import IMAGE_EXTENSIONS
 
@@ -50,9 +49,6 @@ class LoaderConfig:
     num_workers: int = 2
     retries: int = 2  # extra attempts to open a shard before reporting it
     allow_pipe: bool = False  # allow pipe: URLs (they run commands)
-    # Workers decode only while the main process waits for a batch, not during its step:
-    # None = when the cores are too few for both (docs/loader.md, "Sharing cores").
-    pause_workers: bool | None = None
 
     def __post_init__(self):
         if self.mode not in ("train", "eval"):
@@ -385,7 +381,6 @@ class EpochStream(IterableDataset):
         self.shards, self.num_classes, self.full = shards, num_classes, full_annotation
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.start_batch = epoch, start_batch
-        self.turn = None  # a Turn when workers pause during the step (ShardLoader sets it)
 
     def workers(self) -> int:
         return max(1, self.config.num_workers)
@@ -423,7 +418,6 @@ class EpochStream(IterableDataset):
         stages: list[Callable] = [
             lambda _: passes(one_pass, repeat=train),
             lambda s: skip(s, done * c.batch_size),
-            lambda s: wait_for_turn(s, self.turn) if info and self.turn else s,
             lambda s: decode_samples(s, c, self.epoch, self.num_classes, problems),
             lambda s: make_batches(s, c, count - done, self.num_classes, self.full, problems),
         ]

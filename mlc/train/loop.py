@@ -46,7 +46,6 @@ def loader_config(config: Config, mode: str) -> LoaderConfig:
         seed=t.seed,
         num_workers=d.num_workers,
         allow_pipe=d.allow_pipe,
-        pause_workers=d.pause_workers,
     )
 
 

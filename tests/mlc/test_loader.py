@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-import mlc.data.pipeline
 import mlc.data.urls
 from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize, url_shards
 from mlc.data.decode import decode_eval, decode_train
@@ -552,50 +550,3 @@ def test_an_eval_loader_can_be_iterated_again(full_ds):
     loader = ShardLoader.from_dataset(full_ds.path, "train", eval_config(num_workers=0), rank=0)
     first, second = valid_keys(list(loader)), valid_keys(list(loader))
     assert sorted(first) == sorted(full_ds.keys) and second == first
-
-
-# ---------------------------------------------------------------- workers sharing the cores
-
-
-@pytest.mark.parametrize("pause", [True, False])
-def test_paused_workers_decode_only_while_the_main_process_waits(
-    partial_ds, tmp_path, monkeypatch, pause
-):
-    """With pause_workers, no worker starts a sample while the main process is busy with a
-    batch (one already started may finish); without it, they decode ahead during that time.
-    Either way the batches are the same."""
-    log = tmp_path / "decode-times"
-    real = mlc.data.pipeline.decode_eval
-
-    def logged(*args, **kwargs):
-        with open(log, "a") as f:  # time.monotonic() is one clock for all processes
-            f.write(f"{time.monotonic()}\n")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mlc.data.pipeline, "decode_eval", logged)  # the forked workers see it
-    loader = partial_ds.loader(eval_config(num_workers=2, pause_workers=pause))
-    assert loader.pauses_workers() == pause
-    steps, batches = [], []
-    for batch in loader:  # the "step": 0.1 s with the batch
-        start = time.monotonic()
-        batches.append(batch)
-        time.sleep(0.1)
-        steps.append((start, time.monotonic()))
-    times = [float(t) for t in log.read_text().split()]
-    during = [sum(start < t < end for t in times) for start, end in steps]
-    if pause:
-        assert max(during) <= 2, during  # at most the one sample each worker had begun
-    else:
-        assert sum(during) >= 10, during  # the control: free workers fill their prefetch
-    reference = partial_ds.loader(eval_config(num_workers=2, pause_workers=not pause))
-    assert valid_keys(batches) == valid_keys(list(reference))
-
-
-def test_pause_workers_default_follows_the_cores(partial_ds, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert partial_ds.loader(eval_config(num_workers=2)).pauses_workers()
-    assert not partial_ds.loader(eval_config(num_workers=0)).pauses_workers()
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert not partial_ds.loader(eval_config(num_workers=2)).pauses_workers()
-    assert partial_ds.loader(eval_config(num_workers=2, pause_workers=True)).pauses_workers()
