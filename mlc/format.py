@@ -2,7 +2,7 @@
 
 A dataset folder holds, per split (docs/format.md has the full description):
 - ``<split>-000000.tar`` ...: WebDataset shards. Sample ``<key>`` is two tar members:
-  ``<key>.<jpg|png|webp>`` (the image bytes) and ``<key>.json`` (SAMPLE_FIELDS below).
+  ``<key>.<jpg|png|webp|ppm>`` (the image bytes) and ``<key>.json`` (SAMPLE_FIELDS below).
 - ``<split>.manifest.parquet``: one row per sample (MANIFEST_SCHEMA).
 - ``<split>.stats.json``: sample counts, per-shard counts, per-class positive/negative counts.
 - ``<split>.report.json``: what was read, written and skipped, by reason.
@@ -21,7 +21,9 @@ FORMAT_VERSION = 1
 CLASSES_FILE = "classes.json"
 OPENCLIP_SIZES_FILE = "sizes.json"
 TIMM_INFO_FILE = "_info.json"
-IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> member suffix
+# PIL format -> member suffix. PPM is binary PGM/PPM (P5/P6): uncompressed, for tiny images
+# whose PNG decoding costs more than everything else the loader does with them.
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "PPM": "ppm"}
 
 # The sample's <key>.json: original id, class indices of positives and verified negatives, the
 # stored image's size, and where the image came from.

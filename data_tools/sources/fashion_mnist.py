@@ -353,7 +353,10 @@ def mosaic_catalog(
 
 
 class MosaicLoader:
-    """Composes a mosaic from its recipe and returns it as PNG bytes (mode "L").
+    """Composes a mosaic from its recipe and returns it as binary PGM bytes (mode "L").
+
+    PGM, not PNG: uncompressed (3.1 KB against ~2 KB for 56x56), but it costs nothing to
+    decode, where PNG's inflate and unfiltering were a third of the loader's time per mosaic.
 
     Picklable; the split's images are read on first use in each process and kept on the instance.
     """
@@ -373,7 +376,7 @@ class MosaicLoader:
         self._images = None
 
     def __repr__(self) -> str:
-        return f"MosaicLoader(root={self.root!r}, split={self.split!r}, grid={self.grid})"
+        return f"MosaicLoader(root={self.root!r}, split={self.split!r}, grid={self.grid}, pgm)"
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, MosaicLoader):
@@ -414,5 +417,5 @@ class MosaicLoader:
 
     def load(self, locator: str) -> bytes:
         buffer = io.BytesIO()
-        Image.fromarray(self.compose(locator)).save(buffer, format="PNG")
+        Image.fromarray(self.compose(locator)).save(buffer, format="PPM")
         return buffer.getvalue()

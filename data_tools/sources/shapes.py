@@ -44,11 +44,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box, ink: int, width: int) -> N
 
 
 class ShapesLoader:
-    """Renders a locator "<image seed>:<shape or -1 per cell>" as a grayscale PNG: each shape
-    with a random size, position, brightness and stroke, fixed by the seed. Picklable."""
+    """Renders a locator "<image seed>:<shape or -1 per cell>" as a grayscale binary PGM (as
+    the Fashion-MNIST mosaics: nothing to decode): each shape with a random size, position,
+    brightness and stroke, fixed by the seed. Picklable."""
 
     def __repr__(self) -> str:  # in the shard plan: a rerun must recognise its own shards
-        return f"ShapesLoader(cell={CELL}, grid={GRID}, shapes={len(SHAPES)})"
+        return f"ShapesLoader(cell={CELL}, grid={GRID}, shapes={len(SHAPES)}, pgm)"
 
     def load(self, locator: str) -> bytes:
         seed, cells = locator.split(":")
@@ -64,7 +65,7 @@ class ShapesLoader:
             ink, width = int(rng.integers(110, 256)), int(rng.integers(2, 5))
             _draw(draw, SHAPES[shape], (x, y, x + size, y + size), ink, width)
         out = io.BytesIO()
-        image.save(out, format="PNG")
+        image.save(out, format="PPM")
         return out.getvalue()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import struct
 import zlib
 
@@ -69,9 +70,32 @@ def _plain_png(data: bytes) -> Image.Image | None:
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
+PNM_MODES = {b"P5": "L", b"P6": "RGB"}
+PNM_HEADER = re.compile(rb"(P[56])\s+(\d+)\s+(\d+)\s+255\s")  # magic, width, height, maxval
+
+
+def _plain_pnm(data: bytes) -> Image.Image | None:
+    """A binary PGM/PPM with 8-bit samples and no comments, as a view of the bytes (nothing
+    to decode); None for any other (PIL's reader takes it)."""
+    header = PNM_HEADER.match(data)
+    if header is None:
+        return None
+    mode = PNM_MODES[header[1]]
+    width, height = int(header[2]), int(header[3])
+    if len(data) - header.end() != width * height * len(mode):
+        raise DecodeError(
+            f"{len(data) - header.end()} pixel bytes for a {width}x{height} {mode} PNM"
+        )
+    return Image.frombuffer(mode, (width, height), data[header.end() :], "raw", mode, 0, 1)
+
+
 def _open(data: bytes) -> Image.Image:
     if data[:8] == PNG_SIGNATURE:
         im = _plain_png(data)
+        if im is not None:
+            return im
+    elif data[:2] in PNM_MODES:
+        im = _plain_pnm(data)
         if im is not None:
             return im
     try:

@@ -49,7 +49,14 @@ def is_red(array: np.ndarray) -> bool:
 
 @pytest.mark.parametrize(
     ("fmt", "ext", "mode"),
-    [("JPEG", "jpg", "RGB"), ("PNG", "png", "RGBA"), ("WEBP", "webp", "RGB"), ("JPEG", "jpg", "L")],
+    [
+        ("JPEG", "jpg", "RGB"),
+        ("PNG", "png", "RGBA"),
+        ("WEBP", "webp", "RGB"),
+        ("JPEG", "jpg", "L"),
+        ("PPM", "ppm", "L"),  # binary PGM
+        ("PPM", "ppm", "RGB"),
+    ],
 )
 @pytest.mark.parametrize("verify", ["decode", "structure"])
 def test_pass_through_returns_the_original_bytes(fmt, ext, mode, verify):

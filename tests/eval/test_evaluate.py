@@ -71,7 +71,7 @@ def by_hand(model, dataset: Path):
         with tarfile.open(dataset / shard) as tar:
             for member in tar.getmembers():
                 key, _, suffix = member.name.partition(".")
-                if suffix == "png":
+                if suffix == "ppm":  # the mosaics are binary PGMs
                     image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
                     images[key] = np.asarray(image)
     keys = [row["key"] for row in manifest]

@@ -353,6 +353,43 @@ def test_png_short_reader_equals_pil(name, monkeypatch):
     assert np.array_equal(np.asarray(im), np.asarray(full)), name
 
 
+def _pnms() -> dict[str, tuple[bytes, bool]]:
+    """name -> (binary PGM/PPM bytes, whether the short reader takes it)."""
+    base = smooth_image(37, 23, seed=4)
+    gray = encode(base.convert("L"), "PPM")
+    pixels = gray[len(b"P5\n37 23\n255\n") :]
+    return {
+        "P5 (PGM)": (gray, True),
+        "P6 (PPM)": (encode(base, "PPM"), True),
+        "other whitespace": (b"P5  37\r\n23\t255\n" + pixels, True),
+        "a comment": (b"P5\n# made by hand\n37 23\n255\n" + pixels, False),
+        "16-bit": (encode(Image.fromarray(np.full((23, 37), 300, np.uint16)), "PPM"), False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_pnms()))
+def test_pnm_short_reader_equals_pil(name, monkeypatch):
+    data, short = _pnms()[name]
+    declined = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: declined.append(name))
+    im = open_image(data)
+    monkeypatch.undo()
+    assert declined == ([] if short else [name])
+    if short:
+        full = Image.open(io.BytesIO(data))
+        assert im.mode == full.mode and im.size == full.size == (37, 23)
+        assert np.array_equal(np.asarray(im), np.asarray(full)), name
+    out = decode_eval(data, 16)  # and both readers decode it to the same size
+    assert out.shape == (16, 16, 3)
+
+
+def test_pnm_with_missing_or_extra_pixels_is_a_decode_error():
+    data = encode(smooth_image(20, 10), "PPM")
+    for damaged in (data[:-1], data + b"\0"):
+        with pytest.raises(DecodeError, match="pixel bytes for a 20x10 RGB PNM"):
+            decode_eval(damaged, 8)
+
+
 def test_png_short_reader_detects_damage():
     data = encode(smooth_image(40, 30), "PNG")
     start = data.index(b"IDAT") + 20
