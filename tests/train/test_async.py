@@ -35,7 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 400 updates. Fewer updates leave the validation loss at its initial value (about 0.57): the
 # batch-norm running statistics (momentum 0.01) lag the weights. Measured here: the synchronous
 # job ends at 0.457-0.460 (two seeds), the async one (2 workers, each push answered before the
-# next step) at 0.450-0.469 over five runs, from 0.57.
+# next step) at 0.449-0.482 over 26 runs (mean 0.463), from 0.57.
 LEARN = ["data.crop_scale=[0.8, 1.0]", "data.crop_fraction=1.0", "model.head_prior=0.1"]
 LEARN += ["model.middle_blocks=1", "optim.lr=0.002", "train.samples=6400", "train.log_every=1600"]
 LEARN += ["train.eval_every=6400", "data.val_split=test"]
@@ -243,17 +243,23 @@ def check_staleness_log(out: Path, push_in_flight: int, pull_every: int) -> dict
 def test_two_workers_reach_the_synchronous_loss_and_log_staleness(
     mosaics, tmp_path, sync_reference
 ):
-    # Pushes answered before the next step: each gradient is at most the other worker's
-    # update behind. With one push in flight the loss spread over runs to 0.459-0.485 against
-    # sync's 0.460 (one run in four beyond 0.02); like this it stayed within 0.450-0.469.
-    out = tmp_path / "async"
-    run(async_args(mosaics, out, *LEARN, "ps.push_in_flight=0", "ps.pull_every=1"))
-    val = records(out, "val")[-1]
-    assert 6400 <= val["samples"] <= 6400 + 2 * 16  # W x (in flight + 1) batches over
-    assert abs(val["loss"] - sync_reference["loss"]) < 0.02, (val, sync_reference)
-    assert val["loss"] < sync_reference["initial_loss"] - 0.07  # it learned
-    histogram = check_staleness_log(out, push_in_flight=0, pull_every=1)
-    assert max(histogram) >= 1  # the other worker's updates do land in between
+    # Which update lands first differs from run to run, and so does the loss: over 26 runs of
+    # this setting 0.449-0.482 (mean 0.463, sd 0.009) against sync's 0.460, so one run in 13
+    # was beyond 0.02. The mean of three runs has a third of the variance (sd 0.005): that is
+    # what is compared. Pushes are answered before the next step (with one push in flight the
+    # runs spread wider still, 0.459-0.485).
+    losses = []
+    for run_index in range(3):
+        out = tmp_path / f"async{run_index}"
+        run(async_args(mosaics, out, *LEARN, "ps.push_in_flight=0", "ps.pull_every=1"))
+        val = records(out, "val")[-1]
+        assert 6400 <= val["samples"] <= 6400 + 2 * 16  # W x (in flight + 1) batches over
+        assert val["loss"] < sync_reference["initial_loss"] - 0.07  # it learned
+        losses.append(val["loss"])
+        histogram = check_staleness_log(out, push_in_flight=0, pull_every=1)
+        assert max(histogram) >= 1  # the other worker's updates do land in between
+    mean = sum(losses) / len(losses)
+    assert abs(mean - sync_reference["loss"]) < 0.02, (losses, sync_reference)
 
 
 def test_pushes_in_flight_bound_the_staleness(mosaics, tmp_path):
