@@ -3,8 +3,9 @@
 The crop is chosen first, in the stored image's coordinates (its size is in the sample's json
 and in the file header), and JPEG is then decoded at the smallest DCT scale that still leaves
 the crop at least ``size`` pixels wide: a 1024x768 source for a 299 crop decodes at 1/2 scale,
-which roughly halves the decode cost. Output: uint8 HxWxC numpy arrays; the batch is
-normalised to [-1, 1] later, on the whole tensor (mlc.data.pipeline.normalize).
+which roughly halves the decode cost. Output: the resized PIL image (the loader writes it
+into its batch), or as uint8 HxWxC numpy arrays; the batch is normalised to [-1, 1] later, on
+the whole tensor (mlc.data.pipeline.normalize).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def center_crop_box(width: int, height: int, fraction: float) -> tuple[float, ..
     return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
 
 
-def _decode_box(im: Image.Image, box, size: int, channels: int) -> np.ndarray:
+def _resize_box(im: Image.Image, box, size: int, channels: int) -> Image.Image:
+    """The box of ``im`` resized to size x size: mode "L" (grayscale, also for an RGB model:
+    repeating the one channel is left to the batch, a third of the resize's work) or "RGB"."""
     width, height = im.size
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
     mode = "L" if channels == 1 else "RGB"
@@ -159,18 +162,44 @@ def _decode_box(im: Image.Image, box, size: int, channels: int) -> np.ndarray:
             )
         scale = im.size[0] / width
         im = to_8bit(im)
-        # Grayscale for an RGB model: resize the one channel and repeat it afterwards (a
-        # broadcast view, copied once into the batch): a third of the resize's work.
-        gray_to_rgb = im.mode == "L" and mode == "RGB"
-        if im.mode != mode and not gray_to_rgb:
+        if im.mode != mode and not (im.mode == "L" and mode == "RGB"):
             im = im.convert("RGBA").convert(mode) if "transparency" in im.info else im.convert(mode)
-        im = im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(v * scale for v in box))
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(v * scale for v in box))
     except Exception as e:  # noqa: BLE001
         raise DecodeError(f"{type(e).__name__}: {e}") from None
+
+
+def as_array(im: Image.Image, channels: int, flip: bool = False) -> np.ndarray:
+    """HxWxC uint8 pixels of a resized image (a grayscale one for an RGB model as a broadcast
+    view), mirrored left-right if ``flip``."""
     pixels = np.asarray(im, dtype=np.uint8)
-    if gray_to_rgb:
-        return np.broadcast_to(pixels[:, :, None], (size, size, 3))
-    return pixels[:, :, None] if channels == 1 else pixels
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+        if channels == 3:
+            pixels = np.broadcast_to(pixels, pixels.shape[:2] + (3,))
+    return pixels[:, ::-1] if flip else pixels
+
+
+def resize_train(
+    data: bytes,
+    size: int,
+    rng: Random,
+    channels: int = 3,
+    scale: tuple[float, float] = CROP_SCALE,
+) -> tuple[Image.Image, bool]:
+    """Random resized crop (area fraction in ``scale``) to size x size, and whether to flip it
+    horizontally (the loader flips whole batches at once)."""
+    im = _open(data)
+    out = _resize_box(im, random_crop_box(*im.size, rng, scale), size, channels)
+    return out, rng.random() < 0.5
+
+
+def resize_eval(
+    data: bytes, size: int, crop_fraction: float = 0.875, channels: int = 3
+) -> Image.Image:
+    """Central crop (fraction of the shorter side) resized to size x size."""
+    im = _open(data)
+    return _resize_box(im, center_crop_box(*im.size, crop_fraction), size, channels)
 
 
 def decode_train(
@@ -179,14 +208,14 @@ def decode_train(
     rng: Random,
     channels: int = 3,
     scale: tuple[float, float] = CROP_SCALE,
-):
-    """Random resized crop (area fraction in ``scale``) to size x size, random horizontal flip."""
-    im = _open(data)
-    pixels = _decode_box(im, random_crop_box(*im.size, rng, scale), size, channels)
-    return pixels[:, ::-1] if rng.random() < 0.5 else pixels
+) -> np.ndarray:
+    """resize_train's crop as HxWxC pixels, flipped when it says so."""
+    im, flip = resize_train(data, size, rng, channels, scale)
+    return as_array(im, channels, flip)
 
 
-def decode_eval(data: bytes, size: int, crop_fraction: float = 0.875, channels: int = 3):
-    """Central crop (fraction of the shorter side) resized to size x size."""
-    im = _open(data)
-    return _decode_box(im, center_crop_box(*im.size, crop_fraction), size, channels)
+def decode_eval(
+    data: bytes, size: int, crop_fraction: float = 0.875, channels: int = 3
+) -> np.ndarray:
+    """resize_eval's crop as HxWxC pixels."""
+    return as_array(resize_eval(data, size, crop_fraction, channels), channels)

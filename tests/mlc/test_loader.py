@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mlc.data.urls
 from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize, url_shards
 from mlc.data.decode import decode_eval, decode_train
-from mlc.data.pipeline import sample_rng
+from mlc.data.pipeline import BatchImages, sample_rng
 from mlc.data.urls import ShardOpenError, open_url
 from mlc.format import OPENCLIP_SIZES_FILE
 
@@ -135,6 +136,35 @@ def test_train_batch_labels_and_augmentation(full_ds):
             rng = sample_rng(config.seed, 0, key)
             assert torch.equal(b.images[i], chw(decode_train(stored[key], SIZE, rng))), key
     check_labels(full_ds, epoch0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("paste", [True, False])
+@pytest.mark.parametrize(("channels", "gray_share"), [(3, 1.0), (3, 0.5), (1, 1.0), (3, 0.0)])
+def test_batch_images_rows_and_flips(monkeypatch, padded, paste, channels, gray_share):
+    """Each row is its image's as_array, mirrored when flipped, whatever mix of grayscale and
+    RGB images the batch holds; the same with PIL's in-place paste and without it."""
+    monkeypatch.setattr(BatchImages, "paste", paste)
+    rng = np.random.default_rng(channels + int(4 * gray_share))
+    batch, size = 6, 5
+    gray = rng.random(batch) < gray_share
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size, size), np.uint8), "L")
+        if g or channels == 1
+        else Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8), "RGB")
+        for g in gray
+    ]
+    flips = rng.random(batch) < 0.5
+    out = np.full((batch, size, size, channels), 99, np.uint8)
+    rows = BatchImages(out)
+    filled = batch - 1 if padded else batch  # padding: the last row stays as it was
+    for i in range(filled):
+        rows.put(i, images[i], bool(flips[i]))
+    rows.finish()
+    for i in range(filled):
+        pixels = np.broadcast_to(np.asarray(images[i]).reshape(size, size, -1), out.shape[1:])
+        assert np.array_equal(out[i], pixels[:, ::-1] if flips[i] else pixels), i
+    assert not padded or (out[-1] == 99).all()
 
 
 # ---------------------------------------------------------------- eval over ranks

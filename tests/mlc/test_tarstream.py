@@ -40,6 +40,22 @@ def test_same_members_as_tarfile(fmt):
     assert list(tar_members(io.BytesIO(data))) == expected == members
 
 
+class Trickle(io.BytesIO):
+    """A stream that returns at most 37 bytes per read, like a slow pipe."""
+
+    def read(self, n=-1):
+        return super().read(37 if n < 0 else min(n, 37))
+
+
+@pytest.mark.parametrize("chunk", [512, 700, 1 << 20])
+@pytest.mark.parametrize("stream", [io.BytesIO, Trickle])
+def test_chunked_reads_give_the_same_members(chunk, stream):
+    """Members cut out of read chunks at every alignment: chunks smaller than a member, ending
+    inside headers and padding, short reads."""
+    data = make_tar(MEMBERS, tarfile.GNU_FORMAT)
+    assert list(tar_members(stream(data), chunk=chunk)) == MEMBERS
+
+
 def test_damage_raises_read_error():
     data = make_tar(MEMBERS[:2], tarfile.GNU_FORMAT)
     with pytest.raises(tarfile.ReadError, match="truncated"):
