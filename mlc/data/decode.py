@@ -10,6 +10,7 @@ the whole tensor (mlc.data.pipeline.normalize).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -25,8 +26,33 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-# Anything with uniform(low, high) and random(): the loader passes random.Random, tests numpy's.
-Random = random.Random | np.random.Generator
+
+
+class KeyedRandom:
+    """random() and uniform(low, high) as a pure function of a text key (the loader's is seed,
+    epoch and sample key): counter-mode BLAKE2b, eight 53-bit uniforms per 64-byte digest.
+    Made in ~0.5 us; seeding a random.Random (a 624-word Mersenne Twister state) took ~4.5 us,
+    8% of loading a 64x64 training sample."""
+
+    __slots__ = ("_key", "_block", "_words")
+
+    def __init__(self, key: str):
+        self._key, self._block, self._words = key.encode(), 0, []
+
+    def random(self) -> float:
+        if not self._words:
+            salt = self._block.to_bytes(16, "little")  # the counter
+            digest = hashlib.blake2b(self._key, digest_size=64, salt=salt).digest()
+            self._words = list(struct.unpack("<8Q", digest))
+            self._block += 1
+        return (self._words.pop() >> 11) * 2.0**-53
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.random()
+
+
+# Anything with uniform(low, high) and random(): the loader passes KeyedRandom, tests numpy's.
+Random = KeyedRandom | random.Random | np.random.Generator
 
 
 class DecodeError(ValueError):

@@ -3,8 +3,10 @@ against independent PIL computations; JPEG draft mode; crop box rules; image mod
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import struct
 import time
 import zlib
 
@@ -16,6 +18,7 @@ from mlc.data.decode import (
     CROP_RATIO,
     CROP_SCALE,
     DecodeError,
+    KeyedRandom,
     center_crop_box,
     decode_eval,
     decode_train,
@@ -432,3 +435,26 @@ def test_sanity_of_constants():
     assert CROP_SCALE == (0.08, 1.0)
     assert math.isclose(CROP_RATIO[0], 3 / 4) and math.isclose(CROP_RATIO[1], 4 / 3)
     assert math.isclose(CROP_RATIO[0] * CROP_RATIO[1], 1.0)
+
+
+def test_keyed_random_is_blake2b_in_counter_mode():
+    """The draws are the 53 high bits of the digest's 64-bit words, last word first, with the
+    block number as the salt; the same key gives the same draws in any process."""
+    r = KeyedRandom("0:1:42")
+    draws = [r.random() for _ in range(20)]  # three digests
+    expected = []
+    for block in range(3):
+        salt = block.to_bytes(16, "little")
+        digest = hashlib.blake2b(b"0:1:42", digest_size=64, salt=salt).digest()
+        expected += [(w >> 11) / 2**53 for w in reversed(struct.unpack("<8Q", digest))]
+    assert draws == expected[:20]
+    assert KeyedRandom("0:1:42").uniform(2.0, 4.0) == 2.0 + 2.0 * draws[0]
+    assert KeyedRandom("0:1:43").random() != draws[0]
+
+
+def test_keyed_random_is_uniform():
+    values = np.array([KeyedRandom(f"k{i}").random() for i in range(4000)])
+    assert values.min() >= 0 and values.max() < 1
+    counts = np.histogram(values, bins=10, range=(0, 1))[0]
+    chi2 = (((counts - 400) ** 2) / 400).sum()
+    assert chi2 < 27.9  # chi-square, 9 degrees of freedom: exceeded with probability 0.001
