@@ -47,6 +47,9 @@ from eval.metrics import (
 # P(X <= j) for X ~ Poisson(1), j = 0..19: inverse-CDF sampling of the multiplicities
 # (P(X >= 20) < 1e-18, below the resolution of a 53-bit uniform).
 _CDF = np.cumsum([math.exp(-1) / math.factorial(j) for j in range(20)])
+# The same thresholds on the 53-bit integers u * 2**53 (exact: u >= c <=> u * 2**53 >= ceil(c *
+# 2**53) for multiples u of 2**-53), so the draws need no conversion to float.
+_THRESHOLDS = np.ceil(_CDF * 2.0**53).astype(np.uint64)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Pool entries x replicates expanded at a time when the replicates are ranked: bounds memory.
 _CHUNK = 4_000_000
@@ -91,8 +94,7 @@ def poisson_counts(hashes: np.ndarray, replicates: int, first: int = 0) -> np.nd
     b = np.arange(first + 1, first + replicates + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         bits = _splitmix64(hashes[:, None] + b[None, :] * _GOLDEN)
-    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return np.searchsorted(_CDF, uniform, side="right").astype(np.int64)
+    return np.searchsorted(_THRESHOLDS, bits >> np.uint64(11), side="right").astype(np.int64)
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
@@ -133,12 +135,13 @@ class PoissonBootstrap:
             )
         hashes = key_hashes(keys, self.seed)
         counts = poisson_counts(hashes, self.replicates)
-        # Integer products and an elementwise sum, not float matrix products: those go to
-        # numpy's BLAS, whose own thread pool fights torch's for the cores between batches.
-        labels_np = lab.numpy()
-        counts_t = np.ascontiguousarray(counts.T)
-        self.positives += counts_t @ (labels_np == 1).astype(np.int64)
-        self.known += counts_t @ (labels_np != -1).astype(np.int64)
+        # One float64 product in torch (exact: integer sums far below 2**53), not numpy's: its
+        # integer matmul has no fast kernel, and its float one goes to numpy's BLAS, whose own
+        # thread pool fights torch's for the cores between batches.
+        indicators = torch.cat([lab == 1, lab != -1], 1).double()
+        sums = (torch.from_numpy(counts.T).double() @ indicators).round().long().numpy()
+        self.positives += sums[:, : self.num_classes]
+        self.known += sums[:, self.num_classes :]
         if image_ap is not None:
             has = ~np.isnan(image_ap)
             self.image_sums += (counts[has] * image_ap[has, None]).sum(0)

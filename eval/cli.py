@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from eval.example import write_example
 from eval.report import DEFAULT_REPLICATES, evaluate_files, format_summary, write_report
+from mlc.launch import run_local_group
 
 HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K (docs/eval.md)"
 
@@ -31,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="loader processes (default: the training config's; on 2 cores 0 is fastest)",
     )
     g.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
+    g.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="local processes sharing the images, each with cores/N threads: on a CPU, 2 on 2 "
+        "cores makes the pass ~10%% faster, for ~2 s more start-up (default 1)",
+    )
 
     g = p.add_argument_group("from files")
     g.add_argument(
@@ -85,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _processes(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _example(args: argparse.Namespace) -> None:
@@ -146,6 +161,13 @@ def _from_checkpoint(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
+        if args.processes > 1:
+            if "WORLD_SIZE" in os.environ:
+                raise SystemExit(
+                    "mlc eval: --processes > 1 inside torchrun: set torchrun's --nproc-per-node"
+                )
+            # The same command in each process (the last --processes wins); rank 0 reports.
+            return run_local_group([*args.argv, "--processes", "1"], args.processes)
         report = _from_checkpoint(args)
         if report is None:  # not rank 0 of a torchrun job: rank 0 reports
             return 0

@@ -360,6 +360,8 @@ def evaluate_checkpoint(
         else None
     )
     model = _model_for_inference(model, fold, device)
+    if world > 1:
+        dist.barrier()  # the pass is timed from a common start ...
     start = time.perf_counter()
     _score_pass(
         model,
@@ -372,10 +374,10 @@ def evaluate_checkpoint(
         math.ceil(total / world),
         f"eval {split}",
     )
-    seconds = time.perf_counter() - start
     if writer is not None:
         writer.close()
     states = _gather(state.state(loader.problems), rank, world)
+    seconds = time.perf_counter() - start  # ... until the last process's share is in
     if rank != 0:
         return None
     if writer is not None:

@@ -37,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to rerun it in more processes
     keep_freed_memory()  # see mlc/runtime.py: page faults cost a quarter of a training step
     try:
         return SUBCOMMANDS[args.command].run(args)
     except USER_ERRORS as e:
         if os.environ.get("MLC_DEBUG"):
             raise
-        print(f"mlc {args.command}: error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{rank}mlc {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -26,8 +26,6 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-
-
 class KeyedRandom:
     """random() and uniform(low, high) as a pure function of a text key (the loader's is seed,
     epoch and sample key): counter-mode BLAKE2b, eight 53-bit uniforms per 64-byte digest.

@@ -178,27 +178,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_torchrun_equals_one_process(checkpoint, mosaics, tmp_path):  # noqa: F811
-    # Batches of 50 in both runs (the 2-rank run pads to whole batches), one thread each: the
-    # same per-image arithmetic, so the scores are bitwise equal and so must every figure be.
+def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):  # noqa: F811
+    """Two ranks under torchrun and two local processes of `--processes 2` give the
+    one-process result. Batches of 50 in every run (a 2-rank run pads
+    to whole batches), one thread each: the same per-image arithmetic, so the scores are
+    bitwise equal and so must every figure be."""
     common = ["--checkpoint", str(checkpoint[0]), "--data", str(mosaics), "--quiet"]
     common += ["--batch-size", "50", "--workers", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
-    for name, launcher in {
-        "one": [sys.executable, "-m", "mlc.cli"],
-        "two": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "-m",
-            "mlc.cli",
-        ],
-    }.items():
+    mlc_cli = [sys.executable, "-m", "mlc.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    for name, launcher, processes in [
+        ("one", mlc_cli, []),
+        ("two", [*torchrun, f"--master_port={_free_port()}", "-m", "mlc.cli"], []),
+        ("local", mlc_cli, ["--processes", "2"]),
+    ]:
         out = tmp_path / name
-        cmd = [*launcher, "eval", *common, "--output", str(out)]
+        cmd = [*launcher, "eval", *common, *processes, "--output", str(out)]
         cmd += ["--predictions", str(out / "scores.parquet")]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -206,23 +203,37 @@ def test_two_process_torchrun_equals_one_process(checkpoint, mosaics, tmp_path):
         table = pq.read_table(out / "scores.parquet").to_pydict()
         scores = dict(zip(table["key"], table["scores"], strict=True))
         results[name] = summary, scores, (out / "per_class.csv").read_text()
-    (one, scores_1, table_1), (two, scores_2, table_2) = results["one"], results["two"]
-    assert two["processes"] == 2 and one["processes"] == 1
-    assert scores_1 == scores_2  # every image scored once, identically
-    assert table_1 == table_2  # per-class AP@K, full AP, counts: exact
-    for key in (
-        "weighted_map_at_k",
-        "unweighted_map_at_k",
-        "full_map",
-        "image_map_at_k",
-        "images",
-        "classes_evaluated",
-        "images_evaluated",
-    ):
-        assert one[key] == two[key], key
-    ci_1, ci_2 = one["confidence_intervals"], two["confidence_intervals"]
-    assert ci_1["weighted_map_at_k"] == ci_2["weighted_map_at_k"]  # exact merge of replicates
-    assert ci_1["image_map_at_k"] == pytest.approx(ci_2["image_map_at_k"], abs=1e-12)
+    one, scores_1, table_1 = results["one"]
+    assert one["processes"] == 1
+    for name in ("two", "local"):
+        two, scores_2, table_2 = results[name]
+        assert two["processes"] == 2, name
+        assert scores_1 == scores_2, name  # every image scored once, identically
+        assert table_1 == table_2, name  # per-class AP@K, full AP, counts: exact
+        for key in (
+            "weighted_map_at_k",
+            "unweighted_map_at_k",
+            "full_map",
+            "image_map_at_k",
+            "images",
+            "classes_evaluated",
+            "images_evaluated",
+        ):
+            assert one[key] == two[key], (name, key)
+        ci_1, ci_2 = one["confidence_intervals"], two["confidence_intervals"]
+        assert ci_1["weighted_map_at_k"] == ci_2["weighted_map_at_k"]  # exact replicate merge
+        assert ci_1["image_map_at_k"] == pytest.approx(ci_2["image_map_at_k"], abs=1e-12)
+
+
+def test_local_processes_fail_together(mosaics, tmp_path):  # noqa: F811
+    """A failing rank ends the group: every rank says why (with its rank), the exit code is the
+    error's, nothing keeps running."""
+    cmd = [sys.executable, "-m", "mlc.cli", "eval", "--checkpoint", str(tmp_path / "none.pt")]
+    cmd += ["--data", str(mosaics), "--processes", "2", "--output", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "[rank 0] mlc eval: error:" in done.stderr and "no such checkpoint" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_classes_are_matched_by_id(checkpoint, mosaics, single, tmp_path, capsys):  # noqa: F811
