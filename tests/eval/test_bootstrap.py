@@ -2,6 +2,8 @@
 it stands for (rows repeated by their multiplicities), whatever the batching, row order or
 merging; the multiplicities are Poisson(1); intervals behave."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,25 @@ def test_each_replicate_is_the_library_on_its_resample(k):
         assert values["weighted"][b] == pytest.approx(expected.weighted_map, abs=1e-12)
         assert values["unweighted"][b] == pytest.approx(expected.unweighted_map, abs=1e-12)
         assert values["image"][b] == pytest.approx(np.nanmean(image_ap[rows]), abs=1e-12)
+
+
+def test_poisson_counts_are_the_inverse_cdf_of_the_hash_bits():
+    """Each multiplicity is the smallest j with u < P(X <= j), X ~ Poisson(1), for the uniform
+    u made of the 53 high bits of SplitMix64(hash + replicate * golden ratio)."""
+    hashes = key_hashes([f"img{i}" for i in range(3000)], 3)
+    counts = poisson_counts(hashes, 40)
+    cdf = np.cumsum([math.exp(-1) / math.factorial(j) for j in range(20)])
+    golden, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+    for i in range(0, 3000, 97):
+        for b in range(40):
+            x = (int(hashes[i]) + (b + 1) * golden) & mask
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+            u = ((x ^ (x >> 31)) >> 11) / 2**53
+            assert counts[i, b] == int(np.sum(cdf <= u)), (i, b)
+    frequencies = np.bincount(counts.ravel(), minlength=4)[:4] / counts.size
+    poisson = [math.exp(-1) / math.factorial(j) for j in range(4)]
+    assert frequencies == pytest.approx(poisson, abs=0.01)
 
 
 def test_positives_weights_follow_each_resample():
