@@ -76,13 +76,18 @@ def tar_members(stream, chunk: int = CHUNK) -> Iterator[tuple[str, bytes]]:
             raise tarfile.ReadError("bad tar header checksum")
         size = _number(header[124:136])
         start, padded = pos + BLOCK, size + (-size % BLOCK)
-        if len(buf) - start < padded:
-            buf = buf[start:] + _read_exact(stream, max(chunk, padded - (len(buf) - start)))
-            start = 0
-        data = buf[start : start + size]
+        if start + padded <= len(buf):
+            data, pos = buf[start : start + size], start + padded
+        elif padded < chunk:  # refill, keeping what is left
+            buf = buf[start:] + _read_exact(stream, chunk)
+            data, pos = buf[:size], padded  # past the end of a short last buffer: tolerated
+        else:  # a large member: the rest of it straight from the stream, not through buf
+            data = buf[start : start + size]
+            data += _read_exact(stream, size - len(data))
+            _read_exact(stream, padded - size - max(0, len(buf) - start - size))
+            buf, pos = b"", 0
         if len(data) < size:
             raise tarfile.ReadError("truncated tar member")
-        pos = start + padded  # past the end of buf when the last padding is missing: tolerated
         kind = header[156:157]
         if kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8")

@@ -47,7 +47,7 @@ class Trickle(io.BytesIO):
         return super().read(37 if n < 0 else min(n, 37))
 
 
-@pytest.mark.parametrize("chunk", [512, 700, 1 << 20])
+@pytest.mark.parametrize("chunk", [512, 700, 1000, 1500, 2100, 2600, 1 << 20])
 @pytest.mark.parametrize("stream", [io.BytesIO, Trickle])
 def test_chunked_reads_give_the_same_members(chunk, stream):
     """Members cut out of read chunks at every alignment: chunks smaller than a member, ending
