@@ -236,6 +236,12 @@ def test_local_processes_fail_together(mosaics, tmp_path):  # noqa: F811
     assert not (tmp_path / "out").exists()
 
 
+def test_processes_inside_torchrun_is_refused(checkpoint, mosaics, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the ranks exist already
+    with pytest.raises(SystemExit, match="nproc-per-node"):
+        run_eval(checkpoint[0], mosaics, tmp_path, "--processes", "2")
+
+
 def test_classes_are_matched_by_id(checkpoint, mosaics, single, tmp_path, capsys):  # noqa: F811
     path, model, class_ids = checkpoint
     state = torch.load(path, weights_only=True)
