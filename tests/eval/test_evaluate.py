@@ -5,7 +5,6 @@ labels from the manifest, and the dense metric library on the same scores."""
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ from PIL import Image
 from eval.metrics import class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
 from mlc.cli import main
 from mlc.config import load_config, to_dict
+from mlc.launch import free_port
 from mlc.train.loop import build_model
 from tests.train.conftest import mosaics  # noqa: F401 (the session's sharded mosaics)
 
@@ -172,12 +172,6 @@ def test_report_files_plots_and_intervals(single):
         assert low < summary[key] < high, key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):  # noqa: F811
     """Two ranks under torchrun and two local processes of `--processes 2` give the
     one-process result. Batches of 50 in every run (a 2-rank run pads
@@ -191,7 +185,7 @@ def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):  # noqa
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     for name, launcher, processes in [
         ("one", mlc_cli, []),
-        ("two", [*torchrun, f"--master_port={_free_port()}", "-m", "mlc.cli"], []),
+        ("two", [*torchrun, f"--master_port={free_port()}", "-m", "mlc.cli"], []),
         ("local", mlc_cli, ["--processes", "2"]),
     ]:
         out = tmp_path / name

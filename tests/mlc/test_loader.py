@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -30,6 +29,7 @@ from mlc.data.decode import decode_eval, decode_train
 from mlc.data.pipeline import BatchImages, sample_rng
 from mlc.data.urls import ShardOpenError, open_url
 from mlc.format import OPENCLIP_SIZES_FILE
+from mlc.launch import free_port
 
 from .conftest import Dataset, sample_images, tar_members, write_tar
 
@@ -535,12 +535,6 @@ def test_normalize():
 # ---------------------------------------------------------------- a real DDP job
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_ddp(partial_ds, tmp_path):
     """Two processes, gloo: a train epoch with an all_reduce per batch and an eval pass with an
     all_reduce per batch and an all_gather_object of the keys. Unequal batch counts would hang
@@ -552,7 +546,7 @@ def test_torchrun_ddp(partial_ds, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(job),
         str(partial_ds.path),
         str(result),

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 from mlc.cli import main
 from mlc.config import ConfigError, load_config, parse_override
+from mlc.launch import free_port
 from mlc.train.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from mlc.train.loop import learning_rate, masked_bce
 from tests.train.conftest import tiny_config
@@ -169,12 +169,6 @@ def test_resume_auto_skips_a_truncated_checkpoint(mosaics, tmp_path):
     assert state["samples"] == 160
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_single_process(mosaics, tmp_path):
     # Same global batch (2 x 16 against 1 x 32) and the same samples; the batches are composed
     # differently (per-rank slots), so results agree within a tolerance, not bitwise.
@@ -188,7 +182,7 @@ def test_two_process_ddp_matches_single_process(mosaics, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "mlc.cli",
         "train",
