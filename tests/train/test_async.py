@@ -30,15 +30,18 @@ TIMEOUT = 120  # seconds for any one run; a hang fails the test instead of the s
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-# A task on which the validation loss measures learning, and agrees between runs: crops that
-# keep the mosaic's items (as configs/demo.yaml), a head starting at p = 0.1, one middle block,
-# 400 updates. Fewer updates leave the validation loss at its initial value (about 0.57): the
-# batch-norm running statistics (momentum 0.01) lag the weights. Measured here: the synchronous
-# job ends at 0.457-0.460 (two seeds), the async one (2 workers, each push answered before the
-# next step) at 0.449-0.482 over 26 runs (mean 0.463), from 0.57.
+# A task on which the validation loss measures learning: crops that keep the mosaic's items (as
+# configs/demo.yaml), a head starting at p = 0.1, one middle block, 400 updates. Fewer updates
+# leave the validation loss at its initial value (about 0.57): the batch-norm running statistics
+# (momentum 0.01) lag the weights. Measured here (2026-11-30 09:40, after the loader's crop
+# randomness changed): the synchronous job ends at 0.450-0.477 over seeds 0-5 (0.4504 with seed
+# 0), the async one (2 workers, each push answered before the next step) at 0.448-0.508 over 28
+# runs (mean 0.466, two runs above 0.49), from 0.57. One seed's synchronous loss is one draw
+# from that spread, so the synchronous mode is represented by seeds 0, 1 and 2.
 LEARN = ["data.crop_scale=[0.8, 1.0]", "data.crop_fraction=1.0", "model.head_prior=0.1"]
 LEARN += ["model.middle_blocks=1", "optim.lr=0.002", "train.samples=6400", "train.log_every=1600"]
 LEARN += ["train.eval_every=6400", "data.val_split=test"]
+SEEDS = (0, 1, 2)
 
 
 def sets(overrides):
@@ -208,13 +211,17 @@ def test_one_worker_without_pipelining_is_the_synchronous_job(mosaics, tmp_path)
 
 @pytest.fixture(scope="module")
 def sync_reference(mosaics, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sync_reference")
-    args = tiny_config(mosaics, out, *LEARN)
+    """The synchronous job's final validation losses with SEEDS, and the initial loss."""
+    losses = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 threads next to the async tests' processes only contend
     try:
-        assert main(["train", *sets(args)]) == 0
-        config = load_config(None, args)
+        for seed in SEEDS:
+            out = tmp_path_factory.mktemp(f"sync_reference{seed}")
+            args = tiny_config(mosaics, out, *LEARN, f"train.seed={seed}")
+            assert main(["train", *sets(args)]) == 0
+            losses.append(records(out, "val")[-1]["loss"])
+        config = load_config(None, tiny_config(mosaics, out, *LEARN))
         classes = json.loads((mosaics / "classes.json").read_text())["classes"]
         torch.manual_seed(config.train.seed)  # the job's initial weights
         model = build_model(config, len(classes))
@@ -223,7 +230,12 @@ def sync_reference(mosaics, tmp_path_factory):
         )
     finally:
         torch.set_num_threads(threads)
-    return {**records(out, "val")[-1], "initial_loss": initial["loss"]}
+    return {"losses": losses, "initial_loss": initial["loss"]}
+
+
+def within(loss: float, reference: dict, tolerance: float) -> bool:
+    """loss lies within tolerance of the synchronous losses' range."""
+    return min(reference["losses"]) - tolerance < loss < max(reference["losses"]) + tolerance
 
 
 def check_staleness_log(out: Path, push_in_flight: int, pull_every: int) -> dict:
@@ -243,23 +255,25 @@ def check_staleness_log(out: Path, push_in_flight: int, pull_every: int) -> dict
 def test_two_workers_reach_the_synchronous_loss_and_log_staleness(
     mosaics, tmp_path, sync_reference
 ):
-    # Which update lands first differs from run to run, and so does the loss: over 26 runs of
-    # this setting 0.449-0.482 (mean 0.463, sd 0.009) against sync's 0.460, so one run in 13
-    # was beyond 0.02. The mean of three runs has a third of the variance (sd 0.005): that is
-    # what is compared. Pushes are answered before the next step (with one push in flight the
-    # runs spread wider still, 0.459-0.485).
+    # Which update lands first differs from run to run, and so does the loss (see LEARN): the
+    # median of three runs (seeds as the reference's) must lie within 0.02 of the synchronous
+    # losses. The median, as one run in 30 strays 0.03-0.04 above the async mean. Pushes are
+    # answered before the next step (with one push in flight the runs spread wider still).
     losses = []
-    for run_index in range(3):
-        out = tmp_path / f"async{run_index}"
-        run(async_args(mosaics, out, *LEARN, "ps.push_in_flight=0", "ps.pull_every=1"))
+    for seed in SEEDS:
+        out = tmp_path / f"async{seed}"
+        run(
+            async_args(
+                mosaics, out, *LEARN, "ps.push_in_flight=0", "ps.pull_every=1", f"train.seed={seed}"
+            )
+        )
         val = records(out, "val")[-1]
         assert 6400 <= val["samples"] <= 6400 + 2 * 16  # W x (in flight + 1) batches over
         assert val["loss"] < sync_reference["initial_loss"] - 0.07  # it learned
         losses.append(val["loss"])
         histogram = check_staleness_log(out, push_in_flight=0, pull_every=1)
         assert max(histogram) >= 1  # the other worker's updates do land in between
-    mean = sum(losses) / len(losses)
-    assert abs(mean - sync_reference["loss"]) < 0.02, (losses, sync_reference)
+    assert within(sorted(losses)[1], sync_reference, 0.02), (losses, sync_reference)
 
 
 def test_pushes_in_flight_bound_the_staleness(mosaics, tmp_path):
@@ -333,10 +347,10 @@ def test_kill_9_and_resume_continue_versions_and_quality(mosaics, tmp_path, sync
     assert final["step"] == final["samples"] // 16 and final["samples"] >= 6400
     assert final["loader"] != saved["loader"]  # the workers' data streams went on
     val = records(out, "val")[-1]
-    # Resumed runs measured 0.458-0.460 against the synchronous 0.460, and once 0.484 while the
-    # machine was loaded by other jobs (a descheduled worker's updates go stale): the same
-    # quality within 0.03, a quarter of what training gains over the initial 0.575.
-    assert abs(val["loss"] - sync_reference["loss"]) < 0.03, (val, sync_reference)
+    # One run, so within the spread of single async runs (0.448-0.508, see LEARN): within 0.04
+    # of the synchronous losses, a third of what training gains over the initial 0.57.
+    assert val["loss"] < sync_reference["initial_loss"] - 0.07  # it learned
+    assert within(val["loss"], sync_reference, 0.04), (val, sync_reference)
 
 
 def test_a_dead_server_stops_the_job_with_a_resumable_checkpoint(mosaics, tmp_path):
