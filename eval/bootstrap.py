@@ -94,7 +94,17 @@ def poisson_counts(hashes: np.ndarray, replicates: int, first: int = 0) -> np.nd
     b = np.arange(first + 1, first + replicates + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         bits = _splitmix64(hashes[:, None] + b[None, :] * _GOLDEN)
-    return np.searchsorted(_THRESHOLDS, bits >> np.uint64(11), side="right").astype(np.int64)
+    u = bits >> np.uint64(11)
+    # The count is the number of thresholds u reaches. 92% of draws are 0, 1 or 2: three
+    # comparisons settle them, and only the rest are searched (a third of the time of
+    # searchsorted over all of them).
+    counts = (u >= _THRESHOLDS[0]).astype(np.int64)
+    counts += u >= _THRESHOLDS[1]
+    tail = u >= _THRESHOLDS[2]
+    counts += tail
+    at = np.flatnonzero(tail)
+    counts.flat[at] = np.searchsorted(_THRESHOLDS, u.flat[at], side="right")
+    return counts
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:

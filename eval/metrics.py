@@ -311,7 +311,10 @@ def image_ap_at_k(scores, labels, k: int = 100) -> ImageAP:
     """Image-wise AP@K: each image's known classes ranked by score, normalised by min(P_i, K)."""
     k = check_k(k)
     s, lab = check_scores_labels(scores, labels)
-    top = top_k_columns(s.T, lab.T, k)
+    # An image's list holds only its c classes: with c < K it ends before rank K, so rank c
+    # (a table padded to K = 100 columns made this 5x slower at 10 classes); the
+    # normalisation min(P_i, K) still uses K.
+    top = top_k_columns(s.T, lab.T, min(k, max(1, s.shape[1])))
     return ImageAP(k, ap_from_top_k(top, k), top.positives.numpy(), top.known.numpy())
 
 

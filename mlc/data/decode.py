@@ -188,7 +188,11 @@ def _resize_box(im: Image.Image, box, size: int, channels: int) -> Image.Image:
         im = to_8bit(im)
         if im.mode != mode and not (im.mode == "L" and mode == "RGB"):
             im = im.convert("RGBA").convert(mode) if "transparency" in im.info else im.convert(mode)
-        return im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(v * scale for v in box))
+        box = tuple(v * scale for v in box)
+        if box == (0, 0, size, size) and im.size == (size, size):
+            im.load()  # nothing to resize (eval at the stored size); PIL's resize would copy
+            return im
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
     except Exception as e:  # noqa: BLE001
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 

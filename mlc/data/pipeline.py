@@ -339,8 +339,9 @@ class BatchImages:
 
     Grayscale images are pasted by PIL into a one-channel buffer (a PIL view of it), not copied
     out through numpy (np.asarray copies the image once more, ~6 us of a 64x64 image's ~20);
-    for an RGB batch torch repeats that channel for the whole batch at the end (~3 us per
-    image; numpy's copy of a broadcast view took 15). Horizontal flips are applied to the batch
+    for an RGB batch that channel is copied into the three at the end, for the whole batch
+    (three strided numpy copies: ~2.3 us per 56x56 image, where a torch copy of the
+    broadcast view took 4.7). Horizontal flips are applied to the batch
     at the end too. Fashion-MNIST-like data is all grayscale.
     """
 
@@ -377,11 +378,9 @@ class BatchImages:
             gray[self.flips] = gray[self.flips].flip(2)
         if not self.gray_rows:
             return
-        images = torch.from_numpy(self.images)
-        if len(self.gray_rows) == len(images):
-            images.copy_(gray.expand(images.shape))
-        else:
-            images[self.gray_rows] = gray[self.gray_rows].expand(-1, -1, -1, 3)
+        rows = slice(None) if len(self.gray_rows) == len(self.images) else self.gray_rows
+        for channel in range(3):  # three strided copies: half the time of one broadcast copy
+            self.images[rows, :, :, channel] = self.gray[rows, :, :, 0]
 
 
 # ---------------------------------------------------------------- one rank's epoch

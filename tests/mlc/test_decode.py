@@ -92,6 +92,37 @@ def test_decode_eval_crop_fraction_and_portrait():
         assert mean_abs_diff(out, reference_eval(im, 48, fraction)) < 1.5
 
 
+def test_decode_eval_at_the_stored_size_gives_the_stored_pixels():
+    """The whole image at its own size is not resized at all: the pixels come back exactly."""
+    gray = np.asarray(smooth_image(40, 40, seed=3).convert("L"))
+    rgb = np.asarray(smooth_image(40, 40, seed=4))
+    pgm = b"P5\n40 40\n255\n" + gray.tobytes()
+    cases = {
+        "pgm": (pgm, gray),
+        "png gray": (encode(Image.fromarray(gray), "PNG"), gray),
+        "png rgb": (encode(Image.fromarray(rgb), "PNG"), rgb),
+    }
+    for name, (data, expected) in cases.items():
+        for channels in (1, 3):
+            out = decode_eval(data, 40, crop_fraction=1.0, channels=channels)
+            want = expected if expected.ndim == 3 else np.dstack([expected] * 3)
+            want = want if channels == 3 else np.asarray(Image.fromarray(want).convert("L"))
+            np.testing.assert_array_equal(out.reshape(want.shape), want, err_msg=name)
+    jpeg = encode(Image.fromarray(rgb), "JPEG", quality=90)
+    for mode, channels in (("RGB", 3), ("L", 1)):  # a JPEG decodes straight to the mode
+        full = Image.open(io.BytesIO(jpeg))
+        full.draft(mode, full.size)
+        out = decode_eval(jpeg, 40, crop_fraction=1.0, channels=channels)
+        np.testing.assert_array_equal(out.reshape(40, 40, -1), np.asarray(full).reshape(40, 40, -1))
+    # a square JPEG cut short (headers intact) fails at its own size too: it is decoded
+    # inside the error handling, not later by whoever reads the pixels
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    cut = encode(Image.fromarray(noise), "JPEG", quality=90)
+    Image.open(io.BytesIO(cut[: len(cut) // 2]))  # opens
+    with pytest.raises(DecodeError):
+        decode_eval(cut[: len(cut) // 2], 40, crop_fraction=1.0)
+
+
 def test_center_crop_box():
     assert center_crop_box(400, 300, 0.875) == pytest.approx((68.75, 18.75, 331.25, 281.25))
     assert center_crop_box(300, 400, 1.0) == pytest.approx((0, 50, 300, 350))
