@@ -40,6 +40,25 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _size(header: bytes) -> int:
+    """The size field; Python's tarfile and GNU tar write 11 octal digits and a NUL, which
+    int() reads directly (any other form: _number)."""
+    if header[135] == 0:
+        try:
+            return int(header[124:135], 8)
+        except ValueError:
+            pass
+    return _number(header[124:136])
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The stored checksum equals the sum of all bytes with the checksum field read as 8
+    spaces. The usual field is six octal digits, NUL, space: compared as bytes."""
+    field = header[148:156]
+    computed = _byte_sum(header) - ((zlib.adler32(field) & 0xFFFF) - 1) + 32 * 8
+    return field == b"%06o\0 " % computed or _number(field) == computed
+
+
 def _byte_sum(block: bytes) -> int:
     """sum(block) for a 512-byte block, 5x faster: Adler-32's low half is 1 + the sum of the
     bytes modulo 65521, which is exact for 256 bytes (at most 65,280)."""
@@ -65,16 +84,13 @@ def tar_members(stream, chunk: int = CHUNK) -> Iterator[tuple[str, bytes]]:
         if len(buf) - pos < BLOCK:
             buf, pos = buf[pos:] + _read_exact(stream, chunk), 0
         header = buf[pos : pos + BLOCK]
-        if not header or header.count(0) == BLOCK:  # end of archive
+        if not header or (header[0] == 0 and header.count(0) == BLOCK):  # end of archive
             return
         if len(header) < BLOCK:
             raise tarfile.ReadError("truncated tar header")
-        stored = _number(header[148:156])
-        # the sum of all bytes with the checksum field read as 8 spaces
-        computed = _byte_sum(header) - sum(header[148:156]) + 32 * 8
-        if stored != computed:
+        if not _checksum_ok(header):
             raise tarfile.ReadError("bad tar header checksum")
-        size = _number(header[124:136])
+        size = _size(header)
         start, padded = pos + BLOCK, size + (-size % BLOCK)
         if start + padded <= len(buf):
             data, pos = buf[start : start + size], start + padded
@@ -95,9 +111,8 @@ def tar_members(stream, chunk: int = CHUNK) -> Iterator[tuple[str, bytes]]:
             long_name = _pax_path(data) or long_name
         elif kind in (b"0", b"\0", b"7"):
             name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-            if prefix:
-                name = f"{prefix.decode('utf-8')}/{name}"
+            if header[345] and header[257:262] == b"ustar":  # a ustar name prefix
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
             yield (long_name or name), data
             long_name = None
         elif kind != b"g":

@@ -40,6 +40,14 @@ def test_same_members_as_tarfile(fmt):
     assert list(tar_members(io.BytesIO(data))) == expected == members
 
 
+def test_ustar_name_prefix():
+    """ustar stores a path over 100 characters as prefix + name, split at a slash."""
+    members = [("deep/" * 20 + "000000005.png", b"z" * 10), ("short.json", b"{}")]
+    data = make_tar(members, tarfile.USTAR_FORMAT)
+    assert data[512 + 345 : 512 + 350] == b"deep/"  # the first member's prefix field is used
+    assert list(tar_members(io.BytesIO(data))) == members
+
+
 class Trickle(io.BytesIO):
     """A stream that returns at most 37 bytes per read, like a slow pipe."""
 
@@ -73,3 +81,33 @@ def test_byte_sum_equals_sum_for_any_block():
     blocks += [rng.randbytes(512) for _ in range(200)]
     for block in blocks:
         assert _byte_sum(block) == sum(block)
+
+
+def _rewrite(header: bytearray, size_field: bytes, checksum_format: bytes) -> None:
+    header[124:136] = size_field
+    header[148:156] = b" " * 8
+    header[148:156] = checksum_format % sum(header)
+
+
+@pytest.mark.parametrize(
+    "size_field, checksum_format",
+    [
+        (b"%011o\0", b"%06o\0 "),  # Python's tarfile and GNU tar
+        (b"%o\0\0\0\0\0\0\0\0", b"%07o\0"),  # short octal then NULs; 7-digit checksum
+        (b" %011o", b" %06o\0"),  # a leading space, no NUL
+        (b"\x80" + bytes(9) + b"%c%c", b"%06o\0 "),  # GNU base-256
+    ],
+)
+def test_number_fields_in_any_encoding(size_field, checksum_format):
+    """Size and checksum written the ways other tar writers write them read the same."""
+    data = bytearray(make_tar(MEMBERS[:2], tarfile.GNU_FORMAT))
+    start = 512  # after the directory's header: the members' headers
+    for _ in MEMBERS[:2]:
+        header = data[start : start + 512]
+        size = int(header[124:135], 8)
+        field = size_field % (size // 256, size % 256) if b"%c" in size_field else size_field % size
+        field = field[:12].ljust(12, b"\0")  # "%o" of 4 digits + 8 NULs: 12 bytes
+        _rewrite(header, field, checksum_format)
+        data[start : start + 512] = header
+        start += 512 + -(-size // 512) * 512
+    assert list(tar_members(io.BytesIO(bytes(data)))) == MEMBERS[:2]
