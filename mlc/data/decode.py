@@ -99,9 +99,9 @@ PNM_MODES = {b"P5": "L", b"P6": "RGB"}
 PNM_HEADER = re.compile(rb"(P[56])\s+(\d+)\s+(\d+)\s+255\s")  # magic, width, height, maxval
 
 
-def _plain_pnm(data: bytes) -> Image.Image | None:
-    """A binary PGM/PPM with 8-bit samples and no comments, as a view of the bytes (nothing
-    to decode); None for any other (PIL's reader takes it)."""
+def _pnm_header(data: bytes) -> tuple[str, int, int, int] | None:
+    """(mode, width, height, pixel offset) of a binary PGM/PPM with 8-bit samples and no
+    comments; None for any other (PIL's reader takes it)."""
     header = PNM_HEADER.match(data)
     if header is None:
         return None
@@ -111,7 +111,28 @@ def _plain_pnm(data: bytes) -> Image.Image | None:
         raise DecodeError(
             f"{len(data) - header.end()} pixel bytes for a {width}x{height} {mode} PNM"
         )
-    return Image.frombuffer(mode, (width, height), data[header.end() :], "raw", mode, 0, 1)
+    return mode, width, height, header.end()
+
+
+def _plain_pnm(data: bytes) -> Image.Image | None:
+    """A plain PNM (_pnm_header) as a view of the bytes: nothing to decode."""
+    header = _pnm_header(data)
+    if header is None:
+        return None
+    mode, width, height, offset = header
+    return Image.frombuffer(mode, (width, height), data[offset:], "raw", mode, 0, 1)
+
+
+def _stored_pnm_pixels(data: bytes, size: int, channels: int) -> np.ndarray | None:
+    """The pixels of a plain size x size PNM whose mode the model takes as they are (gray for
+    any model, RGB for an RGB one), as a read-only HxW or HxWx3 view of the bytes: an eval crop
+    of the whole image at the stored size needs no PIL image at all (3 us of a 56x56 image's
+    6). None otherwise."""
+    header = _pnm_header(data) if data[:2] in PNM_MODES else None
+    if header is None or header[1:3] != (size, size) or (header[0] == "RGB" and channels == 1):
+        return None
+    shape = (size, size) if header[0] == "L" else (size, size, 3)
+    return np.frombuffer(data, np.uint8, offset=header[3]).reshape(shape)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -197,7 +218,7 @@ def _resize_box(im: Image.Image, box, size: int, channels: int) -> Image.Image:
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
-def as_array(im: Image.Image, channels: int, flip: bool = False) -> np.ndarray:
+def as_array(im: Image.Image | np.ndarray, channels: int, flip: bool = False) -> np.ndarray:
     """HxWxC uint8 pixels of a resized image (a grayscale one for an RGB model as a broadcast
     view), mirrored left-right if ``flip``."""
     pixels = np.asarray(im, dtype=np.uint8)
@@ -224,8 +245,13 @@ def resize_train(
 
 def resize_eval(
     data: bytes, size: int, crop_fraction: float = 0.875, channels: int = 3
-) -> Image.Image:
-    """Central crop (fraction of the shorter side) resized to size x size."""
+) -> Image.Image | np.ndarray:
+    """Central crop (fraction of the shorter side) resized to size x size: a PIL image, or
+    for the whole of a stored size x size PGM/PPM its pixels (HxW gray or HxWx3)."""
+    if crop_fraction == 1.0:
+        pixels = _stored_pnm_pixels(data, size, channels)
+        if pixels is not None:
+            return pixels
     im = _open(data)
     return _resize_box(im, center_crop_box(*im.size, crop_fraction), size, channels)
 

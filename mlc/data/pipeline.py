@@ -352,23 +352,37 @@ class BatchImages:
         self.gray_rows: list[int] = []
         self.flips: list[int] = []
 
-    def put(self, i: int, image: Image.Image, flip: bool) -> None:
+    def put(self, i: int, image: Image.Image | np.ndarray, flip: bool) -> None:
+        """Row i: a resized PIL image, or pixels as an HxW (gray) or HxWxC array."""
         if BatchImages.paste is None:
             BatchImages.paste = _shares_memory()
-        batch, height, width, channels = self.images.shape
-        if image.mode != "L" or not BatchImages.paste:
-            self.images[i] = as_array(image, channels, flip)
+        if isinstance(image, np.ndarray) and image.ndim == 2:
+            self._gray()[i, :, :, 0] = image
+        elif isinstance(image, Image.Image) and image.mode == "L" and BatchImages.paste:
+            self._gray_view().paste(image, (0, i * self.images.shape[1]))
+        else:
+            self.images[i] = as_array(image, self.images.shape[3], flip)
             return
-        if self.view is None:
-            shape = (batch, height, width, 1)
-            self.gray = self.images if channels == 1 else np.zeros(shape, dtype=np.uint8)
-            self.view = Image.frombuffer("L", (width, batch * height), self.gray, "raw", "L", 0, 1)
-            self.view.readonly = 0
-        self.view.paste(image, (0, i * height))
-        if channels == 3:
+        if self.images.shape[3] == 3:
             self.gray_rows.append(i)
         if flip:
             self.flips.append(i)
+
+    def _gray(self) -> np.ndarray:
+        """The one-channel rows: the batch itself for a gray model, else a buffer."""
+        if self.gray is None:
+            batch, height, width, channels = self.images.shape
+            shape = (batch, height, width, 1)
+            self.gray = self.images if channels == 1 else np.zeros(shape, dtype=np.uint8)
+        return self.gray
+
+    def _gray_view(self) -> Image.Image:
+        """A writable PIL image over the one-channel rows, stacked vertically."""
+        if self.view is None:
+            batch, height, width, _ = self._gray().shape
+            self.view = Image.frombuffer("L", (width, batch * height), self.gray, "raw", "L", 0, 1)
+            self.view.readonly = 0  # paste in place: the buffer is a writable numpy array
+        return self.view
 
     def finish(self) -> None:
         if self.gray is None:

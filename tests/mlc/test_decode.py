@@ -23,6 +23,7 @@ from mlc.data.decode import (
     decode_eval,
     decode_train,
     random_crop_box,
+    resize_eval,
 )
 from mlc.data.decode import _open as open_image
 
@@ -97,8 +98,12 @@ def test_decode_eval_at_the_stored_size_gives_the_stored_pixels():
     gray = np.asarray(smooth_image(40, 40, seed=3).convert("L"))
     rgb = np.asarray(smooth_image(40, 40, seed=4))
     pgm = b"P5\n40 40\n255\n" + gray.tobytes()
+    ppm = b"P6\n40 40\n255\n" + rgb.tobytes()
+    assert isinstance(resize_eval(pgm, 40, 1.0), np.ndarray)  # no PIL image made at all
+    assert isinstance(resize_eval(ppm, 40, 1.0, channels=3), np.ndarray)
     cases = {
         "pgm": (pgm, gray),
+        "ppm": (ppm, rgb),
         "png gray": (encode(Image.fromarray(gray), "PNG"), gray),
         "png rgb": (encode(Image.fromarray(rgb), "PNG"), rgb),
     }

@@ -140,10 +140,12 @@ def test_train_batch_labels_and_augmentation(full_ds):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("paste", [True, False])
+@pytest.mark.parametrize("arrays", [False, True])
 @pytest.mark.parametrize(("channels", "gray_share"), [(3, 1.0), (3, 0.5), (1, 1.0), (3, 0.0)])
-def test_batch_images_rows_and_flips(monkeypatch, padded, paste, channels, gray_share):
+def test_batch_images_rows_and_flips(monkeypatch, padded, paste, arrays, channels, gray_share):
     """Each row is its image's as_array, mirrored when flipped, whatever mix of grayscale and
-    RGB images the batch holds; the same with PIL's in-place paste and without it."""
+    RGB images the batch holds; the same with PIL's in-place paste and without it, and for
+    pixels given as arrays (HxW, HxWx3: a stored PNM at the eval size)."""
     monkeypatch.setattr(BatchImages, "paste", paste)
     rng = np.random.default_rng(channels + int(4 * gray_share))
     batch, size = 6, 5
@@ -159,7 +161,7 @@ def test_batch_images_rows_and_flips(monkeypatch, padded, paste, channels, gray_
     rows = BatchImages(out)
     filled = batch - 1 if padded else batch  # padding: the last row stays as it was
     for i in range(filled):
-        rows.put(i, images[i], bool(flips[i]))
+        rows.put(i, np.asarray(images[i]) if arrays else images[i], bool(flips[i]))
     rows.finish()
     for i in range(filled):
         pixels = np.broadcast_to(np.asarray(images[i]).reshape(size, size, -1), out.shape[1:])
