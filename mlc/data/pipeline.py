@@ -141,9 +141,8 @@ def expand_tars(pieces: list[Piece], config: LoaderConfig, problems: Problems):
             continue
         failed = False
         try:
-            for i, sample in enumerate(_tar_samples(stream, piece.url, problems)):
-                if i % piece.stride == piece.offset:
-                    yield sample
+            samples = _tar_samples(stream, piece.url, problems)
+            yield from itertools.islice(samples, piece.offset, None, piece.stride)
         except (OSError, tarfile.TarError) as e:
             failed = True
             problems.skip_shard(piece.url, e)
@@ -160,13 +159,14 @@ def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
     damaged data still fills its batches, repeating its own samples. Each pass is shuffled on
     its own, so no sample comes back before the pass that holds it has ended."""
     for number in itertools.count():
-        produced = 0
-        for sample in make_pass(number):
-            produced += 1
-            yield sample
+        samples = iter(make_pass(number))
+        first = next(samples, None)
+        if first is not None:
+            yield first
+            yield from samples  # (not a loop here: ~0.2 us per sample less)
         if not repeat:
             return
-        if not produced:
+        if first is None:
             raise ShardOpenError("no readable sample in any of this worker's shards")
 
 
@@ -194,11 +194,12 @@ def _complete(sample: dict, url: str, problems: Problems) -> Iterator[dict]:
         problems.skip_sample("incomplete sample", sample["key"], f"no image or json in {url}")
 
 
-def shuffle_samples(samples: Iterable[dict], size: int, rng: np.random.Generator):
+def shuffle_samples(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """A shuffle buffer over raw (undecoded) samples: cheap to hold, decoded after."""
-    if size <= 1:
-        yield from samples
-        return
+    return iter(samples) if size <= 1 else _shuffled(samples, size, rng)
+
+
+def _shuffled(samples: Iterable[dict], size: int, rng: np.random.Generator):
     buffer: list[dict] = []
     for sample in samples:
         if len(buffer) < size:
@@ -211,11 +212,9 @@ def shuffle_samples(samples: Iterable[dict], size: int, rng: np.random.Generator
     yield from buffer
 
 
-def skip(samples: Iterable[dict], count: int):
+def skip(samples: Iterable[dict], count: int) -> Iterator[dict]:
     """Drop the samples a resumed run already consumed (before decoding them)."""
-    for i, sample in enumerate(samples):
-        if i >= count:
-            yield sample
+    return itertools.islice(samples, count, None)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> KeyedRandom:
