@@ -26,9 +26,9 @@ from PIL import Image
 import mlc.data.urls
 from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize, url_shards
 from mlc.data.decode import decode_eval, decode_train
-from mlc.data.pipeline import BatchImages, sample_rng
+from mlc.data.pipeline import _WRITTEN, BatchImages, parse_labels, sample_rng
 from mlc.data.urls import ShardOpenError, open_url
-from mlc.format import OPENCLIP_SIZES_FILE
+from mlc.format import OPENCLIP_SIZES_FILE, encode_sample_json
 from mlc.launch import free_port
 
 from .conftest import Dataset, sample_images, tar_members, write_tar
@@ -395,6 +395,32 @@ def test_json_without_valid_labels_is_a_corrupt_sample(full_ds, tmp_path, docume
     loader = ds.loader(eval_config(num_workers=0))
     assert set(valid_keys(list(loader))) == ds.keys - {key}
     assert loader.problems["corrupt sample"] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_parse_labels_reads_what_the_writer_writes_and_any_other_json(seed):
+    """The writer's layout (read by a regular expression) and any other json (read by the json
+    module) give the labels json.loads gives; ids with quotes, backslashes, escapes and label
+    lookalikes inside do not confuse it."""
+    rng = np.random.default_rng(seed)
+    ids = ["plain", 'q"uote', "back\\slash", "tab\there", "caf\u00e9", '"positives":[7]', ""]
+    for i in range(200):
+        positives = sorted(set(rng.integers(0, 1000, rng.integers(0, 6)).tolist()))
+        negatives = sorted(set(rng.integers(0, 1000, rng.integers(0, 6)).tolist()))
+        record = {"id": ids[i % len(ids)], "positives": positives, "negatives": negatives}
+        record.update(width=56, height=56, source="x")
+        written = encode_sample_json(record)
+        assert _WRITTEN.match(written), written  # the fast path reads it
+        assert parse_labels(written, 1000) == (positives, negatives)
+        spaced = json.dumps(dict(reversed(list(record.items())))).encode()  # another layout
+        assert not _WRITTEN.match(spaced)
+        assert parse_labels(spaced, 1000) == (positives, negatives)
+    for bad in (b'{"id":"a","positives":[3,1000],"negatives":[]}',  # index out of range
+                b'{"id":"a","positives":[01],"negatives":[]}',  # not JSON
+                b'{"id":"a","positives":[1.0],"negatives":[]}',
+                b'{"id":"a","positives":[true],"negatives":[]}'):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse_labels(bad, 1000)
 
 
 def _missing_shard(ds: Dataset, tmp_path: Path, index: int = 2) -> tuple[list[Shard], str]:
