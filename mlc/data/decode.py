@@ -221,6 +221,10 @@ def _resize_box(im: Image.Image, box, size: int, channels: int) -> Image.Image:
 def as_array(im: Image.Image | np.ndarray, channels: int, flip: bool = False) -> np.ndarray:
     """HxWxC uint8 pixels of a resized image (a grayscale one for an RGB model as a broadcast
     view), mirrored left-right if ``flip``."""
+    if flip and isinstance(im, Image.Image):
+        # PIL mirrors a 299x299 RGB image in 30 us; copying numpy's reversed view of it (3-byte
+        # pixels, stride -3) took 310.
+        im, flip = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), False
     pixels = np.asarray(im, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

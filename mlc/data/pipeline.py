@@ -408,9 +408,8 @@ class BatchImages:
     def finish(self) -> None:
         if self.gray is None:
             return
-        gray = torch.from_numpy(self.gray)
-        if self.flips:
-            gray[self.flips] = gray[self.flips].flip(2)
+        if self.flips:  # numpy: 1.2 us per 64x64 image, torch's flip() 3.7
+            self.gray[self.flips] = self.gray[self.flips, :, ::-1]
         if not self.gray_rows:
             return
         rows = slice(None) if len(self.gray_rows) == len(self.images) else self.gray_rows
