@@ -29,8 +29,11 @@ copied to float32 CPU tensors, in a process with the allocator settings the `mlc
 applies (mlc.runtime.keep_freed_memory: without them this forward is about half as fast); 3
 untimed batches, then batches for at least --bare-seconds. Two arrangements, each run before
 and after the eval rows: one process with torch's default threads (2 here), and two 1-thread
-processes at once (their images/s added: the arrangement of --processes 2). The reference is
-the fastest of these four runs (the ratios are the conservative ones). For scale, the loader
+processes at once (their images/s added: the arrangement of --processes 2). Each eval row is
+divided by the bare forward in its own arrangement (the faster of its two runs): that ratio is
+mlc eval's overhead, and the target is judged on it. The ratio to the fastest of all four bare
+runs is printed beside it (the machine's best with this model, whatever the arrangement; on 2
+cores two 1-thread processes beat one 2-thread process by 3-8%). For scale, the loader
 alone: the eval loader of the same config (num_workers=0) iterated without a model.
 Target: mlc eval >= 85% of the bare forward."""
 
@@ -222,8 +225,12 @@ def main() -> None:
                         rows.append((name, best))
             bare.append(child("bare", checkpoint=checkpoint, seconds=args.bare_seconds))
             pairs.append(bare_pair(checkpoint, args.bare_seconds))
-            # The reference: the fastest bare forward of either arrangement (conservative).
-            reference = max(b["images_per_s"] for b in bare + pairs)
+            # Each eval row against the bare forward in its own arrangement (the faster of the
+            # runs before and after: mlc eval's overhead), and against the fastest bare run of
+            # either arrangement (how far it is from the best this machine does with the model).
+            same = {"1": max(b["images_per_s"] for b in bare)}
+            same["2"] = max(b["images_per_s"] for b in pairs)
+            reference = max(same.values())
             spread = max(
                 1 - min(b["images_per_s"] for b in group) / max(b["images_per_s"] for b in group)
                 for group in (bare, pairs)
@@ -237,31 +244,33 @@ def main() -> None:
             best_bare = max(b["images_per_s"] for b in bare)
             table.append(
                 f"| {size} | bare forward, 1 process x {bare[0]['threads']} threads (runs: {runs}) "
-                f"| {best_bare:.0f} | {best_bare / reference:.3f} | - | - |"
+                f"| {best_bare:.0f} | 1 | {best_bare / reference:.3f} | - | - |"
             )
             pair_runs = ", ".join(f"{b['images_per_s']:.0f}" for b in pairs)
             best_pair = max(b["images_per_s"] for b in pairs)
             table.append(
                 f"| {size} | bare forward, 2 processes x 1 thread at once (runs: {pair_runs}) | "
-                f"{best_pair:.0f} | {best_pair / reference:.3f} | - | - |"
+                f"{best_pair:.0f} | 1 | {best_pair / reference:.3f} | - | - |"
             )
             table.append(
                 f"| {size} | loader alone (eval mode, in-process, no model) | "
-                f"{loader['images_per_s']:.0f} | - | - | - |"
+                f"{loader['images_per_s']:.0f} | - | - | - | - |"
             )
             for name, r in rows:
+                own = same.get(str(r["processes"]), reference)
                 table.append(
                     f"| {size} | {name} | {r['images_per_s']:.0f} | "
-                    f"{r['images_per_s'] / reference:.3f} | {r['pass_seconds']:.2f} | "
-                    f"{r['wall_seconds']:.1f} |"
+                    f"{r['images_per_s'] / own:.3f} | {r['images_per_s'] / reference:.3f} | "
+                    f"{r['pass_seconds']:.2f} | {r['wall_seconds']:.1f} |"
                 )
             default = rows[0][1]  # the first workers and bootstrap values: the defaults
-            ratio = default["images_per_s"] / reference
+            ratio = default["images_per_s"] / same.get(str(default["processes"]), reference)
             verdict = "met" if ratio >= TARGET else "MISSED"
             if spread > 0.1:
                 verdict += " (disturbed run: not valid)"
             verdicts.append(
-                f"{size}x{size}: {rows[0][0]} / fastest bare forward = {ratio:.3f}; "
+                f"{size}x{size}: {rows[0][0]} / bare forward in the same arrangement = "
+                f"{ratio:.3f} (/ fastest bare run {default['images_per_s'] / reference:.3f}); "
                 f"target >= {TARGET:.2f}: {verdict}"
             )
     print(
@@ -269,8 +278,11 @@ def main() -> None:
         f"torch threads {bare[0]['threads']}"
     )
     print()
-    print("| image size | measurement | images/s | x bare forward | pass s | command wall s |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print(
+        "| image size | measurement | images/s | x bare forward, same arrangement "
+        "| x fastest bare run | pass s | command wall s |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
     print("\n".join(table))
     print()
     print("\n".join(verdicts))
