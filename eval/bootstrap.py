@@ -154,8 +154,9 @@ class PoissonBootstrap:
         self.known += sums[:, self.num_classes :]
         if image_ap is not None:
             has = ~np.isnan(image_ap)
-            self.image_sums += (counts[has] * image_ap[has, None]).sum(0)
-            self.image_counts += counts[has].sum(0)
+            counted = counts if has.all() else counts[has]  # (no copy when every image has AP)
+            self.image_sums += (counted * image_ap[has, None]).sum(0)
+            self.image_counts += counted.sum(0)
         batch = (
             s.T.masked_fill(lab.T == -1, NEG_INF),  # unknown items are in no ranking
             lab.T.contiguous(),
