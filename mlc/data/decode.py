@@ -241,7 +241,7 @@ def resize_train(
     scale: tuple[float, float] = CROP_SCALE,
 ) -> tuple[Image.Image, bool]:
     """Random resized crop (area fraction in ``scale``) to size x size, and whether to flip it
-    horizontally (the loader flips whole batches at once)."""
+    horizontally (left to the caller: the loader flips gray rows per batch, see as_array)."""
     im = _open(data)
     out = _resize_box(im, random_crop_box(*im.size, rng, scale), size, channels)
     return out, rng.random() < 0.5
