@@ -46,6 +46,12 @@ from mlc.train.loop import build_model, loader_config, setup_distributed
 
 FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
 EVAL_BATCH = 256
+# The metrics run on chunks of batches: most of their cost per call is fixed (at 10 classes,
+# 5.9 us per image in batches of 256, 3.4 in chunks of 2048; at 1,000 classes 51 and 32). A
+# chunk holds at most CHUNK_IMAGES images and, past that, CHUNK_SCORES scores (20 MB with the
+# labels), but always at least the batch that fills it.
+CHUNK_IMAGES = 2048
+CHUNK_SCORES = 4_000_000
 
 
 # ---------------------------------------------------------------- checkpoint and classes
@@ -235,8 +241,30 @@ class _RankState:
         self.images_with_ap = self.images_without_ap = 0
         self.full = ([], []) if keep_full else None
         self.image_rows = [] if keep_images else None
+        self.chunk = max(1, min(CHUNK_IMAGES, CHUNK_SCORES // classes))
+        self._pending: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+        self._pending_images = 0
 
     def update(self, keys: list[str], scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """Queue a batch; the metrics see it with the rest of its chunk (``flush``)."""
+        self._pending.append((keys, scores, labels))
+        self._pending_images += len(keys)
+        if self._pending_images >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        if len(self._pending) == 1:
+            keys, scores, labels = self._pending[0]
+        else:
+            keys = [key for batch in self._pending for key in batch[0]]
+            scores = torch.cat([batch[1] for batch in self._pending])
+            labels = torch.cat([batch[2] for batch in self._pending])
+        self._pending, self._pending_images = [], 0
+        self._update(keys, scores, labels)
+
+    def _update(self, keys: list[str], scores: torch.Tensor, labels: torch.Tensor) -> None:
         self.accumulator.update(scores, labels)
         images = image_ap_at_k(scores, labels, self.k)
         defined = ~np.isnan(images.ap)
@@ -257,6 +285,7 @@ class _RankState:
             ]
 
     def state(self, problems) -> dict:
+        self.flush()
         return {
             "accumulator": self.accumulator.state_dict(),
             "bootstrap": self.bootstrap.state_dict() if self.bootstrap else None,

@@ -219,6 +219,28 @@ def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):  # noqa
         assert ci_1["image_map_at_k"] == pytest.approx(ci_2["image_map_at_k"], abs=1e-12)
 
 
+def test_metric_chunks_do_not_change_the_result(checkpoint, mosaics, tmp_path, monkeypatch):  # noqa: F811
+    """The metrics see batches in chunks (eval.evaluate.CHUNK_IMAGES): one chunk of all six
+    batches of 50, every batch alone, and chunks of three give the same report."""
+    import eval.evaluate
+
+    results = []
+    for chunk in (2048, 1, 120):
+        monkeypatch.setattr(eval.evaluate, "CHUNK_IMAGES", chunk)
+        out = tmp_path / str(chunk)
+        summary = run_eval(checkpoint[0], mosaics, out, "--batch-size", "50", "--workers", "0")
+        results.append((summary, (out / "per_class.csv").read_text()))
+    (first, table), others = results[0], results[1:]
+    for summary, other_table in others:
+        assert other_table == table
+        for key in ("weighted_map_at_k", "unweighted_map_at_k", "full_map", "image_map_at_k"):
+            assert summary[key] == first[key], key
+        assert summary["images"] == first["images"] == 300
+        ci, ci_first = summary["confidence_intervals"], first["confidence_intervals"]
+        assert ci["weighted_map_at_k"] == ci_first["weighted_map_at_k"]
+        assert ci["image_map_at_k"] == pytest.approx(ci_first["image_map_at_k"], abs=1e-12)
+
+
 def test_local_processes_fail_together(mosaics, tmp_path):  # noqa: F811
     """A failing rank ends the group: every rank says why (with its rank), the exit code is the
     error's, nothing keeps running."""
