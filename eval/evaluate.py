@@ -307,8 +307,8 @@ def _model_for_inference(model, fold: bool, device: torch.device):
 
 
 def _score_pass(model, loader, match, device, state, writer, progress, total, desc):
-    """One pass of the eval loader: forward, labels in {1, 0, -1}, the evaluated columns, the
-    valid rows (eval padding dropped), then the accumulators and the scores file."""
+    """One pass of the eval loader: the valid rows (eval padding dropped), forward, labels in
+    {1, 0, -1}, the evaluated columns, then the accumulators and the scores file."""
     from tqdm import tqdm
 
     model_cols, data_cols = torch.from_numpy(match.model_cols), torch.from_numpy(match.data_cols)
@@ -322,19 +322,17 @@ def _score_pass(model, loader, match, device, state, writer, progress, total, de
     )
     with torch.inference_mode(), bar:
         for batch in loader:
-            valid = batch.valid
+            batch = batch.valid_rows()  # eval padding (docs/loader.md)
+            if not batch.keys:
+                continue
             logits = model(normalize(batch.images.to(device, non_blocking=True))).float().cpu()
             labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
             if not match.identity:
                 logits, labels = logits[:, model_cols], labels[:, data_cols]
-            if not bool(valid.all()):  # eval padding (docs/loader.md)
-                logits, labels = logits[valid], labels[valid]
-            keys = [key for key, ok in zip(batch.keys, valid.tolist(), strict=True) if ok]
-            if keys:
-                state.update(keys, logits, labels)
-                if writer is not None:
-                    writer.write(keys, logits, labels)
-            bar.update(len(keys))
+            state.update(batch.keys, logits, labels)
+            if writer is not None:
+                writer.write(batch.keys, logits, labels)
+            bar.update(len(batch.keys))
 
 
 def evaluate_checkpoint(

@@ -24,6 +24,22 @@ class Batch:
     valid: torch.Tensor  # bool [B]: False for eval padding
     keys: list[str]  # sample keys ("" for padding)
 
+    def valid_rows(self) -> Batch:
+        """The batch without its eval padding, for inference: the padded rows' forward is work
+        thrown away (at 10,000 images in batches of 256, 2.4% of the pass). A view when the
+        valid rows come first, as the loader writes them; possibly an empty batch."""
+        n = int(self.valid.sum())
+        if n == len(self.valid):
+            return self
+        if bool(self.valid[:n].all()):
+            rows = slice(0, n)
+            images = self.images[rows]
+        else:
+            rows = self.valid
+            images = self.images[rows].contiguous(memory_format=torch.channels_last)
+        keys = [key for key, ok in zip(self.keys, self.valid.tolist(), strict=True) if ok]
+        return Batch(images, self.targets[rows], self.mask[rows], self.valid[rows], keys)
+
 
 def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():

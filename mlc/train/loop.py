@@ -336,18 +336,20 @@ def evaluate(
     kept_scores, kept_labels, seen = [], [], 0
     loss_sum, loss_count = 0.0, 0  # the loss over every known label of the split
     for batch in loader:
+        batch = batch.valid_rows()  # eval padding: no forward for it
+        if not batch.keys:
+            continue
         logits = model(normalize(batch.images.to(device))).float().cpu()
         labels = torch.where(batch.mask.bool(), batch.targets.long(), -1)
-        valid = batch.valid
-        accumulator.update(logits[valid], labels[valid])
-        known = batch.mask.bool() & valid[:, None]
+        accumulator.update(logits, labels)
+        known = batch.mask.bool()
         losses = F.binary_cross_entropy_with_logits(logits, batch.targets.float(), reduction="none")
         loss_sum += float(losses[known].double().sum())
         loss_count += int(known.sum())
-        if len(class_ids) * (seen + int(valid.sum())) <= 50_000_000:  # full AP needs them all
-            kept_scores.append(logits[valid])
-            kept_labels.append(labels[valid])
-        seen += int(valid.sum())
+        if len(class_ids) * (seen + len(batch.keys)) <= 50_000_000:  # full AP needs them all
+            kept_scores.append(logits)
+            kept_labels.append(labels)
+        seen += len(batch.keys)
         if t.eval_max_samples and seen >= t.eval_max_samples // world:
             break
     states = _gather(accumulator.state_dict(), world)

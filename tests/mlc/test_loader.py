@@ -191,6 +191,39 @@ def test_eval_two_ranks_two_workers_cover_every_key_once(request, ds_name, batch
         check_labels(ds, batches)
 
 
+def test_valid_rows_drops_exactly_the_padding(partial_ds):
+    """Batch.valid_rows() (what inference runs on) keeps every valid row, in order, with its
+    labels, and nothing else: a channels_last view when the padding is at the end, as the
+    loader writes it; a copy for padding anywhere else."""
+    config = eval_config(num_workers=2, batch_size=5)
+    batches = [b for r in range(2) for b in partial_ds.loader(config, rank=r, world_size=2)]
+    trimmed = [b.valid_rows() for b in batches]
+    assert any(len(t.keys) < len(b.keys) for t, b in zip(trimmed, batches, strict=True))
+    assert [k for t in trimmed for k in t.keys] == valid_keys(batches)
+    for t, b in zip(trimmed, batches, strict=True):
+        n = int(b.valid.sum())
+        assert t.images.shape[0] == len(t.keys) == n and bool(t.valid.all())
+        assert torch.equal(t.images, b.images[:n]) and torch.equal(t.targets, b.targets[:n])
+        assert torch.equal(t.mask, b.mask[:n])
+        assert t.images.is_contiguous(memory_format=torch.channels_last)
+        assert n == 0 or t.images.data_ptr() == b.images.data_ptr()  # a view
+    batch = batches[0]
+    assert bool(batch.valid.all())  # a full batch comes back as it is
+    assert batch.valid_rows() is batch
+    inner = type(batch)(
+        batch.images,
+        batch.targets,
+        batch.mask,
+        torch.tensor([True, False, True, False, True]),
+        batch.keys,
+    )
+    picked = inner.valid_rows()
+    assert picked.keys == [batch.keys[i] for i in (0, 2, 4)]
+    assert torch.equal(picked.images, batch.images[[0, 2, 4]])
+    assert torch.equal(picked.targets, batch.targets[[0, 2, 4]])
+    assert picked.images.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_eval_padding_is_present_with_uneven_shards(partial_ds):
     """The uneven case really pads (so the test above checks padding, not only coverage)."""
     config = eval_config(num_workers=2, batch_size=5)
