@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlc.data.pipeline import EpochStream, LoaderConfig, batch_views
+from mlc.data.ring import BatchRing
 from mlc.data.urls import Shard, dataset_shards
 from mlc.format import CLASSES_FILE
 
@@ -98,7 +99,7 @@ class ShardLoader:
             **kwargs,
         )
 
-    def _stream(self, epoch: int, start: int) -> EpochStream:
+    def _stream(self, epoch: int, start: int, ring: BatchRing | None = None) -> EpochStream:
         return EpochStream(
             self.shards,
             self.num_classes,
@@ -108,6 +109,7 @@ class ShardLoader:
             self.world_size,
             epoch,
             start,
+            ring,
         )
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
@@ -123,8 +125,11 @@ class ShardLoader:
 
     def __iter__(self):
         while True:
-            stream = self._stream(self.epoch, self.batch)
             workers = self.config.num_workers
+            # Reused shared-memory buffers between the workers and this process (mlc.data.ring);
+            # not with pin_memory, whose thread would pin a copy of a buffer, not the buffer.
+            ring = BatchRing(workers) if workers and not self.pin_memory else None
+            stream = self._stream(self.epoch, self.batch, ring)
             if workers == 0 and not self.pin_memory:
                 # In this process: a DataLoader would only walk every batch's key list again
                 # (default_convert; ~0.5 us per sample).
@@ -147,8 +152,11 @@ class ShardLoader:
                 if len(self.skipped_keys) < 1000:
                     self.skipped_keys.extend(raw["skipped"][: 1000 - len(self.skipped_keys)])
                 c = self.config
+                packed = raw.get("packed")
+                if packed is None:
+                    packed = ring.take(*raw["slot"], raw["buffer"])
                 images, targets, mask, valid = batch_views(
-                    raw["packed"], c.batch_size, c.image_size, c.channels, self.num_classes
+                    packed, c.batch_size, c.image_size, c.channels, self.num_classes
                 )
                 # NHWC storage viewed as NCHW: channels_last, no copy.
                 images = images.permute(0, 3, 1, 2)

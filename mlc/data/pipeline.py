@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mlc.data.decode import DecodeError, KeyedRandom, as_array, resize_eval, resize_train
+from mlc.data.ring import BatchRing
 from mlc.data.tarstream import tar_members
 from mlc.data.urls import Shard, ShardOpenError, open_with_retries
 from mlc.format import IMAGE_EXTENSIONS
@@ -301,18 +302,36 @@ def packed_size(batch: int, size: int, channels: int, num_classes: int) -> int:
     return batch * (size * size * channels + 2 * num_classes + 1)
 
 
+def new_buffer(size: int) -> tuple[np.ndarray, dict]:
+    """A batch buffer and what the batch's message carries of it: the buffer itself."""
+    packed = np.zeros(size, dtype=np.uint8)
+    return packed, {"packed": torch.from_numpy(packed)}
+
+
 def make_batches(
-    decoded, config: LoaderConfig, count: int, num_classes: int, full: bool, problems: Problems
+    decoded,
+    config: LoaderConfig,
+    count: int,
+    num_classes: int,
+    full: bool,
+    problems: Problems,
+    buffers: Callable[[int], tuple[np.ndarray, dict]] = new_buffer,
 ):
-    """Exactly ``count`` batches; eval pads the last ones with invalid entries (valid=False)."""
+    """Exactly ``count`` batches; eval pads the last ones with invalid entries (valid=False).
+
+    ``buffers(size)`` gives each batch's buffer (any content: every byte is written here) and
+    the entries of the batch's message that stand for it (mlc.data.ring reuses buffers).
+    """
     shape = (config.batch_size, config.image_size, config.channels, num_classes)
     decoded = iter(decoded)
     for _ in range(count):
-        packed = np.zeros(packed_size(*shape), dtype=np.uint8)
+        packed, message = buffers(packed_size(*shape))
         images, targets, mask, valid = batch_views(packed, *shape)
+        packed[images.size :] = 0  # targets, mask, valid
         rows = BatchImages(images)
         keys = [""] * config.batch_size
         positive_rows, positive_cols, known_rows, known_cols = [], [], [], []  # set once per batch
+        filled = 0
         for i in range(config.batch_size):
             item = next(decoded, None)
             if item is None:
@@ -326,15 +345,17 @@ def make_batches(
             if not full:
                 known_rows += [i] * (len(positives) + len(negatives))
                 known_cols += positives + negatives
-            valid[i] = 1
+            filled = i + 1
         rows.finish()
+        images[filled:] = 0  # eval padding
+        valid[:filled] = 1
         targets[positive_rows, positive_cols] = 1
         if full:
-            mask[valid.view(bool)] = 1
+            mask[:filled] = 1
         else:
             mask[known_rows, known_cols] = 1
         batch = {
-            "packed": torch.from_numpy(packed),
+            **message,
             "keys": keys,
             "skipped": list(problems.keys),
             "problems": dict(problems.counts),  # since the previous batch of this worker
@@ -434,10 +455,12 @@ class EpochStream(IterableDataset):
         world_size: int,
         epoch: int,
         start_batch: int = 0,
+        ring: BatchRing | None = None,
     ):
         self.shards, self.num_classes, self.full = shards, num_classes, full_annotation
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.start_batch = epoch, start_batch
+        self.ring = ring  # DataLoader workers: hand batches over in reused buffers
 
     def workers(self) -> int:
         return max(1, self.config.num_workers)
@@ -472,11 +495,21 @@ class EpochStream(IterableDataset):
             raw = expand_tars(plan[slot], c, problems)
             return shuffle_samples(raw, c.shuffle_buffer if train else 0, rng)
 
+        def buffers(size: int) -> tuple[np.ndarray, dict]:
+            leased = self.ring.acquire(worker, size) if self.ring is not None else None
+            if leased is None:
+                return new_buffer(size)
+            number, buffer, first_use = leased
+            sent = buffer if first_use else None  # the buffer itself travels once
+            return buffer.numpy(), {"slot": (worker, number), "buffer": sent}
+
         stages: list[Callable] = [
             lambda _: passes(one_pass, repeat=train),
             lambda s: skip(s, done * c.batch_size),
             lambda s: decode_samples(s, c, self.epoch, self.num_classes, problems),
-            lambda s: make_batches(s, c, count - done, self.num_classes, self.full, problems),
+            lambda s: make_batches(
+                s, c, count - done, self.num_classes, self.full, problems, buffers
+            ),
         ]
         yield from functools.reduce(lambda stream, stage: stage(stream), stages, None)
 

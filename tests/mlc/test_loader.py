@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mlc.data.ring
 import mlc.data.urls
 from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize, url_shards
 from mlc.data.decode import decode_eval, decode_train
@@ -136,6 +137,49 @@ def test_train_batch_labels_and_augmentation(full_ds):
             rng = sample_rng(config.seed, 0, key)
             assert torch.equal(b.images[i], chw(decode_train(stored[key], SIZE, rng))), key
     check_labels(full_ds, epoch0)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_reused_worker_buffers_carry_exactly_their_batch(partial_ds, monkeypatch, mode, channels):
+    """DataLoader workers hand batches over in reused shared-memory buffers (mlc.data.ring):
+    with each batch dropped once read, the buffers really are reused, and every batch is
+    exactly its own (pixels, labels, zeroed padding), as a held list of batches shows too."""
+    taken = Counter()
+    take = mlc.data.ring.BatchRing.take
+
+    def counting_take(self, worker, number, buffer):
+        taken["first use" if buffer is not None else "reuse"] += 1
+        return take(self, worker, number, buffer)
+
+    monkeypatch.setattr(mlc.data.ring.BatchRing, "take", counting_take)
+    make = eval_config if mode == "eval" else train_config
+    config = make(num_workers=2, batch_size=2, channels=channels, seed=3)
+    stored = sample_images(partial_ds)
+    copies = []
+    batches = partial_ds.loader(config)  # eval: one pass; train: endless, 40 batches taken
+    for b in batches if mode == "eval" else itertools.islice(batches, 40):  # each one dropped
+        copies.append(
+            (b.images.clone(), b.targets.clone(), b.mask.clone(), b.valid.clone(), b.keys)
+        )
+    assert taken["reuse"] > 0 and taken["first use"] <= 2 * mlc.data.ring.SLOTS
+    for images, targets, mask, valid, keys in copies:
+        for i, key in enumerate(keys):
+            if not valid[i]:
+                assert not images[i].any() and not targets[i].any() and not mask[i].any()
+                continue
+            if mode == "eval":
+                expected = decode_eval(stored[key], SIZE, channels=channels)
+            else:
+                rng = sample_rng(config.seed, 0, key)
+                expected = decode_train(stored[key], SIZE, rng, channels=channels)
+            assert torch.equal(images[i], chw(expected)), key
+            want_targets, want_mask = partial_ds.expected(key)
+            assert targets[i].tolist() == want_targets.tolist(), key
+            assert mask[i].tolist() == want_mask.tolist(), key
+    if mode == "eval":
+        assert sorted(k for *_, keys in copies for k in keys if k) == sorted(partial_ds.keys)
+        assert any(not bool(v.all()) for *_, v, _ in copies)  # padding was checked
 
 
 @pytest.mark.parametrize("padded", [False, True])
