@@ -326,31 +326,43 @@ def test_a_killed_worker_lets_the_others_finish(mosaics, tmp_path):
 
 
 def test_kill_9_and_resume_continue_versions_and_quality(mosaics, tmp_path, sync_reference):
-    out = tmp_path / "run"
     # Pushes answered before the next step, as in the loss test above: with one in flight
-    # the loss of an uninterrupted run already spreads by 0.025.
-    args = async_args(mosaics, out, *LEARN, "ps.push_in_flight=0", "train.checkpoint_every=1600")
-    proc = start(args)
-    wait_for(lambda: len(list_checkpoints(out)) >= 1, proc)
-    proc.send_signal(signal.SIGKILL)  # the launcher; its processes follow it
-    proc.communicate(timeout=TIMEOUT)
-    assert all_gone(out)  # the orphans notice within node.PARENT_POLL
-    saved = last_state(out)
-    assert 1600 <= saved["samples"] < 6400
-    output = run(args, resume="auto")
-    assert f"version {saved['step']}" in output
-    after = records(out, "train")
-    resumed = [r for r in after if r["samples"] > saved["samples"]]
-    assert resumed and resumed[0]["step"] > saved["step"]
-    final = last_state(out)
-    # One server, no limit: every push received is applied, across the restart too.
-    assert final["step"] == final["samples"] // 16 and final["samples"] >= 6400
-    assert final["loader"] != saved["loader"]  # the workers' data streams went on
-    val = records(out, "val")[-1]
-    # One run, so within the spread of single async runs (0.448-0.508, see LEARN): within 0.04
-    # of the synchronous losses, a third of what training gains over the initial 0.57.
-    assert val["loss"] < sync_reference["initial_loss"] - 0.07  # it learned
-    assert within(val["loss"], sync_reference, 0.04), (val, sync_reference)
+    # the loss of an uninterrupted run already spreads by 0.025. Three runs (the reference's
+    # seeds), the quality judged on their median as in the loss test: a single async run
+    # strays now and then (0.449-0.494 in 14 runs of this test, once 0.52).
+    losses = []
+    for seed in SEEDS:
+        out = tmp_path / f"run{seed}"
+        args = async_args(
+            mosaics,
+            out,
+            *LEARN,
+            "ps.push_in_flight=0",
+            "train.checkpoint_every=1600",
+            f"train.seed={seed}",
+        )
+        proc = start(args)
+        wait_for(lambda out=out: len(list_checkpoints(out)) >= 1, proc)
+        proc.send_signal(signal.SIGKILL)  # the launcher; its processes follow it
+        proc.communicate(timeout=TIMEOUT)
+        assert all_gone(out)  # the orphans notice within node.PARENT_POLL
+        saved = last_state(out)
+        assert 1600 <= saved["samples"] < 6400
+        output = run(args, resume="auto")
+        assert f"version {saved['step']}" in output
+        after = records(out, "train")
+        resumed = [r for r in after if r["samples"] > saved["samples"]]
+        assert resumed and resumed[0]["step"] > saved["step"]
+        final = last_state(out)
+        # One server, no limit: every push received is applied, across the restart too.
+        assert final["step"] == final["samples"] // 16 and final["samples"] >= 6400
+        assert final["loader"] != saved["loader"]  # the workers' data streams went on
+        losses.append(records(out, "val")[-1]["loss"])
+    median = sorted(losses)[1]
+    # Within 0.04 of the synchronous losses, a third of what training gains over the initial
+    # 0.57.
+    assert median < sync_reference["initial_loss"] - 0.07, losses  # it learned
+    assert within(median, sync_reference, 0.04), (losses, sync_reference)
 
 
 def test_a_dead_server_stops_the_job_with_a_resumable_checkpoint(mosaics, tmp_path):
