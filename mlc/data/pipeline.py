@@ -178,22 +178,24 @@ def _tar_samples(stream, url: str, problems: Problems) -> Iterator[dict]:
     for name, data in tar_members(stream):
         key, _, suffix = name.rpartition("/")[2].partition(".")
         if current and key != current["key"]:
-            yield from _complete(current, url, problems)
+            if _complete(current, url, problems):
+                yield current
             current = {}
         current["key"] = key
         if suffix == "json":
             current["json"] = data
         elif suffix in IMAGE_SUFFIXES:
             current["image"], current["ext"] = data, suffix
-    if current:
-        yield from _complete(current, url, problems)
+    if current and _complete(current, url, problems):
+        yield current
 
 
-def _complete(sample: dict, url: str, problems: Problems) -> Iterator[dict]:
+def _complete(sample: dict, url: str, problems: Problems) -> bool:
+    """Whether a sample has its image and json; if not, it is counted as skipped."""
     if "json" in sample and "image" in sample:
-        yield sample
-    else:
-        problems.skip_sample("incomplete sample", sample["key"], f"no image or json in {url}")
+        return True
+    problems.skip_sample("incomplete sample", sample["key"], f"no image or json in {url}")
+    return False
 
 
 def shuffle_samples(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -264,19 +266,16 @@ def parse_labels(data: bytes, num_classes: int) -> tuple[list[int], list[int]]:
 
 
 def decode_samples(samples, config: LoaderConfig, epoch: int, num_classes: int, problems: Problems):
+    train, size, channels = config.mode == "train", config.image_size, config.channels
     for sample in samples:
         try:
             labels = parse_labels(sample["json"], num_classes)
-            if config.mode == "train":
+            if train:
                 rng = sample_rng(config.seed, epoch, sample["key"])
-                image, flip = resize_train(
-                    sample["image"], config.image_size, rng, config.channels, config.crop_scale
-                )
+                image, flip = resize_train(sample["image"], size, rng, channels, config.crop_scale)
             else:
                 flip = False
-                image = resize_eval(
-                    sample["image"], config.image_size, config.crop_fraction, config.channels
-                )
+                image = resize_eval(sample["image"], size, config.crop_fraction, channels)
         except (DecodeError, ValueError) as e:
             problems.skip_sample("corrupt sample", sample["key"], e)
             continue
