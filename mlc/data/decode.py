@@ -3,9 +3,10 @@
 The crop is chosen first, in the stored image's coordinates (its size is in the sample's json
 and in the file header), and JPEG is then decoded at the smallest DCT scale that still leaves
 the crop at least ``size`` pixels wide: a 1024x768 source for a 299 crop decodes at 1/2 scale,
-which roughly halves the decode cost. Output: the resized PIL image (the loader writes it
-into its batch), or as uint8 HxWxC numpy arrays; the batch is normalised to [-1, 1] later, on
-the whole tensor (mlc.data.pipeline.normalize).
+which roughly halves the decode cost. Output: a grayscale image as a PIL image (the loader
+pastes it into its batch), a color one as uint8 HxWx3 pixels (resized by torch), or either
+as uint8 HxWxC numpy arrays (decode_eval, decode_train); the batch is normalised to [-1, 1]
+later, on the whole tensor (mlc.data.pipeline.normalize).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import math
 import random
 import re
 import struct
+import warnings
 import zlib
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # Inception-style random resized crop: area fraction and aspect-ratio ranges.
@@ -192,9 +196,15 @@ def center_crop_box(width: int, height: int, fraction: float) -> tuple[float, ..
     return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
 
 
-def _resize_box(im: Image.Image, box, size: int, channels: int) -> Image.Image:
-    """The box of ``im`` resized to size x size: mode "L" (grayscale, also for an RGB model:
-    repeating the one channel is left to the batch, a third of the resize's work) or "RGB"."""
+def _resize_box(
+    im: Image.Image, box, size: int, channels: int, flip: bool = False
+) -> tuple[Image.Image | np.ndarray, bool]:
+    """The box of ``im`` resized to size x size, and whether it is still to be mirrored.
+
+    Grayscale stays a PIL image of mode "L" (also for an RGB model: repeating the one channel
+    is left to the batch, a third of the resize's work; so is the mirroring). RGB comes back as
+    HxWx3 pixels, resized (and mirrored if ``flip``) by torch: see _resize_rgb.
+    """
     width, height = im.size
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
     mode = "L" if channels == 1 else "RGB"
@@ -212,10 +222,39 @@ def _resize_box(im: Image.Image, box, size: int, channels: int) -> Image.Image:
         box = tuple(v * scale for v in box)
         if box == (0, 0, size, size) and im.size == (size, size):
             im.load()  # nothing to resize (eval at the stored size); PIL's resize would copy
-            return im
-        return im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            return im, flip
+        if im.mode == "RGB":
+            return _resize_rgb(im, box, size, flip), False
+        return im.resize((size, size), Image.Resampling.BILINEAR, box=box), flip
     except Exception as e:  # noqa: BLE001
         raise DecodeError(f"{type(e).__name__}: {e}") from None
+
+
+def _resize_rgb(im: Image.Image, box, size: int, flip: bool) -> np.ndarray:
+    """The box of an RGB image cut out at whole pixels (a shift of at most half a pixel: torch
+    takes no sub-pixel box), then resized to size x size by torch's antialiased bilinear
+    filter on uint8, as HxWx3 pixels. That filter is PIL's BILINEAR (outputs within 2 levels of
+    PIL's resize of the same cut-out; PIL's resize with a box would also read pixels just
+    outside it) and 3-5x faster: cutting out a 336x336 box, resizing it to 299x299 and copying
+    it into a batch takes 0.20 ms against 0.73 with PIL's resize, which was a quarter of loading
+    a 1024x768 JPEG."""
+    left, top, right, bottom = (round(v) for v in box)
+    box = (left, top, max(right, left + 1), max(bottom, top + 1))
+    if box != (0, 0, *im.size):
+        im = im.crop(box)  # PIL copies the box alone: less than np.asarray of the whole image
+    with warnings.catch_warnings():  # PIL's arrays are read-only; nothing here writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.asarray(im))
+    # [1, 3, H, W] with the strides of a contiguous channels_last batch: torch's fast uint8
+    # kernel checks the strides as they are (numpy's [None] view, batch stride 0, took it off
+    # the fast path: 4x slower), and its output is then channels_last too, so that the HxWx3
+    # result below is contiguous (a planar result made the copy into the batch cost 0.23 ms).
+    x = pixels.unsqueeze(0).permute(0, 3, 1, 2)
+    if x.shape[2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    if flip:
+        x = x.flip(3)  # 14 us for 299x299; numpy's reversed copy of 3-byte pixels: 265
+    return x[0].permute(1, 2, 0).numpy()
 
 
 def as_array(im: Image.Image | np.ndarray, channels: int, flip: bool = False) -> np.ndarray:
@@ -239,25 +278,27 @@ def resize_train(
     rng: Random,
     channels: int = 3,
     scale: tuple[float, float] = CROP_SCALE,
-) -> tuple[Image.Image, bool]:
-    """Random resized crop (area fraction in ``scale``) to size x size, and whether to flip it
-    horizontally (left to the caller: the loader flips gray rows per batch, see as_array)."""
+) -> tuple[Image.Image | np.ndarray, bool]:
+    """Random resized crop (area fraction in ``scale``) to size x size, and whether it is still
+    to be flipped horizontally: color crops come back flipped already, grayscale ones are left
+    to the caller (the loader flips gray rows per batch, see as_array)."""
     im = _open(data)
-    out = _resize_box(im, random_crop_box(*im.size, rng, scale), size, channels)
-    return out, rng.random() < 0.5
+    box = random_crop_box(*im.size, rng, scale)
+    return _resize_box(im, box, size, channels, flip=rng.random() < 0.5)
 
 
 def resize_eval(
     data: bytes, size: int, crop_fraction: float = 0.875, channels: int = 3
 ) -> Image.Image | np.ndarray:
-    """Central crop (fraction of the shorter side) resized to size x size: a PIL image, or
-    for the whole of a stored size x size PGM/PPM its pixels (HxW gray or HxWx3)."""
+    """Central crop (fraction of the shorter side) resized to size x size: a PIL image (gray),
+    HxWx3 pixels (color), or for the whole of a stored size x size PGM/PPM its pixels (HxW
+    gray or HxWx3)."""
     if crop_fraction == 1.0:
         pixels = _stored_pnm_pixels(data, size, channels)
         if pixels is not None:
             return pixels
     im = _open(data)
-    return _resize_box(im, center_crop_box(*im.size, crop_fraction), size, channels)
+    return _resize_box(im, center_crop_box(*im.size, crop_fraction), size, channels)[0]
 
 
 def decode_train(

@@ -224,6 +224,37 @@ def test_decode_train_seeded():
             assert not np.array_equal(outs[i], outs[j]), (i, j)
 
 
+def test_color_resize_is_pils_bilinear_filter():
+    """Color crops are resized by torch (_resize_rgb): the box cut out, then resized, equals
+    PIL's crop + BILINEAR resize within 2 levels, down- and upscaling, square or not; a
+    sub-pixel box is cut at the nearest whole pixels, which on smooth content moves the pixels
+    by little; the mirrored output is the mirror of the unmirrored one."""
+    from mlc.data.decode import _resize_rgb
+
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), "RGB")
+    smooth = smooth_image(400, 300, seed=7)
+    boxes = [(0, 0, 400, 300), (88, 24, 400, 290), (10, 20, 30, 50), (5, 5, 105, 205)]
+    for im in (noise, smooth):
+        for box in boxes:
+            for size in (16, 48, 299):
+                out = _resize_rgb(im, box, size, flip=False)
+                ref = np.asarray(im.crop(box).resize((size, size), Image.Resampling.BILINEAR))
+                assert out.shape == (size, size, 3) and out.dtype == np.uint8
+                assert np.abs(out.astype(np.int16) - ref).max() <= 2, (box, size)
+                assert out.flags.c_contiguous  # as the batch takes it in one copy
+                mirrored = _resize_rgb(im, box, size, flip=True)
+                np.testing.assert_array_equal(mirrored, out[:, ::-1])
+    for box in [(10.4, 20.6, 200.3, 250.5), (0.3, 0.2, 399.6, 299.7)]:
+        out = _resize_rgb(smooth, box, 64, flip=False)
+        ref = np.asarray(smooth.resize((64, 64), Image.Resampling.BILINEAR, box=box))
+        assert mean_abs_diff(out, ref) < 1.5, box
+    # a wrong filter is far from it: nearest-neighbour sampling of the noise image
+    out = _resize_rgb(noise, (0, 0, 400, 300), 48, flip=False)
+    nearest = np.asarray(noise.resize((48, 48), Image.Resampling.NEAREST))
+    assert mean_abs_diff(out, nearest) > 20
+
+
 def test_decode_train_flips_half_the_time():
     """The same crop with and without the flip: the output is the mirror image."""
     data = encode(smooth_image(300, 300, seed=5), "PNG")
@@ -234,8 +265,12 @@ def test_decode_train_flips_half_the_time():
         flip = rng.random() < 0.5
         out = decode_train(data, 48, np.random.default_rng(seed))
         im = Image.open(io.BytesIO(data)).convert("RGB")
-        expected = np.asarray(im.resize((48, 48), Image.Resampling.BILINEAR, box=box))
-        assert np.array_equal(out, expected[:, ::-1] if flip else expected), seed
+        whole = tuple(round(v) for v in box)  # color crops are cut out at whole pixels
+        expected = np.asarray(im.crop(whole).resize((48, 48), Image.Resampling.BILINEAR))
+        mirrored = expected[:, ::-1]
+        want, wrong = (mirrored, expected) if flip else (expected, mirrored)
+        assert np.abs(out.astype(np.int16) - want).max() <= 2, seed
+        assert mean_abs_diff(out, wrong) > 5, seed
         flipped += flip
     assert 15 < flipped < 45
 
