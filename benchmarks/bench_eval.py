@@ -86,18 +86,19 @@ def make_checkpoint(data: str, path: Path, image_size: int) -> None:
     torch.save({**state, "class_ids": [c["id"] for c in classes]}, path)
 
 
-def run_bare(checkpoint: str, seconds: float, threads: int = 0) -> dict:
+def bare_model(checkpoint: str, threads: int = 0):
+    """(model, 8 in-memory uint8 batches): the model prepared as mlc eval prepares it, in a
+    process with the allocator settings the `mlc` command applies first."""
     import torch
 
     from eval.evaluate import load_model
-    from mlc.data import normalize
     from mlc.models.fuse import fold_batch_norm
     from mlc.runtime import keep_freed_memory
 
-    keep_freed_memory()  # what the `mlc` command does first: the same allocator settings
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
-    model, config, class_ids, _ = load_model(checkpoint)
+    model, config, _, _ = load_model(checkpoint)
     model = fold_batch_norm(model).eval()
     d = config.data
     shape = (BATCH, d.channels, d.image_size, d.image_size)
@@ -107,6 +108,15 @@ def run_bare(checkpoint: str, seconds: float, threads: int = 0) -> dict:
         )
         for _ in range(8)
     ]
+    return model, batches
+
+
+def run_bare(checkpoint: str, seconds: float, threads: int = 0) -> dict:
+    import torch
+
+    from mlc.data import normalize
+
+    model, batches = bare_model(checkpoint, threads)
     with torch.inference_mode():
         for i in range(3):
             model(normalize(batches[i])).float().cpu()
@@ -124,22 +134,9 @@ def run_bare_cold(checkpoint: str, images: int) -> dict:
     forward is the first batches' cost (fresh activation memory, primitive creation)."""
     import torch
 
-    from eval.evaluate import load_model
     from mlc.data import normalize
-    from mlc.models.fuse import fold_batch_norm
-    from mlc.runtime import keep_freed_memory
 
-    keep_freed_memory()
-    model, config, _, _ = load_model(checkpoint)
-    model = fold_batch_norm(model).eval()
-    d = config.data
-    shape = (BATCH, d.channels, d.image_size, d.image_size)
-    batches = [
-        torch.randint(0, 256, shape, dtype=torch.uint8).contiguous(
-            memory_format=torch.channels_last
-        )
-        for _ in range(8)
-    ]
+    model, batches = bare_model(checkpoint)
     sizes = [BATCH] * (images // BATCH) + ([images % BATCH] if images % BATCH else [])
     with torch.inference_mode():
         t0 = time.perf_counter()
