@@ -382,8 +382,9 @@ class BatchImages:
     out through numpy (np.asarray copies the image once more, ~6 us of a 64x64 image's ~20);
     for an RGB batch that channel is copied into the three at the end, for the whole batch
     (three strided numpy copies: ~2.3 us per 56x56 image, where a torch copy of the broadcast
-    view took 4.7). Gray rows are flipped at the end too (RGB images are mirrored by PIL as
-    they come in, see as_array). Fashion-MNIST-like data is all grayscale.
+    view took 4.7). Gray rows are flipped at the end too (color crops come mirrored from
+    mlc.data.decode already; an unresized color image is mirrored by as_array as it comes in).
+    Fashion-MNIST-like data is all grayscale.
     """
 
     paste = None  # _shares_memory(), on first use
