@@ -396,6 +396,10 @@ class Coordinator:
             names = dict(_names)
         for w in sorted(waiting):
             if not self._worker_alive(w):
+                with _lock:
+                    finished = w in _left
+                if finished:  # it said it is done (leave, before it exits), then it exited
+                    continue
                 self.lost.add(w)
                 self.lost_at[w] = time.time()
                 name = names.get(w, f"worker{w}")
