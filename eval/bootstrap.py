@@ -50,6 +50,21 @@ _CDF = np.cumsum([math.exp(-1) / math.factorial(j) for j in range(20)])
 # The same thresholds on the 53-bit integers u * 2**53 (exact: u >= c <=> u * 2**53 >= ceil(c *
 # 2**53) for multiples u of 2**-53), so the draws need no conversion to float.
 _THRESHOLDS = np.ceil(_CDF * 2.0**53).astype(np.uint64)
+_BLOCK = np.uint64(53 - 16)  # u >> _BLOCK: u's 16 high bits
+_SPLIT = 255
+
+
+def _block_counts() -> np.ndarray:
+    """The count of every block of 2**37 values of u sharing their 16 high bits, or _SPLIT for
+    the (at most 20) blocks a threshold falls inside: a table lookup settles all other draws."""
+    first = np.arange(2**16, dtype=np.uint64) << _BLOCK
+    last = first + ((np.uint64(1) << _BLOCK) - np.uint64(1))
+    low = np.searchsorted(_THRESHOLDS, first, side="right")
+    high = np.searchsorted(_THRESHOLDS, last, side="right")
+    return np.where(low == high, low, _SPLIT).astype(np.uint8)
+
+
+_COUNT_OF_BLOCK = _block_counts()
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Pool entries x replicates expanded at a time when the replicates are ranked: bounds memory.
 _CHUNK = 4_000_000
@@ -94,16 +109,16 @@ def poisson_counts(hashes: np.ndarray, replicates: int, first: int = 0) -> np.nd
     b = np.arange(first + 1, first + replicates + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         bits = _splitmix64(hashes[:, None] + b[None, :] * _GOLDEN)
-    u = bits >> np.uint64(11)
-    # The count is the number of thresholds u reaches. 92% of draws are 0, 1 or 2: three
-    # comparisons settle them, and only the rest are searched (a third of the time of
-    # searchsorted over all of them).
-    counts = (u >= _THRESHOLDS[0]).astype(np.int64)
-    counts += u >= _THRESHOLDS[1]
-    tail = u >= _THRESHOLDS[2]
-    counts += tail
-    at = np.flatnonzero(tail)
-    counts.flat[at] = np.searchsorted(_THRESHOLDS, u.flat[at], side="right")
+    return counts_of_uniform(bits >> np.uint64(11))
+
+
+def counts_of_uniform(u: np.ndarray) -> np.ndarray:
+    """Poisson(1) multiplicities (int64) of 53-bit uniform integers u: the number of
+    thresholds u reaches (a table lookup; a search only where u's block holds a threshold)."""
+    counts = _COUNT_OF_BLOCK[(u >> _BLOCK).astype(np.intp)]
+    split = np.flatnonzero(counts == _SPLIT)
+    counts = counts.astype(np.int64)
+    counts.flat[split] = np.searchsorted(_THRESHOLDS, u.flat[split], side="right")
     return counts
 
 

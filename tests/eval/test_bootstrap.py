@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from eval.bootstrap import PoissonBootstrap, key_hashes, percentile_interval, poisson_counts
+from eval.bootstrap import (
+    PoissonBootstrap,
+    counts_of_uniform,
+    key_hashes,
+    percentile_interval,
+    poisson_counts,
+)
 from eval.metrics import ap_from_top_k, class_ap_at_k, image_ap_at_k
 
 
@@ -64,6 +70,19 @@ def test_poisson_counts_are_the_inverse_cdf_of_the_hash_bits():
     frequencies = np.bincount(counts.ravel(), minlength=4)[:4] / counts.size
     poisson = [math.exp(-1) / math.factorial(j) for j in range(4)]
     assert frequencies == pytest.approx(poisson, abs=0.01)
+
+
+def test_counts_of_uniform_are_exact_at_and_around_every_threshold():
+    """The table lookup gives the count of a brute-force comparison with every threshold, also
+    for u just below, at and above each threshold (the blocks the table cannot settle alone)."""
+    cdf = [math.exp(-1) / math.factorial(j) for j in range(20)]
+    thresholds = [math.ceil(c * 2**53) for c in np.cumsum(cdf)]
+    rng = np.random.default_rng(5)
+    edges = [t + d for t in thresholds for d in (-(2**37), -1, 0, 1) if 0 <= t + d < 2**53]
+    u = np.array(edges + [0, 2**53 - 1], dtype=np.uint64)
+    u = np.concatenate([u, rng.integers(0, 2**53, size=200_000, dtype=np.uint64)])
+    expected = [sum(int(x) >= t for t in thresholds) for x in u]
+    assert counts_of_uniform(u).tolist() == expected
 
 
 def test_positives_weights_follow_each_resample():
