@@ -52,7 +52,8 @@ process, each bracket holds two bare runs, and the pass is set against both:
   what mlc adds (decoding, batching, metrics, bootstrap).
 - the warm forward (--bracket-seconds after 3 untimed batches), printed beside it: it leaves
   those first-batch costs out of the bare side only (at 56x56 the cold-start forward over the
-  10,000 test images ran at 94-98% of the warm one's speed), so its ratio charges them to mlc.
+  10,000 test images ran at about 95-98% of the warm one's speed), so its ratio charges them
+  to mlc.
 Target: mlc eval >= 85% of the bare forward."""
 
 from __future__ import annotations
