@@ -31,6 +31,7 @@ fashion-mnist:
 
 test: $(VENV)/.installed fashion-mnist
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed fashion-mnist

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.catalog import Skip
-from mlc.data.decode import to_8bit
 from mlc.format import IMAGE_EXTENSIONS
+from mlc.io import to_8bit
 
 # "decode": every image is decoded (JPEG at 1/8 scale: still every entropy-coded block, so
 # truncated or corrupt data fails); "structure": headers and end markers only, several times

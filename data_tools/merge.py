@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 
 from data_tools.catalog import SkipLog
 from data_tools.writer import manifest_table, read_parts
-from eval.io import atomic_write_parquet, atomic_write_text
 from mlc.format import (
     CLASSES_FILE,
     FORMAT_VERSION,
@@ -25,6 +24,7 @@ from mlc.format import (
     report_name,
     stats_name,
 )
+from mlc.io import atomic_write_parquet, atomic_write_text
 
 
 def _class_counts(lists: pa.ChunkedArray | pa.Array, num_classes: int) -> np.ndarray:

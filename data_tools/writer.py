@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from data_tools.catalog import Catalog, Skip, SkipLog
 from data_tools.images import VERIFY_MODES, prepare_image
-from eval.io import atomic_write_text
 from mlc.format import (
     CLASSES_FILE,
     FORMAT_VERSION,
@@ -38,6 +37,7 @@ from mlc.format import (
     sample_key,
     shard_name,
 )
+from mlc.io import atomic_write_text, atomic_writer
 
 PARTS_DIR = "_parts"
 PLAN_FILE = "plan.json"
@@ -125,8 +125,9 @@ def write_shard(task: ShardTask) -> dict:
     name = shard_name(task.split, task.index)
     columns = {field: [] for field in MANIFEST_SCHEMA.names}
     skips = SkipLog()
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    with tmp.open("wb") as f:
+    # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
+    # and write_split flushes all its shards to disk before it returns (see _flush).
+    with atomic_writer(out / name, durable=False) as f:
         checked = _ChecksumFile(f)
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
@@ -160,9 +161,6 @@ def write_shard(task: ShardTask) -> dict:
                 _add_member(tar, f"{key}.json", encode_sample_json(record))
                 for field, value in record.items():
                     columns[field].append(value)
-    # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
-    # and write_split flushes all its shards to disk before it returns (see _flush).
-    os.replace(tmp, out / name)
     part = {
         "fingerprint": task.fingerprint,
         "shard": name,

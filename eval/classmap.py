@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.io import InputFileError
+from mlc.io import InputFileError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from eval.example import write_example
 from eval.report import DEFAULT_REPLICATES, evaluate_files, format_summary, write_report
-from mlc.launch import run_local_group
+from mlc.dist import run_local_group, teardown
 
 HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K (docs/eval.md)"
 
@@ -122,8 +122,6 @@ def _example(args: argparse.Namespace) -> None:
 
 
 def _from_checkpoint(args: argparse.Namespace):
-    import torch.distributed as dist
-
     from eval.evaluate import evaluate_checkpoint
 
     if not args.data:
@@ -151,12 +149,7 @@ def _from_checkpoint(args: argparse.Namespace):
         ok = True
         return report
     finally:
-        # A gloo group left alive can abort the process at exit (see mlc/train/cli.py). After
-        # an error the other ranks may be inside a collective: no barrier then.
-        if dist.is_available() and dist.is_initialized():
-            if ok:
-                dist.barrier()
-            dist.destroy_process_group()
+        teardown(finished=ok)
 
 
 def run(args: argparse.Namespace) -> int:

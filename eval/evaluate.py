@@ -8,7 +8,8 @@ Under torchrun every process scores its share and rank 0 merges the per-process 
 exactly: the result is the single-process one.
 
 This is the layer that joins the metric library to mlc (checkpoints, loader, model); the metric
-modules themselves (eval/metrics.py, eval/streaming.py, eval/bootstrap.py) import no mlc.
+modules themselves (eval/metrics.py, eval/streaming.py, eval/bootstrap.py) import no mlc, and
+nothing here imports the training job (pyproject.toml's import contracts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from eval.bootstrap import PoissonBootstrap
 from eval.classmap import ClassMatch, match_classes, read_class_map
-from eval.io import CLASS_IDS_METADATA, Classes, InputFileError, read_weights
+from eval.io import CLASS_IDS_METADATA, read_weights
 from eval.metrics import full_ap, image_ap_at_k
 from eval.report import (
     DEFAULT_REPLICATES,
@@ -38,66 +39,23 @@ from eval.report import (
     class_summary,
 )
 from eval.streaming import MAPAccumulator
+from mlc import dist as mlc_dist
 from mlc.config import Config
 from mlc.data import ShardLoader, normalize
 from mlc.format import CLASSES_FILE, stats_name
-from mlc.train.checkpoint import load_checkpoint
-from mlc.train.loop import build_model, loader_config, setup_distributed
+from mlc.io import Classes, InputFileError
+from mlc.models import load_checkpoint_model
 
 FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
 EVAL_BATCH = 256
-# The metrics run on chunks of batches: most of their cost per call is fixed (at 10 classes,
-# 5.9 us per image in batches of 256, 3.4 in chunks of 2048; at 1,000 classes 51 and 32). A
-# chunk holds at most CHUNK_IMAGES images and, past that, CHUNK_SCORES scores (20 MB with the
-# labels), but always at least the batch that fills it.
+# The metrics run on chunks of batches, since most of their cost per call is fixed (measured
+# by benchmarks/bench_eval.py). A chunk holds at most CHUNK_IMAGES images and, past that,
+# CHUNK_SCORES scores (20 MB with the labels), but always at least the batch that fills it.
 CHUNK_IMAGES = 2048
 CHUNK_SCORES = 4_000_000
 
 
-# ---------------------------------------------------------------- checkpoint and classes
-
-
-def config_from_dict(data: dict) -> Config:
-    """The checkpoint's training config; keys this version does not know are ignored."""
-    config = Config()
-    for section in fields(Config):
-        target = getattr(config, section.name)
-        names = {f.name for f in fields(target)}
-        for key, value in (data.get(section.name) or {}).items():
-            if key in names:
-                setattr(target, key, value)
-    return config
-
-
-def load_model(checkpoint: str | Path, use_ema: bool = True):
-    """(model in eval mode, config, class ids, info) from an `mlc train` checkpoint.
-
-    Uses the EMA weights when the checkpoint has them, as the job's validation did.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such checkpoint")
-    try:
-        state = load_checkpoint(path)  # weights_only=True: a checkpoint cannot run code
-    except Exception as e:  # noqa: BLE001 (torch raises many types on damaged files)
-        raise InputFileError(f"{path}: cannot load as a checkpoint: {type(e).__name__}: {e}") from e
-    missing = [key for key in ("model", "config", "class_ids") if key not in state]
-    if missing:
-        raise InputFileError(f"{path}: not an `mlc train` checkpoint (no {', '.join(missing)})")
-    config = config_from_dict(state["config"])
-    class_ids = [str(c) for c in state["class_ids"]]
-    model = build_model(config, len(class_ids))
-    weights, source = state["model"], "model"
-    if use_ema and state.get("ema"):
-        prefix = "module."
-        weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
-        source = "ema"
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise InputFileError(f"{path}: the weights do not fit its own config: {e}") from e
-    info = {"samples": state.get("samples"), "step": state.get("step"), "weights": source}
-    return model.eval(), config, class_ids, info
+# ---------------------------------------------------------------- classes
 
 
 def _data_classes(data: Path) -> tuple[list[str], list[str], str]:
@@ -138,18 +96,6 @@ def _weights(spec: str, config: Config, data: Path, match: ClassMatch):
         notes.append(f"{chosen.unlisted} evaluated class(es) have no weight in {spec}: weight 0")
     counts = None if reference is None else np.asarray(reference.values, dtype=float)
     return chosen.values, chosen.source, counts, notes
-
-
-# ---------------------------------------------------------------- processes
-
-
-def _gather(obj, rank: int, world: int) -> list | None:
-    """Every rank's obj on rank 0 (None elsewhere)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def _exact_add(partials: list[float], values: np.ndarray) -> None:
@@ -355,9 +301,9 @@ def evaluate_checkpoint(
     """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere."""
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
-    rank, world, device = setup_distributed()
+    rank, world, device = mlc_dist.setup()
     data = Path(data)
-    model, config, model_ids, info = load_model(checkpoint)
+    model, config, model_ids, info = load_checkpoint_model(checkpoint)
     data_ids, data_names, annotation = _data_classes(data)
     mapping = read_class_map(class_map) if class_map else None
     match = match_classes(
@@ -371,7 +317,8 @@ def evaluate_checkpoint(
     )
     weight_values, weight_source, reference, notes = _weights(weights, config, data, match)
     loader_settings = replace(
-        loader_config(config, "eval"),
+        config.data,
+        mode="eval",
         batch_size=batch_size,
         num_workers=config.data.num_workers if workers is None else workers,
     )
@@ -403,7 +350,7 @@ def evaluate_checkpoint(
     )
     if writer is not None:
         writer.close()
-    states = _gather(state.state(loader.problems), rank, world)
+    states = mlc_dist.gather_to_first(state.state(loader.problems), rank, world)
     seconds = time.perf_counter() - start  # ... until the last process's share is in
     if rank != 0:
         return None

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from eval.io import CLASS_IDS_METADATA, atomic_write_csv, atomic_write_parquet, atomic_write_text
+from eval.io import CLASS_IDS_METADATA
+from mlc.io import atomic_write_csv, atomic_write_parquet, atomic_write_text
 
 # Real OpenImages V6 classes, chosen for the quoting their names need.
 REAL_CLASSES = [

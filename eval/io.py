@@ -1,4 +1,4 @@
-"""Readers for what `mlc eval` scores (predictions, labels, classes, weights); atomic writers.
+"""Readers for what `mlc eval` scores: predictions, labels, weights (classes: mlc.io).
 
 File formats (docs/eval.md has the full description):
 - predictions: Parquet, columns ``key`` (string) and ``scores`` (list of floats, one per class,
@@ -14,11 +14,7 @@ File formats (docs/eval.md has the full description):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,24 +25,10 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from mlc.io import Classes, InputFileError, check_unique_ids, existing_file
+
 CLASS_IDS_METADATA = b"mlc.class_ids"
 OPENIMAGES_LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
-
-
-class InputFileError(ValueError):
-    """A file that cannot be used as given; the message names the file and the row or key."""
-
-
-@dataclass
-class Classes:
-    ids: list[str]
-    names: list[str]
-
-    def __post_init__(self):
-        self.index = {cid: i for i, cid in enumerate(self.ids)}
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass
@@ -69,55 +51,7 @@ class Labels:
     skipped_other_classes: int  # label rows for classes the predictions do not score
 
 
-# ---------------------------------------------------------------- writers
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); a report is a normal file: 0666 minus umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_csv(path: str | Path, header: list[str], rows) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def atomic_write_parquet(path: str | Path, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def _exists(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file")
-    return path
 
 
 def _first_null(array: pa.Array) -> int:
@@ -176,55 +110,11 @@ def _line_namer(path: Path, header_lines: int):
     return name
 
 
-def _unique_ids(ids: list[str], path: Path, what: str) -> None:
-    seen: dict[str, int] = {}
-    for i, cid in enumerate(ids):
-        if cid in seen:
-            raise InputFileError(
-                f"{path}: class id {cid!r} listed twice in {what} (entries {seen[cid] + 1} and "
-                f"{i + 1})"
-            )
-        seen[cid] = i
-
-
-# ---------------------------------------------------------------- classes
-
-
-def read_classes(path: str | Path) -> Classes:
-    """An OpenImages class-descriptions CSV (no header; quoted names with commas) or JSON."""
-    path = _exists(path)
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        items = data["classes"] if isinstance(data, dict) and "classes" in data else data
-        if not isinstance(items, list):
-            raise InputFileError(f"{path}: expected a list of class ids or of {{id, name}}")
-        ids = [str(x["id"]) if isinstance(x, dict) else str(x) for x in items]
-        names = [str(x.get("name", x["id"])) if isinstance(x, dict) else str(x) for x in items]
-    else:
-        try:
-            table = pacsv.read_csv(
-                path,
-                read_options=pacsv.ReadOptions(column_names=["id", "name"]),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={"id": pa.string(), "name": pa.string()}
-                ),
-            )
-        except pa.ArrowInvalid as e:
-            raise InputFileError(
-                f"{path}: not a class-descriptions CSV (LabelName,DisplayName per line): {e}"
-            ) from e
-        ids, names = table["id"].to_pylist(), table["name"].to_pylist()
-        if ids and ids[0] == "LabelName":  # tolerate a header line
-            ids, names = ids[1:], names[1:]
-    _unique_ids(ids, path, "the class list")
-    return Classes(ids, names)
-
-
 # ---------------------------------------------------------------- predictions
 
 
 def read_predictions(path: str | Path) -> Predictions:
-    path = _exists(path)
+    path = existing_file(path)
     try:
         pf = pq.ParquetFile(path)
     except pa.ArrowInvalid as e:
@@ -233,7 +123,7 @@ def read_predictions(path: str | Path) -> Predictions:
     class_ids = None
     if CLASS_IDS_METADATA in metadata:
         class_ids = [str(x) for x in json.loads(metadata[CLASS_IDS_METADATA])]
-        _unique_ids(class_ids, path, "its mlc.class_ids metadata")
+        check_unique_ids(class_ids, path, "its mlc.class_ids metadata")
     table = pf.read()
     _require_columns(table, path, ["key", "scores"])
     keys = table["key"].combine_chunks().cast(pa.string())
@@ -321,7 +211,7 @@ def read_labels(
     ``unlisted``: what a pair with no label row means: "unknown", "negative", or "auto" (unknown
     for OpenImages CSVs and tables with a ``negatives`` column, negative otherwise).
     """
-    path = _exists(path)
+    path = existing_file(path)
     known_ids = set(vocabulary.ids) | (known_ids or set())
     if path.suffix.lower() == ".csv":
         return _read_openimages_labels(path, vocabulary, known_ids, unlisted)
@@ -439,7 +329,7 @@ def read_weights(spec: str, vocabulary: Classes) -> Weights:
         return Weights(spec, "uniform")
     if spec == "positives":
         return Weights(spec, "positive counts of the evaluated labels")
-    path = _exists(spec)
+    path = existing_file(spec)
     if path.suffix.lower() == ".parquet":
         table = pq.read_table(path)
         value_col = next(

@@ -11,18 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from eval.bootstrap import PoissonBootstrap, pool_size
-from eval.io import (
-    Classes,
-    InputFileError,
-    align,
-    atomic_write_csv,
-    atomic_write_text,
-    read_classes,
-    read_labels,
-    read_predictions,
-    read_weights,
-)
+from eval.io import align, read_labels, read_predictions, read_weights
 from eval.metrics import ClassAP, class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
+from mlc.io import Classes, InputFileError, atomic_write_csv, atomic_write_text, read_classes
 
 CI_LEVEL = 0.95
 DEFAULT_REPLICATES = 200

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.io import atomic_write_text
-from eval.plots import bar_chart, histogram, scatter_chart, write_png
+from mlc.io import atomic_write_text
+from mlc.plots import bar_chart, histogram, scatter_chart, write_png
 
 PLOTS = {
     "ap_vs_frequency.png": "AP@K of each class against its reference frequency (log scale)",

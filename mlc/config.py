@@ -1,4 +1,9 @@
-"""Typed training configuration: dataclasses, loaded from YAML, with `--set key=value` overrides.
+"""The one typed configuration: dataclasses, loaded from YAML, with `--set key=value` overrides.
+
+The sections are the settings of the parts themselves: `data` is the loader's LoaderConfig
+(plus the dataset and its splits), `model` is what mlc.models.build_model takes. Files,
+`--set` overrides and the config stored in a checkpoint all go through the same validation;
+a config carries its version, and older versions are migrated (``migrate``).
 
 Durations, schedules and intervals are in samples (not epochs, whose length changes with the
 dataset and the number of ranks). Unknown keys and values of the wrong type are errors that list
@@ -7,6 +12,7 @@ what is valid; config files are input from elsewhere, so nothing in them is exec
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -15,27 +21,53 @@ from pathlib import Path
 
 import yaml
 
+CONFIG_VERSION = 2  # 2: batch_size and the loader seed moved from `train` to `data`
+
+# Keys of older versions, and where they are now.
+MOVED = {"train.batch_size": "data.batch_size"}
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
 @dataclass
-class DataConfig:
+class LoaderConfig:
+    """How a split is read (mlc.data's loaders take this class, or the `data` section)."""
+
+    batch_size: int = 32  # per process
+    image_size: int = 64
+    # "train": shuffled, augmented, endless; "eval": one ordered pass. Chosen per split.
+    mode: str = field(default="train", metadata={"per_split": True})
+    channels: int = 3
+    shuffle_buffer: int = 2000  # raw samples held for shuffling (train only)
+    crop_fraction: float = 0.875  # eval: central crop of the shorter side
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train: crop area
+    seed: int = 0  # shard order, shuffling and augmentation
+    num_workers: int = 2
+    retries: int = 2  # extra attempts to open a shard before reporting it
+    allow_pipe: bool = False  # pipe: URLs run commands; only for shard lists you trust
+
+    def __post_init__(self):
+        problem = loader_problem(self)
+        if problem:
+            raise ValueError(problem)
+
+
+@dataclass
+class DataConfig(LoaderConfig):
+    """The `data` section: which dataset and splits, and the loader settings for them. ``mode``
+    is not a key: the job reads the training split in train mode and validates in eval mode."""
+
     dataset: str = "runs/demo/data"  # an `mlc shard` folder
     train_split: str = "train"
     val_split: str | None = "test"
-    image_size: int = 64
-    channels: int = 3
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train crop area
-    crop_fraction: float = 0.875  # eval: central crop of the shorter side
-    allow_pipe: bool = False  # pipe: URLs run commands; only for shard lists you trust
 
 
 @dataclass
 class ModelConfig:
+    """The `model` section: mlc.models.build_model takes this class."""
+
     name: str = "xception-tiny"  # a preset of mlc.models
     width: float | None = None  # preset overrides, None = the preset's
     middle_blocks: int | None = None
@@ -64,9 +96,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # per process
     samples: int = 1_000_000  # total training samples (all processes)
-    seed: int = 0
+    seed: int = 0  # model initialisation and dropout (the data's seed is data.seed)
     deterministic: bool = False  # bitwise-reproducible (single process; slower)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU, with a grad scaler)
     ema_decay: float = 0.0  # 0 = no EMA of weights
@@ -102,6 +133,7 @@ class PsConfig:
 
 @dataclass
 class Config:
+    version: int = CONFIG_VERSION
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -146,16 +178,27 @@ def _check_type(value, hint, where: str):
 
 def _apply(obj, values: dict, where: str) -> None:
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{where or 'the config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(names)}")
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields or fields[key].metadata.get("per_split"):
+            raise ConfigError(_unknown(name, key, fields, where))
         if dataclasses.is_dataclass(getattr(obj, key)):
-            _apply(getattr(obj, key), value, f"{where}.{key}" if where else key)
+            _apply(getattr(obj, key), value, name)
         else:
-            setattr(obj, key, _check_type(value, hints[key], f"{where}.{key}" if where else key))
+            setattr(obj, key, _check_type(value, hints[key], name))
+
+
+def _unknown(name: str, key, fields: dict, where: str) -> str:
+    if name in MOVED:
+        return f"{name} is {MOVED[name]} since config version 2"
+    if key in fields:  # a per-split setting such as data.mode
+        return f"{name} is not a setting: the job reads each split in its own mode"
+    valid = ", ".join(k for k, f in fields.items() if not f.metadata.get("per_split"))
+    what = f"{where}: unknown key {key!r}" if where else f"unknown section {key!r}"
+    return f"{what}; valid keys: {valid}"
 
 
 def parse_override(text: str) -> dict:
@@ -163,10 +206,52 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set expects key=value, got {text!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({problem})") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
+
+
+def migrate(data: dict, source: str, default_version: int = CONFIG_VERSION) -> dict:
+    """A config dict of an older version in the current version's keys. A file without
+    ``version`` is taken as current; a checkpoint without one is of version 1."""
+    version = data.get("version", default_version)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"{source}: version must be a whole number, got {version!r}")
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"{source}: config version {version} is newer than this mlc's ({CONFIG_VERSION}); "
+            "upgrade mlc"
+        )
+    data = copy.deepcopy(data)
+    if version < 2:  # batch size and the data seed moved to the data section
+        train, section = data.get("train") or {}, data.setdefault("data", {})
+        if isinstance(train, dict) and isinstance(section, dict):
+            if "batch_size" in train:
+                section["batch_size"] = train.pop("batch_size")
+            if "seed" in train:
+                section.setdefault("seed", train["seed"])
+    data["version"] = CONFIG_VERSION
+    return data
+
+
+def config_from_dict(
+    data: dict, source: str = "the config", default_version: int = CONFIG_VERSION
+) -> Config:
+    """A validated Config from a dict (a checkpoint's, a config.json); errors name ``source``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+    config = Config()
+    try:
+        _apply(config, migrate(data, source, default_version), "")
+        check(config)
+    except ConfigError as e:
+        raise ConfigError(e if str(e).startswith(source) else f"{source}: {e}") from None
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -179,27 +264,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {data!r}")
         try:
-            _apply(config, data, "")
+            _apply(config, migrate(data, str(path)), "")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
         try:
             _apply(config, parse_override(text), "")
         except ConfigError as e:
-            raise ConfigError(f"--set {text}: {e}") from None
+            message = str(e)
+            where = message if message.startswith("--set") else f"--set {text}: {e}"
+            raise ConfigError(where) from None
     check(config)
     return config
 
 
+def loader_problem(c: LoaderConfig) -> str | None:
+    """What is wrong with loader settings, or None."""
+    if c.mode not in ("train", "eval"):
+        return f"mode must be 'train' or 'eval', got {c.mode!r}"
+    for key in ("batch_size", "image_size"):
+        if getattr(c, key) < 1:
+            return f"{key} must be >= 1, got {getattr(c, key)}"
+    if c.channels not in (1, 3):
+        return f"channels must be 1 or 3, got {c.channels}"
+    if c.num_workers < 0 or c.retries < 0 or c.shuffle_buffer < 0:
+        return "num_workers, retries and shuffle_buffer must be >= 0"
+    if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
+        return f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {c.crop_scale}"
+    if not 0 < c.crop_fraction <= 1:
+        return f"crop_fraction must be in (0, 1], got {c.crop_fraction}"
+    return None
+
+
 def check(config: Config) -> None:
+    problem = loader_problem(config.data)
+    if problem:
+        raise ConfigError(f"data.{problem}")
     if config.optim.name not in ("sgd", "rmsprop", "adamw"):
         raise ConfigError(f"optim.name must be sgd, rmsprop or adamw, got {config.optim.name!r}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(
             f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}"
         )
-    for key in ("batch_size", "samples", "log_every", "eval_every", "checkpoint_every"):
+    for key in ("samples", "log_every", "eval_every", "checkpoint_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
     if not 0 <= config.train.ema_decay < 1:
@@ -240,4 +350,7 @@ def _check_async(config: Config) -> None:
 
 
 def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain data, without the per-split loader mode (config_from_dict reads it)."""
+    data = dataclasses.asdict(config)
+    del data["data"]["mode"]
+    return data

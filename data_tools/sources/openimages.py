@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from data_tools.catalog import Catalog, FileLoader, SkipLog, catalog_table
-from eval.io import read_classes
+from mlc.io import read_classes
 
 LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
 BLOCK_BYTES = 16 << 20  # CSV bytes per batch

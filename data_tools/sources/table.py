@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, FileLoader, SkipLog, catalog_table
-from eval.io import InputFileError, read_classes
+from mlc.io import InputFileError, read_classes
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -54,7 +54,7 @@ def read_table_source(
       strings.
 
     Classes: with ``classes`` (an OpenImages class-descriptions CSV or JSON, read with
-    ``eval.io.read_classes``) a label may be a class id or a display name; ids take precedence,
+    ``mlc.io.read_classes``) a label may be a class id or a display name; ids take precedence,
     and a name that several classes share matches none of them (label_row_skips "ambiguous class
     name"). Without ``classes`` the vocabulary is the sorted set of the label values of the
     images kept (positives and negatives), id = name = the value as a string; values from integer
@@ -88,7 +88,7 @@ def read_table_source(
 
     Catalog positives/negatives are sorted, de-duplicated int32 class indices.
 
-    Raises ValueError (``eval.io.InputFileError``) naming the file for an unreadable file, an
+    Raises ValueError (``mlc.io.InputFileError``) naming the file for an unreadable file, an
     unknown suffix, a missing column (with the columns found) or a column of the wrong type.
     """
     path = Path(path)

@@ -1,7 +1,8 @@
 """Streaming loaders for `mlc shard` datasets (docs/loader.md)."""
 
+from mlc.config import LoaderConfig
 from mlc.data.loader import Batch, ShardLoader
-from mlc.data.pipeline import LoaderConfig, normalize
+from mlc.data.pipeline import normalize
 from mlc.data.urls import Shard, dataset_shards, url_shards
 
 __all__ = [

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mlc.io import to_8bit
+
 # Inception-style random resized crop: area fraction and aspect-ratio ranges.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -152,18 +154,6 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 (PIL raises many types)
         raise DecodeError(f"{type(e).__name__}: {e}") from None
-
-
-def to_8bit(im: Image.Image) -> Image.Image:
-    """16- and 32-bit grayscale -> 8-bit L (PIL's convert would clip them at 255)."""
-    if im.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
-    if im.mode in ("I", "F"):  # stretch the range to 0..255
-        pixels = np.asarray(im, dtype=np.float64)
-        low, high = pixels.min(), pixels.max()
-        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
-        return Image.fromarray(scaled.round().astype(np.uint8))
-    return im
 
 
 def random_crop_box(

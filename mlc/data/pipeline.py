@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mlc.config import LoaderConfig
 from mlc.data.decode import DecodeError, KeyedRandom, as_array, resize_eval, resize_train
 from mlc.data.ring import BatchRing
 from mlc.data.tarstream import tar_members
@@ -35,27 +36,6 @@ from mlc.format import IMAGE_EXTENSIONS
 
 log = logging.getLogger("mlc.data")
 IMAGE_SUFFIXES = set(IMAGE_EXTENSIONS.values())
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    batch_size: int
-    image_size: int
-    mode: str = "train"  # "train": shuffled, augmented, endless; "eval": one ordered pass
-    channels: int = 3
-    shuffle_buffer: int = 2000  # raw samples held for shuffling (train only)
-    crop_fraction: float = 0.875  # eval: central crop of the shorter side
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # train: area fraction of the random crop
-    seed: int = 0
-    num_workers: int = 2
-    retries: int = 2  # extra attempts to open a shard before reporting it
-    allow_pipe: bool = False  # allow pipe: URLs (they run commands)
-
-    def __post_init__(self):
-        if self.mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {self.mode!r}")
-        if self.batch_size < 1 or self.image_size < 1 or self.channels not in (1, 3):
-            raise ValueError(f"bad loader config: {self}")
 
 
 @dataclass(frozen=True)

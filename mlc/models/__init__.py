@@ -1,5 +1,7 @@
-"""Models: the Xception family (xception.py) and weight import (weights.py)."""
+"""Models: the Xception family (xception.py), weight import (weights.py), and models built from
+configs and checkpoints (factory.py)."""
 
-from mlc.models.xception import PRESETS, Xception, XceptionConfig, create_model
+from mlc.models.factory import build_model, load_checkpoint_model
+from mlc.models.xception import PRESETS, Xception, create_model
 
-__all__ = ["PRESETS", "Xception", "XceptionConfig", "create_model"]
+__all__ = ["PRESETS", "Xception", "build_model", "create_model", "load_checkpoint_model"]

@@ -280,3 +280,14 @@ __all__ = [
     "timm_name",
     "write_keras_h5",
 ]
+
+
+def load_pretrained(model: Xception, spec: str, drop_head: bool = True) -> None:
+    """``model.init`` of a config: "keras:PATH.h5" or "timm:PATH.pth"."""
+    kind, _, path = spec.partition(":")
+    if kind == "keras":
+        load_keras_h5(model, path, drop_head=drop_head)
+    elif kind == "timm":
+        load_timm_file(model, path, drop_head=drop_head)
+    else:
+        raise WeightImportError(f"model.init must be keras:PATH or timm:PATH, got {spec!r}")

@@ -20,28 +20,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlc.config import ModelConfig
+
 BN_EPS = 1e-3  # Keras' value; the imported statistics assume it
 BN_MOMENTUM = 0.01  # PyTorch's convention for Keras' momentum 0.99
 
 
 @dataclass(frozen=True)
-class XceptionConfig:
-    num_classes: int = 1000
-    width: float = 1.0  # channel multiplier
-    middle_blocks: int = 8
-    in_channels: int = 3
-    input_size: int = 299  # the default input side (the network takes any size >= 32ish)
-    fc_layers: tuple[int, ...] = ()  # the paper's "with FC layers" variant: (4096, 4096)
-    dropout: float = 0.0  # before the head (0.5 in the paper's ImageNet recipe)
-    head_prior: float | None = 0.01  # head bias = log(p / (1 - p)); None: zeros
-    channels_last: bool = True  # faster on CPU (depthwise convolutions) and GPU
+class Preset:
+    width: float  # channel multiplier
+    middle_blocks: int
+    input_size: int  # the input side it is meant for (the network takes any size >= 32ish)
 
 
 PRESETS = {
-    "xception": XceptionConfig(),
-    "xception-small": XceptionConfig(width=0.5, middle_blocks=4, input_size=149),
-    "xception-tiny": XceptionConfig(width=0.25, middle_blocks=2, input_size=64),
+    "xception": Preset(width=1.0, middle_blocks=8, input_size=299),
+    "xception-small": Preset(width=0.5, middle_blocks=4, input_size=149),
+    "xception-tiny": Preset(width=0.25, middle_blocks=2, input_size=64),
 }
+
+
+def resolve(config: ModelConfig) -> ModelConfig:
+    """The config with its preset's width and middle blocks where it leaves them None."""
+    if config.name not in PRESETS:
+        raise ValueError(f"unknown model {config.name!r}; presets: {', '.join(PRESETS)}")
+    preset, blocks = PRESETS[config.name], config.middle_blocks
+    return replace(
+        config,
+        width=preset.width if config.width is None else config.width,
+        middle_blocks=preset.middle_blocks if blocks is None else blocks,
+    )
 
 
 def channels(c: int, width: float) -> int:
@@ -116,16 +124,19 @@ class Block(nn.Module):
 
 
 class Xception(nn.Module):
-    def __init__(self, config: XceptionConfig = XceptionConfig()):
+    """The network of a model config (mlc.config.ModelConfig; ``init`` is the job's business)."""
+
+    def __init__(self, config: ModelConfig, num_classes: int = 1000, in_channels: int = 3):
         super().__init__()
-        self.config = config
+        self.config = config = resolve(config)
+        self.num_classes, self.in_channels = num_classes, in_channels
         w = config.width
 
         def ch(c):
             return channels(c, w)
 
         self.stem = nn.Sequential(
-            nn.Conv2d(config.in_channels, ch(32), 3, 2, bias=False),
+            nn.Conv2d(in_channels, ch(32), 3, 2, bias=False),
             batch_norm(ch(32)),
             nn.ReLU(inplace=True),
             nn.Conv2d(ch(32), ch(64), 3, bias=False),
@@ -156,7 +167,7 @@ class Xception(nn.Module):
             features = units
         self.fc = nn.Sequential(*fc)
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(features, config.num_classes)
+        self.head = nn.Linear(features, num_classes)
         self._init_weights()
         if config.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -199,15 +210,15 @@ class Xception(nn.Module):
         device = self.head.weight.device
         self.head = nn.Linear(self.head.in_features, num_classes).to(device)
         nn.init.xavier_uniform_(self.head.weight)
-        self.config = replace(self.config, num_classes=num_classes, head_prior=prior)
+        self.num_classes, self.config = num_classes, replace(self.config, head_prior=prior)
         self.init_head_bias(prior)
 
 
-def create_model(name: str, **overrides) -> Xception:
-    """A preset ("xception", "xception-small", "xception-tiny"), with config overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
-    return Xception(replace(PRESETS[name], **overrides))
+def create_model(
+    name: str, num_classes: int = 1000, in_channels: int = 3, **overrides
+) -> Xception:
+    """A preset ("xception", "xception-small", "xception-tiny") with ModelConfig overrides."""
+    return Xception(ModelConfig(name=name, **overrides), num_classes, in_channels)
 
 
-__all__ = ["PRESETS", "Xception", "XceptionConfig", "create_model"]
+__all__ = ["PRESETS", "Preset", "Xception", "create_model", "resolve"]

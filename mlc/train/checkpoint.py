@@ -8,12 +8,11 @@ ignored). ``best.pt`` is a copy of the checkpoint with the best validation metri
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
-import torch
+from mlc.io import atomic_writer, load_state, save_state
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -22,35 +21,15 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(
     out: str | Path, state: dict, samples: int, keep_last: int, is_best: bool = False
 ) -> Path:
     folder = checkpoint_dir(out)
     path = folder / f"ckpt-{samples:012d}.pt"
-    atomic_save(state, path)
+    save_state(state, path)
     if is_best:
-        tmp = folder / f".best.pt.tmp-{os.getpid()}"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, folder / "best.pt")
+        with atomic_writer(folder / "best.pt") as f, path.open("rb") as source:
+            shutil.copyfileobj(source, f)
     for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -65,16 +44,28 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def latest_valid_checkpoint(out: str | Path, log=print) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads; damaged ones (e.g. truncated by a full disk) are
     reported and passed over."""
     for path in reversed(list_checkpoints(out)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_state(path)
         except Exception as e:  # noqa: BLE001 (torch raises many types on damaged files)
             log(f"warning: skipping damaged checkpoint {path}: {type(e).__name__}: {e}")
     return None
+
+
+def find_resume(out: str | Path, resume: str | None, say=print) -> tuple[Path, dict] | None:
+    """The checkpoint ``--resume`` names: "auto" (the newest valid one in ``out``, or None to
+    start fresh), a file, or nothing."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_valid_checkpoint(out, log=say)
+        if found is None:
+            say(f"--resume auto: no checkpoint in {checkpoint_dir(out)}; starting fresh")
+        return found
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return path, load_state(path)

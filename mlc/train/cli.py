@@ -26,9 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import gc
 
-    import torch.distributed as dist
-
     from mlc.config import load_config
+    from mlc.dist import teardown
     from mlc.train.loop import train
 
     config = load_config(args.config, args.set)
@@ -37,14 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
         launch(config, resume=args.resume)
         return 0
+    finished = False
     try:
         train(config, resume=args.resume)
         gc.collect()  # free DistributedDataParallel (its reducer) while the group is alive
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # let every rank finish its last collective and writes
+        finished = True
     finally:
-        # Tear the process group down before the interpreter exits: a gloo group left alive can
-        # abort the process at exit ("terminate called without an active exception").
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown(finished)
     return 0

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from mlc.plots import line_chart, write_png
+
 
 class MetricsLog:
     """Appends one JSON object per record to <out>/metrics.jsonl (kind: train, val, summary);
@@ -46,8 +48,6 @@ class MetricsLog:
 def write_curves(out: str | Path) -> Path:
     """<out>/curves.png: training loss and validation fwMAP@K against samples, from
     metrics.jsonl (so a resumed run's plot covers the whole run)."""
-    from eval.plots import line_chart, write_png
-
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     train = {r["samples"]: r["loss"] for r in records if r["kind"] == "train"}
     val = {r["samples"]: r["fwmap"] for r in records if r["kind"] == "val"}
@@ -59,3 +59,13 @@ def write_curves(out: str | Path) -> Path:
         path, line_chart(series, f"{Path(out).name}: loss and validation fwMAP", "samples", "")
     )
     return path
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss"""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_metric(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eval.classmap import match_classes, read_class_map
-from eval.io import InputFileError
+from mlc.io import InputFileError
 
 MODEL = ["cat", "dog", "fox", "owl"]
 NAMES = {"cat": "Cat", "dog": "Dog", "fox": "Fox", "owl": "Owl", "eel": "Eel"}

@@ -19,8 +19,8 @@ from PIL import Image
 from eval.metrics import class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
 from mlc.cli import main
 from mlc.config import load_config, to_dict
-from mlc.launch import free_port
-from mlc.train.loop import build_model
+from mlc.dist import free_port
+from mlc.models import build_model
 from tests.train.conftest import mosaics  # noqa: F401 (the session's sharded mosaics)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def checkpoint(mosaics, tmp_path_factory):  # noqa: F811
     )
     class_ids = [c["id"] for c in json.loads((mosaics / "classes.json").read_text())["classes"]]
     torch.manual_seed(0)
-    model = build_model(config, len(class_ids))
+    model = build_model(config.model, len(class_ids), config.data.channels)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)

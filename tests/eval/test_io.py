@@ -13,15 +13,13 @@ import pytest
 
 from eval.io import (
     CLASS_IDS_METADATA,
-    Classes,
-    InputFileError,
     align,
-    read_classes,
     read_labels,
     read_predictions,
     read_weights,
 )
 from eval.report import evaluate_files
+from mlc.io import Classes, InputFileError, read_classes
 
 # CI checks the shared data out next to the repository: <root>/../shared.
 SHARED = Path(__file__).resolve().parents[3] / "shared"  # tests/eval/test_io.py -> <root>/..

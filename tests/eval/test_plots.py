@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.plots import _Axes, _log_ticks, bar_chart, histogram, line_chart, scatter_chart
+from mlc.plots import _Axes, _log_ticks, bar_chart, histogram, line_chart, scatter_chart
 
 
 def decode(png: bytes) -> np.ndarray:

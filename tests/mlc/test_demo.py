@@ -14,7 +14,7 @@ def test_demo_without_fashion_mnist_falls_back_to_shapes(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--fashion-mnist", str(tmp_path / "nowhere"), "--quiet"]
     args += ["--train-count", "320", "--test-count", "120", "--samples", "160", "--workers", "1"]
-    for value in ["data.image_size=32", "model.width=0.125", "train.batch_size=16"]:
+    for value in ["data.image_size=32", "model.width=0.125", "data.batch_size=16"]:
         args += ["--set", value]
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -29,8 +29,8 @@ from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize
 from mlc.data.decode import decode_eval, decode_train
 from mlc.data.pipeline import _WRITTEN, BatchImages, parse_labels, sample_rng
 from mlc.data.urls import ShardOpenError, open_url
+from mlc.dist import free_port
 from mlc.format import OPENCLIP_SIZES_FILE, encode_sample_json
-from mlc.launch import free_port
 
 from .conftest import Dataset, sample_images, tar_members, write_tar
 

@@ -130,7 +130,7 @@ def test_reset_head_keeps_the_backbone():
     with torch.no_grad():
         features = model.forward_features(x)
     model.reset_head(3, prior=0.1)
-    assert model.head.out_features == 3 and model.config.num_classes == 3
+    assert model.head.out_features == 3 and model.num_classes == 3
     for k, v in model.state_dict().items():
         if not k.startswith("head."):
             assert torch.equal(v, before[k])

@@ -39,7 +39,7 @@ def tiny_config(dataset, out, *extra):
         "data.image_size=32",
         "data.num_workers=0",
         "data.shuffle_buffer=100",
-        "train.batch_size=16",
+        "data.batch_size=16",
         "train.samples=320",
         "train.log_every=160",
         "train.eval_every=100000",

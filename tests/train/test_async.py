@@ -19,10 +19,11 @@ import torch
 
 from mlc.cli import main
 from mlc.config import load_config
-from mlc.models import create_model
+from mlc.io import load_state as load_checkpoint
+from mlc.models import build_model, create_model
 from mlc.train.async_ps.plan import HEAD, assemble, plan_shards, split
-from mlc.train.checkpoint import list_checkpoints, load_checkpoint
-from mlc.train.loop import build_model, evaluate
+from mlc.train.checkpoint import list_checkpoints
+from mlc.train.validate import validate
 from tests.train.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,8 +225,8 @@ def sync_reference(mosaics, tmp_path_factory):
         config = load_config(None, tiny_config(mosaics, out, *LEARN))
         classes = json.loads((mosaics / "classes.json").read_text())["classes"]
         torch.manual_seed(config.train.seed)  # the job's initial weights
-        model = build_model(config, len(classes))
-        initial = evaluate(
+        model = build_model(config.model, len(classes), config.data.channels)
+        initial = validate(
             model, config, [c["id"] for c in classes], np.ones(10), 0, 1, torch.device("cpu")
         )
     finally:
@@ -383,7 +384,7 @@ def test_a_dead_server_stops_the_job_with_a_resumable_checkpoint(mosaics, tmp_pa
 def test_two_machines_launch_with_one_command_each(mosaics, tmp_path):
     # The several-machine launch, with both "machines" here: the same command with ps.nodes=2
     # and each node_rank; server i and worker j run on node i % 2 and j % 2.
-    from mlc.train.async_ps.launcher import free_port
+    from mlc.dist import free_port
 
     out = tmp_path / "run"
     common = async_args(mosaics, out, "train.samples=640", "ps.servers=2", "ps.nodes=2")

@@ -13,9 +13,10 @@ import torch
 
 from mlc.cli import main
 from mlc.config import ConfigError, load_config, parse_override
-from mlc.launch import free_port
-from mlc.train.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
-from mlc.train.loop import learning_rate, masked_bce
+from mlc.dist import free_port
+from mlc.io import load_state as load_checkpoint
+from mlc.train.checkpoint import latest_valid_checkpoint, list_checkpoints
+from mlc.train.optim import learning_rate, masked_bce
 from tests.train.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,15 +67,15 @@ def test_shipped_configs_load(name):
 
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  batch_sise: 3\n")
+    bad.write_text("data:\n  batch_sise: 3\n")
     with pytest.raises(
-        ConfigError, match=r"bad.yaml: train: unknown key 'batch_sise'; valid keys: batch_size"
+        ConfigError, match=r"bad.yaml: data: unknown key 'batch_sise'; valid keys: batch_size"
     ):
         load_config(bad)
-    with pytest.raises(ConfigError, match=r"train.batch_size: expected int, got 'many'"):
-        load_config(None, ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"data.batch_size: expected int, got 'many'"):
+        load_config(None, ["data.batch_size=many"])
     with pytest.raises(ConfigError, match="--set expects key=value"):
-        load_config(None, ["train.batch_size"])
+        load_config(None, ["data.batch_size"])
     with pytest.raises(ConfigError, match="optim.name must be sgd, rmsprop or adamw"):
         load_config(None, ["optim.name=lamb"])
     with pytest.raises(ConfigError, match="no such config file"):
@@ -174,7 +175,7 @@ def test_two_process_ddp_matches_single_process(mosaics, tmp_path):
     # differently (per-rank slots), so results agree within a tolerance, not bitwise.
     common = ["train.samples=1920", "train.eval_every=1920", "train.checkpoint_every=1920"]
     single = tmp_path / "single"
-    args = tiny_config(mosaics, single, *common, "train.batch_size=32")
+    args = tiny_config(mosaics, single, *common, "data.batch_size=32")
     assert main(["train", *sets(args)]) == 0
     ddp = tmp_path / "ddp"
     cmd = [

@@ -20,23 +20,17 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed.rpc as rpc
 
 from mlc.config import to_dict
 from mlc.train.async_ps import server
 from mlc.train.async_ps.plan import Piece, assemble, split
-from mlc.train.checkpoint import save_checkpoint
-from mlc.train.logs import MetricsLog, write_curves
-from mlc.train.loop import (
-    TrainingError,
-    _duration,
-    _find_resume,
-    _fmt,
-    evaluate,
-    learning_rate,
-)
+from mlc.train.checkpoint import find_resume, save_checkpoint
+from mlc.train.logs import MetricsLog, format_duration, format_metric, write_curves
+from mlc.train.loop import TrainingError
+from mlc.train.optim import learning_rate
+from mlc.train.validate import validate
 
 POLL = 0.05  # seconds between looks at the counters
 PING_EVERY = 2.0  # seconds between liveness checks of the other servers
@@ -120,7 +114,7 @@ class Coordinator:
 
     def start(self, resume: str | None) -> None:
         ps = self.config.ps
-        found = _find_resume(self.out, resume, self.say)
+        found = find_resume(self.out, resume, self.say)
         if found is None:
             for s in range(1, len(self.plan)):
                 self.call(s, server.load, None)
@@ -243,8 +237,8 @@ class Coordinator:
         self.metrics.write(summary, kind="summary")
         summary["curves"] = str(write_curves(self.out))
         self.say(
-            f"done: {srv.samples} samples in {_duration(elapsed)}, best val fwMAP "
-            f"{_fmt(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
+            f"done: {srv.samples} samples in {format_duration(elapsed)}, best val fwMAP "
+            f"{format_metric(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
             + (f"; lost workers {sorted(self.lost)}" if self.lost else "")
         )
         return summary
@@ -265,7 +259,7 @@ class Coordinator:
             "samples": samples,
             "step": first["version"],
             "loss": loss,
-            "lr": learning_rate(self.config, samples, self.config.train.batch_size),
+            "lr": learning_rate(self.config, samples, self.config.data.batch_size),
             "samples_per_s": rate,
             "versions": [s["version"] for s in stats],
             "dropped": [s["dropped"] for s in stats],
@@ -278,7 +272,7 @@ class Coordinator:
         self.metrics.write(record)
         worst = max((max(s["staleness"], default=0) for s in stats), default=0)
         self.say(
-            f"{samples:>10} samples  loss {_fmt(loss)}  lr {record['lr']:.2e}  "
+            f"{samples:>10} samples  loss {format_metric(loss)}  lr {record['lr']:.2e}  "
             f"{rate:7.1f} samples/s  versions "
             f"{record['versions']}  staleness max {worst}  dropped {sum(record['dropped'])}"
         )
@@ -306,7 +300,7 @@ class Coordinator:
     def _validate(self) -> bool:
         snaps = self._cut()
         self.model.load_state_dict(self._gathered_state(snaps))
-        result = evaluate(
+        result = validate(
             self.model, self.config, self.class_ids, self.reference, 0, 1, torch.device("cpu")
         )
         result.update(samples=snaps[0]["samples"], step=snaps[0]["version"])
@@ -314,7 +308,7 @@ class Coordinator:
         k = self.config.train.eval_k
         self.say(
             f"{result['samples']:>10} samples  val fwMAP@{k} {result['fwmap']:.4f}  "
-            f"MAP@{k} {result['map']:.4f}  loss {_fmt(result.get('loss'))}"
+            f"MAP@{k} {result['map']:.4f}  loss {format_metric(result.get('loss'))}"
         )
         if result["fwmap"] > self.best:
             self.best = result["fwmap"]
@@ -435,17 +429,6 @@ class Coordinator:
             missing = set(range(self.config.ps.workers)) - _left - self.lost
         self.say(f"warning: workers {sorted(missing)} did not finish in time; going on without")
         self.lost |= missing
-
-
-def reference_weights(config, class_ids) -> np.ndarray:
-    """The training split's positive counts: fwMAP's class weights (as in the sync job)."""
-    import json
-
-    from mlc.format import stats_name
-
-    d = config.data
-    stats = json.loads((Path(d.dataset) / stats_name(d.train_split)).read_text())
-    return np.array([stats["positive_counts"][c] for c in class_ids], dtype=float)
 
 
 __all__ = ["Coordinator", "Piece", "register", "leave", "fail"]

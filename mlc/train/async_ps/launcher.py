@@ -17,21 +17,15 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
+from mlc.dist import free_port
 from mlc.train.async_ps import node
 from mlc.train.checkpoint import list_checkpoints
 from mlc.train.loop import TrainingError
 
 POLL = 0.1  # seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_roles(ps) -> list[tuple[str, int]]:

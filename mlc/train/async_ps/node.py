@@ -101,29 +101,21 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
 
 
 def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -> None:
-    import json
-    from pathlib import Path
-
     import torch
     import torch.distributed.rpc as rpc
 
-    from mlc.format import CLASSES_FILE
+    from mlc.models import build_model
     from mlc.train.async_ps import coordinator, server
     from mlc.train.async_ps.plan import plan_shards
     from mlc.train.async_ps.worker import run_worker
-    from mlc.train.loop import build_model
+    from mlc.train.loop import dataset_classes
 
     d, ps = config.data, config.ps
-    classes = json.loads((Path(d.dataset) / CLASSES_FILE).read_text())
-    class_ids = [c["id"] for c in classes["classes"]]
+    class_ids, reference = dataset_classes(config)
     # Every process builds the same initial model (same seed): the plan and the servers'
     # starting weights agree without sending them around.
     torch.manual_seed(config.train.seed)
-    model = build_model(config, len(class_ids))
-    if config.model.init:
-        from mlc.train.loop import _load_init
-
-        _load_init(model, config.model.init, config.model.init_drop_head)
+    model = build_model(config.model, len(class_ids), d.channels)
     plan = plan_shards({k: tuple(v.shape) for k, v in model.state_dict().items()}, ps.servers)
     if role == "worker":
         del model
@@ -143,7 +135,7 @@ def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -
         plan,
         model,
         class_ids,
-        coordinator.reference_weights(config, class_ids),
+        reference,
         stop_signal,
     )
     try:

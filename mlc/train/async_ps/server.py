@@ -18,7 +18,7 @@ from collections import Counter, deque
 import torch
 
 from mlc.train.async_ps.plan import Piece
-from mlc.train.loop import learning_rate, make_optimizer
+from mlc.train.optim import learning_rate, make_optimizer
 
 PAUSE_LIMIT = 300.0  # seconds a push waits for a checkpoint cut before it goes ahead anyway
 

@@ -17,9 +17,11 @@ import torch
 import torch.distributed.rpc as rpc
 
 from mlc.data import ShardLoader, normalize
+from mlc.models import build_model
 from mlc.train.async_ps import coordinator, membership, server
 from mlc.train.async_ps.plan import Piece
-from mlc.train.loop import TrainingError, build_model, loader_config, masked_bce
+from mlc.train.loop import TrainingError
+from mlc.train.optim import masked_bce
 
 
 def run_worker(
@@ -28,7 +30,8 @@ def run_worker(
     t, d, ps = config.train, config.data, config.ps
     name = membership.worker_name(index, restart)
     torch.manual_seed(t.seed + index + ps.workers * restart)  # dropout masks differ
-    model = build_model(config, num_classes)  # its weights come from the servers
+    # Its weights come from the servers.
+    model = build_model(config.model, num_classes, d.channels, pretrained=False)
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             # The running statistics become this batch's statistics, which the servers fold
@@ -44,7 +47,7 @@ def run_worker(
         return rpc.rpc_async(to, func, args=args, timeout=ps.rpc_timeout)
 
     loader = ShardLoader.from_dataset(
-        d.dataset, d.train_split, loader_config(config, "train"), rank=index, world_size=ps.workers
+        d.dataset, d.train_split, d, rank=index, world_size=ps.workers
     )
     position, stop = call(servers[0], coordinator.register, index, name, restart).wait()
     if position is not None:  # resumed or replaced: continue this slot's data stream
@@ -99,7 +102,7 @@ def run_worker(
             # The loss and the data position go to server 0 only: it keeps the log and the
             # positions a checkpoint records.
             extra = (loss.item(), loader.state_dict()) if s == 0 else (None, None)
-            args = (index, versions[s], grads, stats, t.batch_size, *extra, name)
+            args = (index, versions[s], grads, stats, d.batch_size, *extra, name)
             futures.append(call(servers[s], server.push, *args))
         in_flight.append(futures)
         while len(in_flight) > ps.push_in_flight or (

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from mlc.io import atomic_write_bytes
+
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 GRID, FRAME = (235, 235, 235), (80, 80, 80)
 
@@ -231,6 +233,4 @@ def histogram(
 
 
 def write_png(path: str | Path, data: bytes) -> None:
-    from eval.io import atomic_write_bytes
-
     atomic_write_bytes(path, data)
