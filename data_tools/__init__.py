@@ -1,1 +1,1 @@
-"""Tools that turn labelled images into WebDataset shards (the `mlc shard` command, to come)."""
+"""Labelled images -> WebDataset shards: the `mlc shard` command (data_tools.cli)."""

@@ -19,8 +19,8 @@ from mlc.format import IMAGE_EXTENSIONS
 from mlc.io import to_8bit
 
 # "decode": every image is decoded (JPEG at 1/8 scale: still every entropy-coded block, so
-# truncated or corrupt data fails); "structure": headers and end markers only, several times
-# faster for pass-through (docs/benchmarks.md).
+# truncated or corrupt data fails); "structure": headers and end markers only, far less work
+# for pass-through (measured in docs/benchmarks.md).
 VERIFY_MODES = ("decode", "structure")
 ROTATIONS = {
     0: None,

@@ -92,8 +92,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 class _ChecksumFile:
     """A write-only file that checksums what passes through (no second read of the shard).
-    CRC-32 and the size catch accidental damage (the threat here), several times faster than
-    a cryptographic hash."""
+    CRC-32 and the size catch accidental damage (the threat here), at a fraction of a
+    cryptographic hash's cost."""
 
     def __init__(self, f):
         self.f, self.crc, self.size = f, 0, 0

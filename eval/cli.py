@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--processes",
         type=_processes,
         default=1,
-        help="local processes sharing the images, each with cores/N threads: on a CPU, 2 on 2 "
-        "cores makes the pass ~10%% faster, for ~2 s more start-up (default 1)",
+        help="local processes sharing the images, each with cores/N threads: on a CPU one "
+        "decodes while another runs its forward pass; each costs a process start-up, so it "
+        "pays off on long passes (docs/eval.md; default 1)",
     )
 
     g = p.add_argument_group("from files")

@@ -18,7 +18,7 @@ from mlc.io import Classes, InputFileError, atomic_write_csv, atomic_write_text,
 CI_LEVEL = 0.95
 DEFAULT_REPLICATES = 200
 # Bootstrap replicates are capped so that ranking them at the end expands at most this many
-# (replicate, class, pool item) entries: a few seconds per 100 million.
+# (replicate, class, pool item) entries, which bounds the time and memory of that final step.
 BOOTSTRAP_MAX_ENTRIES = 400_000_000
 BOOTSTRAP_METHOD = (
     "Poisson bootstrap over images (each image weighted by a Poisson(1) count drawn from a hash "

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to rerun it in more processes
-    keep_freed_memory()  # see mlc/runtime.py: page faults cost a quarter of a training step
+    keep_freed_memory()  # see mlc/runtime.py: no page faults on every training step
     try:
         return SUBCOMMANDS[args.command].run(args)
     except USER_ERRORS as e:

@@ -1,4 +1,4 @@
-"""`mlc demo`: the whole toolkit in one command, a few minutes on 2 CPU cores.
+"""`mlc demo`: the whole toolkit in one command, sized for a small CPU machine.
 
 shard (Fashion-MNIST 2x2 mosaics, or built-in procedural shapes when the IDX files are missing)
 -> train configs/demo.yaml -> evaluate the final checkpoint on the test split -> report.

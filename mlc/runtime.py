@@ -2,9 +2,9 @@
 
 glibc's malloc serves every buffer above its mmap threshold (at most 32 MB) with fresh pages
 from the kernel and returns them on free, so a network whose activations exceed 32 MB (Xception
-at 299x299 in batches of 8) page-faults through its whole working set on every step: about
-500,000 minor faults and 25% of a training step's time on this project's CPU
-(docs/benchmarks.md). Keeping freed memory in the heap instead removes them.
+at 299x299 in batches of 8) page-faults through its whole working set on every step, a
+sizeable share of the step's time on a CPU (docs/benchmarks.md has the measurement). Keeping
+freed memory in the heap instead removes those faults.
 """
 
 from __future__ import annotations

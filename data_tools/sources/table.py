@@ -233,7 +233,7 @@ def lists_from_pairs(keys: np.ndarray, n_classes: int, n_rows: int) -> pa.ListAr
 
 
 def sorted_unique(keys: np.ndarray) -> np.ndarray:
-    """np.unique by sorting (numpy 2.x's hash-based np.unique is ~100x slower on millions of
+    """np.unique by sorting (numpy 2.x's hash-based np.unique is much slower on millions of
     distinct int64 keys)."""
     keys = np.sort(np.asarray(keys))
     if len(keys) < 2:

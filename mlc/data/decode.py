@@ -1,12 +1,12 @@
 """Decode one stored image straight to the model's input size, with or without augmentation.
 
-The crop is chosen first, in the stored image's coordinates (its size is in the sample's json
-and in the file header), and JPEG is then decoded at the smallest DCT scale that still leaves
-the crop at least ``size`` pixels wide: a 1024x768 source for a 299 crop decodes at 1/2 scale,
-which roughly halves the decode cost. Output: a grayscale image as a PIL image (the loader
-pastes it into its batch), a color one as uint8 HxWx3 pixels (resized by torch), or either
-as uint8 HxWxC numpy arrays (decode_eval, decode_train); the batch is normalised to [-1, 1]
-later, on the whole tensor (mlc.data.pipeline.normalize).
+The crop is chosen first, in the stored image's coordinates (its size is in the sample's json and in
+the file header), and JPEG is then decoded at the smallest DCT scale that still leaves the crop at
+least ``size`` pixels wide: a 1024x768 source for a 299 crop decodes at 1/2 scale, so the decoder
+reconstructs a quarter of the pixels. Output: a grayscale image as a PIL image (the loader pastes it
+into its batch), a color one as uint8 HxWx3 pixels (resized by torch), or either as uint8 HxWxC
+numpy arrays (decode_eval, decode_train); the batch is normalised to [-1, 1] later, on the whole
+tensor (mlc.data.pipeline.normalize).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ CROP_RATIO = (3 / 4, 4 / 3)
 class KeyedRandom:
     """random() and uniform(low, high) as a pure function of a text key (the loader's is seed,
     epoch and sample key): counter-mode BLAKE2b, eight 53-bit uniforms per 64-byte digest.
-    Made in ~0.5 us; seeding a random.Random (a 624-word Mersenne Twister state) took ~4.5 us,
-    8% of loading a 64x64 training sample."""
+    Cheaper to set up per sample than seeding a random.Random, which fills a 624-word
+    Mersenne Twister state: a cost that shows beside the loading of a small training image."""
 
     __slots__ = ("_key", "_block", "_words")
 
@@ -132,8 +132,8 @@ def _plain_pnm(data: bytes) -> Image.Image | None:
 def _stored_pnm_pixels(data: bytes, size: int, channels: int) -> np.ndarray | None:
     """The pixels of a plain size x size PNM whose mode the model takes as they are (gray for
     any model, RGB for an RGB one), as a read-only HxW or HxWx3 view of the bytes: an eval crop
-    of the whole image at the stored size needs no PIL image at all (3 us of a 56x56 image's
-    6). None otherwise."""
+    of the whole image at the stored size needs no PIL image at all (for a small image, opening
+    one is a large part of its loading). None otherwise."""
     header = _pnm_header(data) if data[:2] in PNM_MODES else None
     if header is None or header[1:3] != (size, size) or (header[0] == "RGB" and channels == 1):
         return None
@@ -225,9 +225,8 @@ def _resize_rgb(im: Image.Image, box, size: int, flip: bool) -> np.ndarray:
     takes no sub-pixel box), then resized to size x size by torch's antialiased bilinear
     filter on uint8, as HxWx3 pixels. That filter is PIL's BILINEAR (outputs within 2 levels of
     PIL's resize of the same cut-out; PIL's resize with a box would also read pixels just
-    outside it) and 3-5x faster: cutting out a 336x336 box, resizing it to 299x299 and copying
-    it into a batch takes 0.20 ms against 0.73 with PIL's resize, which was a quarter of loading
-    a 1024x768 JPEG."""
+    outside it), chosen over PIL's resize because it is several times faster on uint8 RGB, where
+    the resize is a large share of loading a full-size JPEG (docs/benchmarks.md)."""
     left, top, right, bottom = (round(v) for v in box)
     box = (left, top, max(right, left + 1), max(bottom, top + 1))
     if box != (0, 0, *im.size):
@@ -236,14 +235,14 @@ def _resize_rgb(im: Image.Image, box, size: int, flip: bool) -> np.ndarray:
         warnings.simplefilter("ignore", UserWarning)
         pixels = torch.from_numpy(np.asarray(im))
     # [1, 3, H, W] with the strides of a contiguous channels_last batch: torch's fast uint8
-    # kernel checks the strides as they are (numpy's [None] view, batch stride 0, took it off
-    # the fast path: 4x slower), and its output is then channels_last too, so that the HxWx3
-    # result below is contiguous (a planar result made the copy into the batch cost 0.23 ms).
+    # kernel checks the strides as they are (numpy's [None] view, batch stride 0, takes it off
+    # the fast path), and its output is then channels_last too, so that the HxWx3 result below
+    # is contiguous (a planar result would make the copy into the batch a strided one).
     x = pixels.unsqueeze(0).permute(0, 3, 1, 2)
     if x.shape[2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     if flip:
-        x = x.flip(3)  # 14 us for 299x299; numpy's reversed copy of 3-byte pixels: 265
+        x = x.flip(3)  # torch's flip; numpy's reversed copy of 3-byte pixels is far slower
     return x[0].permute(1, 2, 0).numpy()
 
 
@@ -251,8 +250,8 @@ def as_array(im: Image.Image | np.ndarray, channels: int, flip: bool = False) ->
     """HxWxC uint8 pixels of a resized image (a grayscale one for an RGB model as a broadcast
     view), mirrored left-right if ``flip``."""
     if flip and isinstance(im, Image.Image):
-        # PIL mirrors a 299x299 RGB image in 30 us; copying numpy's reversed view of it (3-byte
-        # pixels, stride -3) took 310.
+        # PIL's mirror: copying numpy's reversed view instead (3-byte pixels, stride -3) is
+        # many times slower.
         im, flip = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), False
     pixels = np.asarray(im, dtype=np.uint8)
     if pixels.ndim == 2:

@@ -145,7 +145,7 @@ def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
         first = next(samples, None)
         if first is not None:
             yield first
-            yield from samples  # (not a loop here: ~0.2 us per sample less)
+            yield from samples  # (not a Python loop: no per-sample interpreter step here)
         if not repeat:
             return
         if first is None:
@@ -223,7 +223,8 @@ def parse_labels(data: bytes, num_classes: int) -> tuple[list[int], list[int]]:
     """(positives, negatives) of a sample's json; ValueError if they are not class indices.
 
     A json in the layout mlc shard writes is read by one regular expression, up to its
-    negatives (1.8 us instead of the json module's 2.9); any other goes through json.loads.
+    negatives, which is cheaper than the json module's full parse; any other goes through
+    json.loads.
     """
     written = _WRITTEN.match(data)
     if written:
@@ -266,8 +267,8 @@ def batch_views(packed, batch: int, size: int, channels: int, num_classes: int):
     """(images NHWC, targets, mask, valid) as views of one flat uint8 buffer (numpy or torch).
 
     A batch crosses from a DataLoader worker to the main process as this one buffer: torch
-    hands every tensor over through its own shared-memory file and socket handshake, ~0.3 ms
-    each, which for four tensors was a third of a 56x56 batch's decoding time.
+    hands every tensor over through its own shared-memory file and socket handshake, a fixed
+    cost per tensor that is large beside the decoding of a batch of small images.
     """
     ends = np.cumsum([batch * size * size * channels, batch * num_classes, batch * num_classes])
     images = packed[: ends[0]].reshape(batch, size, size, channels)
@@ -358,12 +359,12 @@ def _shares_memory() -> bool:
 class BatchImages:
     """Writes resized images into a batch's NHWC uint8 rows.
 
-    Grayscale images are pasted by PIL into a one-channel buffer (a PIL view of it), not copied
-    out through numpy (np.asarray copies the image once more, ~6 us of a 64x64 image's ~20);
-    for an RGB batch that channel is copied into the three at the end, for the whole batch
-    (three strided numpy copies: ~2.3 us per 56x56 image, where a torch copy of the broadcast
-    view took 4.7). Gray rows are flipped at the end too (color crops come mirrored from
-    mlc.data.decode already; an unresized color image is mirrored by as_array as it comes in).
+    Grayscale images are pasted by PIL into a one-channel buffer (a PIL view of it), not copied out
+    through numpy (np.asarray would copy the image once more); for an RGB batch that channel is
+    copied into the three at the end, for the whole batch (three strided numpy copies, which beat a
+    torch copy of the broadcast view). Gray rows are flipped at the end too (color crops come
+    mirrored from mlc.data.decode already; an unresized color image is mirrored by as_array as it
+    comes in).
     Fashion-MNIST-like data is all grayscale.
     """
 
@@ -409,12 +410,12 @@ class BatchImages:
     def finish(self) -> None:
         if self.gray is None:
             return
-        if self.flips:  # numpy: 1.2 us per 64x64 image, torch's flip() 3.7
+        if self.flips:  # numpy's reversed-view copy: cheaper here than torch's flip()
             self.gray[self.flips] = self.gray[self.flips, :, ::-1]
         if not self.gray_rows:
             return
         rows = slice(None) if len(self.gray_rows) == len(self.images) else self.gray_rows
-        for channel in range(3):  # three strided copies: half the time of one broadcast copy
+        for channel in range(3):  # three strided copies: cheaper than one broadcast copy
             self.images[rows, :, :, channel] = self.gray[rows, :, :, 0]
 
 

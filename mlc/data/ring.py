@@ -1,9 +1,9 @@
 """Reused shared-memory batch buffers: how a DataLoader worker hands its batches over.
 
 torch sends a tensor made in a worker through a new shared-memory segment every time: the
-worker copies the batch into fresh pages (3.3 ms of page faults for 32 images at 299x299 on
-this project's machine, ~8% of the time to decode them from 512-pixel JPEGs), the main process
-maps the segment and faults its pages in again, and both sides pay a file-descriptor handshake.
+worker copies the batch into fresh pages (page faults on every batch, a cost that shows
+beside decoding), the main process maps the segment and faults its pages in again, and both
+sides pay a file-descriptor handshake.
 A BatchRing keeps a few buffers per worker alive instead. A worker writes a batch into a free
 buffer of its own and sends only the buffer's number (the buffer itself, once, on first use);
 the main process gives out views of it, and when the last view of a batch is gone, sends the
