@@ -1,34 +1,5 @@
-"""A small real dataset for training tests: Fashion-MNIST 2x2 mosaics, sharded once per session."""
-
-from pathlib import Path
-
-import pytest
-
-from mlc.cli import main
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(scope="session")
-def mosaics(tmp_path_factory):
-    if not FASHION.is_dir():
-        pytest.skip("Fashion-MNIST missing (apt-get install dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("mosaics")
-    args = [
-        "shard",
-        "fashion-mnist",
-        "--out",
-        str(out),
-        "--train-count",
-        "1200",
-        "--test-count",
-        "300",
-        "--shard-size",
-        "200",
-        "--quiet",
-    ]
-    assert main(args) == 0
-    return out
+"""Helpers for the training tests; the dataset they run on, the `mosaics` fixture, is in
+tests/conftest.py."""
 
 
 def tiny_config(dataset, out, *extra):

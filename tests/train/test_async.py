@@ -23,7 +23,8 @@ from mlc.models import create_model
 from mlc.train.async_ps.plan import HEAD, assemble, plan_shards, split
 from mlc.train.checkpoint import list_checkpoints, load_checkpoint
 from mlc.train.loop import build_model, evaluate
-from tests.train.conftest import tiny_config
+
+from .conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120  # seconds for any one run; a hang fails the test instead of the suite

@@ -16,7 +16,8 @@ from mlc.config import ConfigError, load_config, parse_override
 from mlc.launch import free_port
 from mlc.train.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from mlc.train.loop import learning_rate, masked_bce
-from tests.train.conftest import tiny_config
+
+from .conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
