@@ -1,7 +1,7 @@
 """Fixtures shared by several test folders.
 
 mosaics: a small real dataset, Fashion-MNIST 2x2 mosaics, sharded once per session (the training
-tests in tests/train and `mlc eval --checkpoint` in tests/eval).
+tests in tests/mlc/train and `mlc eval --checkpoint` in tests/eval).
 """
 
 from pathlib import Path

@@ -19,7 +19,7 @@ from mlc.train.loop import learning_rate, masked_bce
 
 from .conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def sets(overrides: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from mlc.train.loop import build_model, evaluate
 
 from .conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 120  # seconds for any one run; a hang fails the test instead of the suite
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
