@@ -80,7 +80,7 @@ class SamePadMaxPool(nn.Module):
     "Same" pads an odd side by one on each end and an even side by one at the end only; the
     windows are those of max_pool2d with padding 1 (odd) or 0 (even) and ceil_mode, which lets
     the last window run past the end. The same outputs and gradients as padding with -inf
-    first (tests/models/test_xception.py), without the padded copy, which on channels_last
+    first (tests/mlc/models/test_xception.py), without the padded copy, which on channels_last
     activations costs more than the pooling itself.
     """
 

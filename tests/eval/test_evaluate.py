@@ -21,14 +21,13 @@ from mlc.cli import main
 from mlc.config import load_config, to_dict
 from mlc.dist import free_port
 from mlc.models import build_model
-from tests.train.conftest import mosaics  # noqa: F401 (the session's sharded mosaics)
 
 ROOT = Path(__file__).resolve().parents[2]
 K = 100
 
 
 @pytest.fixture(scope="module")
-def checkpoint(mosaics, tmp_path_factory):  # noqa: F811
+def checkpoint(mosaics, tmp_path_factory):
     """An untrained xception-tiny (width 1/8) with random batch-norm statistics (so folding
     them into the convolutions changes the weights), saved as `mlc train` saves."""
     config = load_config(
@@ -57,7 +56,7 @@ def run_eval(checkpoint_path, data, out, *extra, code=0):
 
 
 @pytest.fixture(scope="module")
-def single(checkpoint, mosaics, tmp_path_factory):  # noqa: F811
+def single(checkpoint, mosaics, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     summary = run_eval(checkpoint[0], mosaics, out, "--predictions", str(out / "scores.parquet"))
     return out, summary
@@ -84,7 +83,7 @@ def by_hand(model, dataset: Path):
     return keys, logits, labels
 
 
-def test_scores_and_metrics_match_an_independent_computation(checkpoint, mosaics, single):  # noqa: F811
+def test_scores_and_metrics_match_an_independent_computation(checkpoint, mosaics, single):
     out, summary = single
     _, model, class_ids = checkpoint
     keys, logits, labels = by_hand(model, mosaics)
@@ -135,7 +134,7 @@ def test_scores_and_metrics_match_an_independent_computation(checkpoint, mosaics
         assert float(fields[7]) == pytest.approx(f, abs=1e-12)
 
 
-def test_the_scores_file_reproduces_the_report(single, mosaics, tmp_path):  # noqa: F811
+def test_the_scores_file_reproduces_the_report(single, mosaics, tmp_path):
     out, summary = single
     scores = str(out / "scores.parquet")
     args = ["eval", "--predictions", scores, "--labels", scores, "--output", str(tmp_path)]
@@ -172,7 +171,7 @@ def test_report_files_plots_and_intervals(single):
         assert low < summary[key] < high, key
 
 
-def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):  # noqa: F811
+def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):
     """Two ranks under torchrun and two local processes of `--processes 2` give the
     one-process result. Batches of 50 in every run (a 2-rank run pads
     to whole batches), one thread each: the same per-image arithmetic, so the scores are
@@ -219,7 +218,7 @@ def test_two_processes_equal_one_process(checkpoint, mosaics, tmp_path):  # noqa
         assert ci_1["image_map_at_k"] == pytest.approx(ci_2["image_map_at_k"], abs=1e-12)
 
 
-def test_metric_chunks_do_not_change_the_result(checkpoint, mosaics, tmp_path, monkeypatch):  # noqa: F811
+def test_metric_chunks_do_not_change_the_result(checkpoint, mosaics, tmp_path, monkeypatch):
     """The metrics see batches in chunks (eval.evaluate.CHUNK_IMAGES): one chunk of all six
     batches of 50, every batch alone, and chunks of three give the same report."""
     import eval.evaluate
@@ -241,7 +240,7 @@ def test_metric_chunks_do_not_change_the_result(checkpoint, mosaics, tmp_path, m
         assert ci["image_map_at_k"] == pytest.approx(ci_first["image_map_at_k"], abs=1e-12)
 
 
-def test_local_processes_fail_together(mosaics, tmp_path):  # noqa: F811
+def test_local_processes_fail_together(mosaics, tmp_path):
     """A failing rank ends the group: every rank says why (with its rank), the exit code is the
     error's, nothing keeps running."""
     cmd = [sys.executable, "-m", "mlc.cli", "eval", "--checkpoint", str(tmp_path / "none.pt")]
@@ -252,13 +251,13 @@ def test_local_processes_fail_together(mosaics, tmp_path):  # noqa: F811
     assert not (tmp_path / "out").exists()
 
 
-def test_processes_inside_torchrun_is_refused(checkpoint, mosaics, tmp_path, monkeypatch):  # noqa: F811
+def test_processes_inside_torchrun_is_refused(checkpoint, mosaics, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the ranks exist already
     with pytest.raises(SystemExit, match="nproc-per-node"):
         run_eval(checkpoint[0], mosaics, tmp_path, "--processes", "2")
 
 
-def test_classes_are_matched_by_id(checkpoint, mosaics, single, tmp_path, capsys):  # noqa: F811
+def test_classes_are_matched_by_id(checkpoint, mosaics, single, tmp_path, capsys):
     path, model, class_ids = checkpoint
     state = torch.load(path, weights_only=True)
     reference = {

@@ -9,7 +9,8 @@ from hypothesis.extra.numpy import arrays
 from sklearn.metrics import average_precision_score
 
 from eval.metrics import MetricInputError, class_ap_at_k, full_ap, image_ap_at_k
-from tests.eval.reference import brute_force_ap, brute_force_class_ap
+
+from .reference import brute_force_ap, brute_force_class_ap
 
 
 def test_vector_1_classwise_k3():

@@ -1,9 +1,9 @@
 """mlc.data.ShardLoader against the guarantees of docs/loader.md, on small `mlc shard` datasets
-(tests/mlc/conftest.py): batch layout, labels from the manifest, equal batch counts per rank,
+(tests/mlc/data/conftest.py): batch layout, labels from the manifest, equal batch counts per rank,
 eval coverage with padding, train epochs, exact resume, damaged data, URLs and pipe: refusal.
 
 Ranks are simulated (``rank=r, world_size=2`` in one process); test_torchrun_ddp runs the loader
-under a real 2-process torch.distributed job (tests/mlc/ddp_loader_job.py).
+under a real 2-process torch.distributed job (tests/mlc/data/ddp_loader_job.py).
 """
 
 from __future__ import annotations

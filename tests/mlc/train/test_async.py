@@ -24,9 +24,10 @@ from mlc.models import build_model, create_model
 from mlc.train.async_ps.plan import HEAD, assemble, plan_shards, split
 from mlc.train.checkpoint import list_checkpoints
 from mlc.train.validate import validate
-from tests.train.conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 120  # seconds for any one run; a hang fails the test instead of the suite
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

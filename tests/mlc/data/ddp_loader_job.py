@@ -1,7 +1,7 @@
-"""A 2-process torch.distributed job over ShardLoader, run by tests/mlc/test_loader.py:
+"""A 2-process torch.distributed job over ShardLoader, run by tests/mlc/data/test_loader.py:
 
     python -m torch.distributed.run --nproc_per_node=2 --master_port=PORT \
-        tests/mlc/ddp_loader_job.py DATASET [RESULT.json]
+        tests/mlc/data/ddp_loader_job.py DATASET [RESULT.json]
 
 Each rank (gloo, CPU) takes its rank and world size from torch.distributed, iterates two train
 epochs (batches_per_epoch() of each) with an all_reduce per batch, as DDP's gradient sync would,
@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
