@@ -43,6 +43,7 @@ from data_tools.merge import merge_split
 from data_tools.writer import ShardOptions, write_split
 from mlc.data import LoaderConfig, ShardLoader, dataset_shards
 from mlc.data.decode import random_crop_box
+from mlc.data.pipeline import EpochStream
 from mlc.runtime import keep_freed_memory
 
 NAME = "bench_loader"
@@ -104,20 +105,14 @@ def time_batches(batches, workers: int, count) -> tuple[float, float]:
     return images / (end - t0), t0 - start
 
 
-def mlc_loader(urls: list[str], mode: str, workers: int) -> ShardLoader:
-    """mlc's loader over the shards of ``urls`` in ``mode`` ("train" or "eval"), one rank.
-    The loader mode is an argument of the loader, not of its settings (LoaderConfig)."""
+def mlc_rate(urls: list[str], mode: str, workers: int) -> tuple[float, float]:
     shards = dataset_shards(Path(urls[0]).parent, "train")
     # A small shuffle buffer: the default (2000) would read every sample of these small sets
     # before the first batch, outside the timing; a long epoch reads its tars as it goes.
-    settings = LoaderConfig(
-        batch_size=BATCH, image_size=SIZE, num_workers=workers, shuffle_buffer=SHUFFLE
+    config = LoaderConfig(
+        batch_size=BATCH, image_size=SIZE, mode=mode, num_workers=workers, shuffle_buffer=SHUFFLE
     )
-    return ShardLoader(shards, CLASSES, settings, mode=mode, rank=0, world_size=1)
-
-
-def mlc_rate(urls: list[str], mode: str, workers: int) -> tuple[float, float]:
-    loader = mlc_loader(urls, mode, workers)
+    loader = ShardLoader(shards, CLASSES, config, rank=0, world_size=1)
     stream = iter(loader)
     # Train mode is endless: one epoch. Closing the generator shuts its DataLoader workers down.
     batches = itertools.islice(stream, loader.batches_per_epoch()) if mode == "train" else stream
@@ -247,12 +242,13 @@ def minimal_rate_parallel(datas: list[bytes], crops=None, processes: int = 2) ->
 
 
 def profile_eval(urls: list[str], top: int = 18) -> None:
-    """cProfile of mlc's eval path in this process: the loader with num_workers=0 runs the
-    one worker's stages here, without a DataLoader."""
-    loader = mlc_loader(urls, "eval", 0)
+    """cProfile of mlc's single-worker eval path, run in this process (no DataLoader)."""
+    shards = dataset_shards(Path(urls[0]).parent, "train")
+    config = LoaderConfig(batch_size=BATCH, image_size=SIZE, mode="eval", num_workers=1)
+    stream = EpochStream(shards, CLASSES, False, config, 0, 1, 0)
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in loader:
+    for _ in stream:
         pass
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
