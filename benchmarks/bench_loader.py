@@ -162,7 +162,7 @@ def central_box(width: int, height: int) -> tuple[float, ...]:
 
 def torch_resize(im: Image.Image, box: tuple[float, ...], flip: bool) -> np.ndarray:
     """The box cut out at whole pixels, then torch's antialiased bilinear resize on uint8 (PIL's
-    BILINEAR filter, 3-5x faster than PIL's own), mirrored if ``flip``. The input's strides are
+    BILINEAR filter, faster than PIL's own resize), mirrored if ``flip``. The input's strides are
     those of a contiguous channels_last batch: torch's fast uint8 kernel checks them as they are."""
     left, top, right, bottom = (round(v) for v in box)
     crop = torch.from_numpy(np.asarray(im.crop((left, top, right, bottom))))

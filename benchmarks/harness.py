@@ -306,6 +306,11 @@ def _commit() -> str | None:
 # ---------------------------------------------------------------- results
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence], align: str = "") -> str:
     """A markdown table; ``align`` has one letter per column, l or r (l by default)."""
     align = align.ljust(len(columns), "l")
@@ -379,7 +384,5 @@ class Result:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         tmp.replace(path)  # never a half-written result file
-        print(
-            f"\nresult: {path.relative_to(ROOT)}" + (" (quick run)" if self.data["quick"] else "")
-        )
+        print(f"\nresult: {shown(path)}" + (" (quick run)" if self.data["quick"] else ""))
         return path

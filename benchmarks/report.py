@@ -18,7 +18,8 @@ import json
 import re
 import sys
 
-from benchmarks.harness import RESULTS, ROOT, describe, markdown_table
+from benchmarks import harness
+from benchmarks.harness import ROOT, describe, markdown_table
 
 BENCHMARKS = (
     "bench_map",
@@ -56,12 +57,12 @@ def render(result: dict) -> str:
 
 def load(name: str, allow_quick: bool) -> tuple[dict | None, str]:
     """(the result file of ``name``, or None with the reason)."""
-    path = RESULTS / f"{name}.json"
+    path = harness.RESULTS / f"{name}.json"
     if not path.is_file():
-        return None, f"no {path.relative_to(ROOT)}"
+        return None, f"no {harness.shown(path)}"
     result = json.loads(path.read_text())
     if result.get("quick") and not allow_quick:
-        return None, f"{path.relative_to(ROOT)} is from a --quick run"
+        return None, f"{harness.shown(path)} is from a --quick run"
     return result, ""
 
 
