@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench clean fashion-mnist
+.PHONY: demo test bench bench-docs clean fashion-mnist
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,23 @@ test: $(VENV)/.installed fashion-mnist
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
+# Every benchmark (docs/benchmarks.md), each writing benchmarks/results/<name>.json; the rest
+# still run when one fails. BENCH_ARGS=--quick checks that they work (minutes, no figures).
+# Then `make bench-docs` puts the figures into docs/benchmarks.md.
+BENCHMARKS := bench_map bench_shard bench_loader bench_model bench_train bench_eval bench_async
+BENCH_ARGS ?=
+
 bench: $(VENV)/.installed fashion-mnist
-	$(BIN)/python benchmarks/bench_map.py
-	$(BIN)/python benchmarks/bench_shard.py
+	@failed=""; for b in $(BENCHMARKS); do \
+	  echo "== python -m benchmarks.$$b $(BENCH_ARGS)"; \
+	  $(BIN)/python -m benchmarks.$$b $(BENCH_ARGS) || failed="$$failed $$b"; \
+	done; \
+	$(BIN)/python -m benchmarks.report --summary; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
+
+bench-docs: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.report
+	$(BIN)/python -m benchmarks.report --check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,27 +1,17 @@
 """The asynchronous mode against the synchronous job, and what the sharding plan sends per step.
 
-    python benchmarks/bench_async.py [--samples 12800] [--data DIR] [--tasks demo,tiny]
-                                     [--repeat 2] [--traffic-only]
-
-1. Throughput on the same task, in one run, each job a fresh subprocess:
-   - single process (`mlc train`, torch's default 2 threads, and with OMP_NUM_THREADS=1),
-   - synchronous DDP with 2 ranks (`torchrun --nproc_per_node=2`, OMP_NUM_THREADS=1 each),
-   - async with 1 server and 2 workers (train.mode=async, ps.threads=1: 3 processes).
-   Every process reads batches of the same size (per-process batch: DDP and async handle twice
-   the samples per round). Samples/s come from the jobs' own per-window records in
-   <out>/metrics.jsonl (log_every samples each), the first window (start-up) left out; the
-   whole-run wall time (process start to exit) is printed beside. --repeat rounds over the
-   modes (default 2), the best of each kept: 2-thread runs collapse when anything else runs.
-   Tasks: "demo" is configs/demo.yaml (xception-tiny, 56x56, batch 64); "tiny" is the tests'
-   task (width 0.125, 32x32, batch 16), where the per-step cost is small and the communication
-   shows.
-   Data: runs/demo/data if it has a train split, else `mlc shard fashion-mnist` of 12,000 images.
-
+1. Samples/s of the same task in four modes, each job a fresh `mlc train` process: one process
+   (torch's default threads, and 1 thread), synchronous DDP with 2 ranks, and async with 1
+   server and 2 workers; from the jobs' own per-window records, the first window left out, best
+   of --repeat rounds. Tasks: "demo" (configs/demo.yaml) and "tiny" (the tests' task, where the
+   per-step cost is small and the communication shows). Data: harness.demo_data.
 2. Bytes per worker step for `xception` with a 17,000-class head and 1, 2 and 4 servers, from
-   the sharding plan itself (mlc.train.async_ps.plan on the model's real tensor shapes, built on
-   the meta device): a push carries the gradient of every trainable piece and the batch
-   statistics of every batch-norm buffer piece (fp32); a pull carries every trainable piece.
-   Per server and in total; the busiest server's share is what its network link carries.
+   the sharding plan (mlc.train.async_ps.plan on the model's shapes, on the meta device).
+No target: on 2 cores the modes share the same cores, so this shows async's overhead, not
+its scaling.
+
+    python -m benchmarks.bench_async [--samples 12800] [--tasks demo,tiny] [--repeat 2]
+                                     [--data DIR] [--traffic-only] [--quick]
 """
 
 from __future__ import annotations
@@ -30,16 +20,13 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
 
-DEMO_DATA = ROOT / "runs" / "demo" / "data"
+NAME = "bench_async"
 TASKS = {
     "demo": ["--config", "configs/demo.yaml"],
     "tiny": [
@@ -50,7 +37,7 @@ TASKS = {
         "--set",
         "model.width=0.125",
         "--set",
-        "train.batch_size=16",
+        "data.batch_size=16",
         "--set",
         "optim.name=adamw",
         "--set",
@@ -70,18 +57,6 @@ def sets(*pairs: str) -> list[str]:
     return [x for p in pairs for x in ("--set", p)]
 
 
-def dataset(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    if (DEMO_DATA / "train.stats.json").is_file():
-        return DEMO_DATA
-    out = Path(tempfile.mkdtemp(prefix="bench_async_data_"))
-    cmd = [sys.executable, "-m", "mlc.cli", "shard", "fashion-mnist", "--out", str(out)]
-    cmd += ["--train-count", "12000", "--test-count", "200", "--quiet"]
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600)
-    return out
-
-
 def run_job(mode: str, task: str, data: Path, samples: int, out: Path) -> dict:
     log_every = samples // 8
     common = TASKS[task] + sets(
@@ -95,7 +70,7 @@ def run_job(mode: str, task: str, data: Path, samples: int, out: Path) -> dict:
     )
     env = dict(os.environ)
     if mode.startswith("single"):
-        cmd = [sys.executable, "-m", "mlc.cli", "train", *common]
+        cmd = harness.mlc_command("train", *common)
         if mode == "single-1t":
             env["OMP_NUM_THREADS"] = "1"
     elif mode == "ddp":
@@ -103,13 +78,9 @@ def run_job(mode: str, task: str, data: Path, samples: int, out: Path) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
         cmd += ["--master_port", str(_free_port()), "-m", "mlc.cli", "train", *common]
     else:
-        cmd = [sys.executable, "-m", "mlc.cli", "train", *common]
+        cmd = harness.mlc_command("train", *common)
         cmd += sets("train.mode=async", "ps.servers=1", "ps.workers=2", "ps.threads=1")
-    start = time.time()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    wall = time.time() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    _, wall = harness.run(cmd, env=env, timeout=900)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     # Windows after the first: their samples over their seconds.
@@ -122,6 +93,15 @@ def run_job(mode: str, task: str, data: Path, samples: int, out: Path) -> dict:
         row["staleness"] = final["staleness"][0]
         row["dropped"] = sum(final["dropped"])
     return row
+
+
+def staleness(counts) -> str:
+    """An async job's staleness histogram as ``updates behind: count, ...``."""
+    if not counts:
+        return ""
+    if isinstance(counts, dict):
+        return ", ".join(f"{k}: {v}" for k, v in counts.items())
+    return str(counts)
 
 
 def _free_port() -> int:
@@ -180,37 +160,46 @@ def traffic(classes: int = 17_000) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=12_800)
-    parser.add_argument("--data")
+    parser.add_argument("--data", help="an `mlc shard` folder (default: harness.demo_data)")
     parser.add_argument("--tasks", default="demo,tiny")
     parser.add_argument("--traffic-only", action="store_true")
     parser.add_argument("--repeat", type=int, default=2, help="rounds; the best is kept")
-    args = parser.parse_args()
+    args = harness.parse_args(parser, quick={"samples": 1600, "tasks": "tiny", "repeat": 1})
+    result = harness.Result(NAME, args)
 
-    print("bytes per worker step, xception with a 17,000-class head (fp32):")
-    print(
-        "| servers | push total MB | pull total MB | busiest server push / pull MB | "
-        "server 0 gradients serialized MB | head rows per server |"
+    rows = traffic()
+    result.measure(traffic=rows)
+    mb = 1e6
+    result.table(
+        [
+            "servers",
+            "push total MB",
+            "pull total MB",
+            "busiest server push / pull MB",
+            "server 0 gradients serialized MB",
+            "head rows per server",
+        ],
+        [
+            [
+                r["servers"],
+                f"{r['push_total'] / mb:.1f}",
+                f"{r['pull_total'] / mb:.1f}",
+                f"{r['push_max_server'] / mb:.1f} / {r['pull_max_server'] / mb:.1f}",
+                f"{r['server0_serialized_grads'] / mb:.1f}",
+                ", ".join(map(str, r["head_rows"])),
+            ]
+            for r in rows
+        ],
+        "rrrrrl",
+        title="bytes per worker step, xception with a 17,000-class head (fp32):",
     )
-    print("|---:|---:|---:|---:|---:|---|")
-    for r in traffic():
-        mb = 1e6
-        print(
-            f"| {r['servers']} | {r['push_total'] / mb:.1f} | {r['pull_total'] / mb:.1f} | "
-            f"{r['push_max_server'] / mb:.1f} / {r['pull_max_server'] / mb:.1f} | "
-            f"{r['server0_serialized_grads'] / mb:.1f} | {', '.join(map(str, r['head_rows']))} |"
-        )
     if args.traffic_only:
+        result.write()
         return
 
-    load = os.getloadavg()
-    print(f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    data = dataset(args.data)
-    print(f"data: {data}; {args.samples} samples per job")
-    print(
-        "| task | mode | samples/s | x single | wall s | load at start | async staleness "
-        "(updates) |"
-    )
-    print("|---|---|---:|---:|---:|---:|---|")
+    data = harness.demo_data(args.data)
+    result.note(f"data: {data}; {args.samples} samples per job")
+    table, jobs = [], []
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
         for task in args.tasks.split(","):
             best: dict[str, dict] = {}
@@ -219,20 +208,38 @@ def main() -> None:
                     load = os.getloadavg()[0]
                     row = run_job(mode, task, data, args.samples, Path(tmp) / f"{task}-{mode}{rep}")
                     row["load"] = load
+                    jobs.append(row)
                     if mode not in best or row["samples_per_s"] > best[mode]["samples_per_s"]:
                         best[mode] = row
             base = best["single"]["samples_per_s"]
             for mode in MODES:
                 row = best[mode]
-                stale = row.get("staleness", "")
-                print(
-                    f"| {task} | {mode} | {row['samples_per_s']:.0f} | "
-                    f"{row['samples_per_s'] / base:.2f} | {row['wall_s']:.1f} | "
-                    f"{row['load']:.2f} | {stale} |",
-                    flush=True,
+                table.append(
+                    [
+                        task,
+                        mode,
+                        f"{row['samples_per_s']:.0f}",
+                        f"{row['samples_per_s'] / base:.2f}",
+                        f"{row['wall_s']:.1f}",
+                        f"{row['load']:.2f}",
+                        staleness(row.get("staleness")),
+                    ]
                 )
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    result.measure(jobs=jobs)
+    result.table(
+        [
+            "task",
+            "mode",
+            "samples/s",
+            "x single",
+            "wall s",
+            "load at start",
+            "async staleness (updates)",
+        ],
+        table,
+        "llrrrrl",
+    )
+    result.write()
 
 
 if __name__ == "__main__":

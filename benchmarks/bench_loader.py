@@ -1,39 +1,18 @@
 """mlc.data.ShardLoader throughput against the plain WebDataset recipe and a minimal decode loop.
 
-    python benchmarks/bench_loader.py [--images 1280] [--small-images 2560] [--rounds 3] [--profile]
+Two shard sets written by data_tools from generated photo-like 1024x768 JPEGs: pass-through
+(1024x768) and --max-side 512 (512x384). On each, images/s at 299x299 in batches of 32: mlc's
+loader (train mode with 1 and 2 workers, eval mode with 1); the plain recipe
+(wds.WebDataset(...).decode("pil"), a PIL resize, a torch DataLoader with as many workers);
+and minimal loops on preloaded JPEG bytes (open + draft + crop + torch's antialiased resize:
+central crops for eval's work, mlc's random crops and flips for train's), on one core and in
+2 processes at once. DataLoader runs are timed from every worker's first batch; each figure
+is the best of --rounds interleaved rounds. Targets: eval mode >= 2x the plain recipe on the
+1024x768 set; every mlc run >= 85% of the minimal loop of the same work per worker core (2
+workers against the loop in 2 processes at once).
 
-Two shard sets, both written by data_tools (Catalog + FileLoader + write_split) from generated
-photo-like 1024x768 JPEGs (bench_shard.make_jpegs; the rows cycle over 100 unique images,
-~250 KB each): pass-through (1024x768 in the shards) and ShardOptions(max_side=512) (512x384,
-~45 KB). On each, images/s at 299x299 in batches of 32:
-- mlc: ShardLoader train mode with 1 and 2 DataLoader workers, eval mode with 1 worker;
-- plain recipe: wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "json"),
-  a PIL (bilinear) resize of the full decoded image to 299x299 and torch.from_numpy(...).permute,
-  in a torch DataLoader (batch_size=32, a stacking collate) with the same number of workers;
-- minimal loop (the practical single-core limit of eval mode's work): the JPEG bytes preloaded
-  from the shards (untimed), then open + draft + central crop cut out at whole pixels + torch's
-  antialiased bilinear resize on uint8 to 299x299 (PIL's BILINEAR filter, 3-5x faster than
-  PIL's resize: the fastest resize known here, so the limit), one core;
-- minimal loop, PIL resize: the same with PIL's resize of the box (the yardstick of earlier
-  runs, shown for comparison);
-- minimal loop, train crops (the limit of train mode's work): the same with one Inception-style
-  random crop per image and a mirror image for half of them (drawn before the timing by mlc's
-  random_crop_box, so with train mode's distribution), decoded at the smallest DCT scale that
-  keeps the crop >= 299 wide and high. A random crop between 299 and 598 pixels wide cannot use
-  the 1/2 scale a central crop of a 1024x768 image uses, so this loop is slower than the eval
-  one: train mode is judged on it;
-- both minimal loops in 2 processes at once, each on half the images: what 2 cores of this
-  machine really give (between 88% and 102% of twice one core, from run to run): the yardstick
-  of the 2-worker runs.
-DataLoader runs are timed from the moment every worker has delivered its first batch, counting
-the images of the batches after those (worker start-up is left out). Every figure is the best
-of --rounds runs (the rounds interleave the methods); ratios compare figures of the same run.
-Everything runs with the `mlc` command's malloc setting (mlc.runtime.keep_freed_memory).
-Targets: >= 2x the plain recipe on the 1024x768 set, judged on eval mode (the plain recipe's
-work: a resize, no random crop; train mode's ratio is printed beside its train-crop loop's);
->= 85% of the minimal loop per worker core on both sets (train mode against the train-crop loop;
-2 workers against the loop in 2 processes at once, the ratio to the 1-process loop beside it).
---profile adds a cProfile of mlc's single-worker eval path (in this process).
+    python -m benchmarks.bench_loader [--images 1280] [--small-images 2560] [--rounds 3]
+                                      [--profile] [--quick]
 """
 
 from __future__ import annotations
@@ -46,7 +25,6 @@ import math
 import multiprocessing
 import os
 import pstats
-import sys
 import tarfile
 import tempfile
 import time
@@ -59,18 +37,16 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
+from data_tools.catalog import Catalog, FileLoader, catalog_table
+from data_tools.merge import merge_split
+from data_tools.writer import ShardOptions, write_split
+from mlc.data import LoaderConfig, ShardLoader, dataset_shards
+from mlc.data.decode import random_crop_box
+from mlc.data.pipeline import EpochStream
+from mlc.runtime import keep_freed_memory
 
-from bench_shard import make_jpegs  # noqa: E402 (benchmarks/ is on sys.path as the script's folder)
-
-from data_tools.catalog import Catalog, FileLoader, catalog_table  # noqa: E402
-from data_tools.merge import merge_split  # noqa: E402
-from data_tools.writer import ShardOptions, write_split  # noqa: E402
-from mlc.data import LoaderConfig, ShardLoader, dataset_shards  # noqa: E402
-from mlc.data.decode import random_crop_box  # noqa: E402
-from mlc.data.pipeline import EpochStream  # noqa: E402
-from mlc.runtime import keep_freed_memory  # noqa: E402
+NAME = "bench_loader"
 
 SIZE = 299
 BATCH = 32
@@ -133,7 +109,9 @@ def mlc_rate(urls: list[str], mode: str, workers: int) -> tuple[float, float]:
     shards = dataset_shards(Path(urls[0]).parent, "train")
     # A small shuffle buffer: the default (2000) would read every sample of these small sets
     # before the first batch, outside the timing; a long epoch reads its tars as it goes.
-    config = LoaderConfig(BATCH, SIZE, mode=mode, num_workers=workers, shuffle_buffer=SHUFFLE)
+    config = LoaderConfig(
+        batch_size=BATCH, image_size=SIZE, mode=mode, num_workers=workers, shuffle_buffer=SHUFFLE
+    )
     loader = ShardLoader(shards, CLASSES, config, rank=0, world_size=1)
     stream = iter(loader)
     # Train mode is endless: one epoch. Closing the generator shuts its DataLoader workers down.
@@ -184,7 +162,7 @@ def central_box(width: int, height: int) -> tuple[float, ...]:
 
 def torch_resize(im: Image.Image, box: tuple[float, ...], flip: bool) -> np.ndarray:
     """The box cut out at whole pixels, then torch's antialiased bilinear resize on uint8 (PIL's
-    BILINEAR filter, 3-5x faster than PIL's own), mirrored if ``flip``. The input's strides are
+    BILINEAR filter, faster than PIL's own resize), mirrored if ``flip``. The input's strides are
     those of a contiguous channels_last batch: torch's fast uint8 kernel checks them as they are."""
     left, top, right, bottom = (round(v) for v in box)
     crop = torch.from_numpy(np.asarray(im.crop((left, top, right, bottom))))
@@ -266,7 +244,7 @@ def minimal_rate_parallel(datas: list[bytes], crops=None, processes: int = 2) ->
 def profile_eval(urls: list[str], top: int = 18) -> None:
     """cProfile of mlc's single-worker eval path, run in this process (no DataLoader)."""
     shards = dataset_shards(Path(urls[0]).parent, "train")
-    config = LoaderConfig(BATCH, SIZE, mode="eval", num_workers=1)
+    config = LoaderConfig(batch_size=BATCH, image_size=SIZE, mode="eval", num_workers=1)
     stream = EpochStream(shards, CLASSES, False, config, 0, 1, 0)
     profiler = cProfile.Profile()
     profiler.enable()
@@ -320,11 +298,12 @@ def main() -> None:
     p.add_argument("--small-images", type=int, default=2560, help="samples in the 512 set")
     p.add_argument("--rounds", type=int, default=3, help="best of this many runs per figure")
     p.add_argument("--profile", action="store_true", help="cProfile mlc's 1-worker eval path")
-    args = p.parse_args()
+    args = harness.parse_args(p, quick={"images": 320, "small_images": 640, "rounds": 1})
+    result = harness.Result(NAME, args)
     # The `mlc` command's malloc setting (mlc/runtime.py), for every method alike (DataLoader
     # workers inherit it): with glibc's default, each decoded image's buffer comes from fresh
-    # pages or not depending on the allocation history, which moved the minimal loop between
-    # 260 and 320 images/s on 1024x768 JPEGs.
+    # pages or not depending on the allocation history, which moves the minimal loop's speed
+    # from run to run.
     malloc = "mlc's (keep freed memory)" if keep_freed_memory() else "glibc default"
     torch.set_num_threads(1)
     # np.asarray(PIL image) is read-only; the plain recipe's torch.from_numpy warns about it.
@@ -333,7 +312,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "src").mkdir()
-        sources = make_jpegs(tmp / "src", UNIQUE, unique=UNIQUE)
+        sources = harness.make_jpegs(tmp / "src", UNIQUE, unique=UNIQUE)
         sets = {
             "1024x768": write_set(
                 sources, args.images, tmp / "full", args.images // 16, verify="structure"
@@ -344,26 +323,28 @@ def main() -> None:
         }
         datas = {name: jpeg_bytes(urls) for name, urls in sets.items()}
         crops = {name: train_crops(d) for name, d in datas.items()}
-        print(
+        result.note(
             f"{args.images} samples at 1024x768 "
             f"({np.mean([len(d) for d in datas['1024x768']]) / 1024:.0f} KB per JPEG) and "
             f"{args.small_images} at 512x384 "
-            f"({np.mean([len(d) for d in datas['512 max side']]) / 1024:.0f} KB), 16 shards each "
-            f"(made in {time.perf_counter() - started:.0f} s); {os.cpu_count()} cores; batches "
-            f"of {BATCH} at {SIZE}x{SIZE}; best of {args.rounds} rounds; malloc: {malloc}"
+            f"({np.mean([len(d) for d in datas['512 max side']]) / 1024:.0f} KB), 16 shards each; "
+            f"{os.cpu_count()} cores; batches of {BATCH} at {SIZE}x{SIZE}; best of "
+            f"{args.rounds} rounds; malloc: {malloc}"
         )
         best: dict[tuple[str, str, int], tuple[float, float]] = {}
         for _ in range(args.rounds):
             for name, urls in sets.items():
-                for (method, workers), result in measure(urls, datas[name], crops[name]).items():
+                for (method, workers), got in measure(urls, datas[name], crops[name]).items():
                     key = (name, method, workers)
-                    if key not in best or result[0] > best[key][0]:
-                        best[key] = result
-        print(
-            "| source set | method | workers | images/s | per worker core | vs plain recipe "
-            "| vs minimal loop, 1 process (per core) | vs minimal loop, as many processes |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|"
+                    if key not in best or got[0] > best[key][0]:
+                        best[key] = got
+        result.measure(
+            best=[
+                {"set": n, "method": m, "workers": w, "images_per_s": r, "first_batches_s": f}
+                for (n, m, w), (r, f) in best.items()
+            ]
         )
+        table = []
         for (name, method, workers), (rate, _) in best.items():
             per_core = rate / workers
             plain = best.get((name, PLAIN, workers))
@@ -373,10 +354,32 @@ def main() -> None:
             vs_minimal = per_core / best[name, MINIMAL_TRAIN if train else MINIMAL, 1][0]
             same = yardstick(best, name, train, workers)
             vs_same = f"{rate / same:.0%}" if same else ""
-            print(
-                f"| {name} | {method} | {workers} | {rate:.0f} | {per_core:.0f} | {vs_plain} "
-                f"| {vs_minimal:.0%} | {vs_same} |"
+            table.append(
+                [
+                    name,
+                    method,
+                    workers,
+                    f"{rate:.0f}",
+                    f"{per_core:.0f}",
+                    vs_plain,
+                    f"{vs_minimal:.0%}",
+                    vs_same,
+                ]
             )
+        result.table(
+            [
+                "source set",
+                "method",
+                "workers",
+                "images/s",
+                "per worker core",
+                "vs plain recipe",
+                "vs minimal loop, 1 process (per core)",
+                "vs minimal loop, as many processes",
+            ],
+            table,
+            "llrrrrrr",
+        )
         for name in sets:
             firsts = ", ".join(
                 f"{method.split(' (')[0]} x{workers} {first:.2f} s"
@@ -396,11 +399,15 @@ def main() -> None:
                     # own limit, the train-crop loop's.
                     ratio = rate / best[name, PLAIN, workers][0]
                     if mode == "eval":
-                        met = "met" if ratio >= TARGET_VS_PLAIN else "MISSED"
-                        print(f"{met}: {label}: {ratio:.2f}x the plain recipe (target >= 2x)")
+                        result.target(
+                            ratio >= TARGET_VS_PLAIN,
+                            f"{label}: {ratio:.2f}x the plain recipe (target >= 2x)",
+                            ratio,
+                            TARGET_VS_PLAIN,
+                        )
                     else:
                         limit = minimal / best[name, PLAIN, 1][0]
-                        print(
+                        result.note(
                             f"for information: {label}: {ratio:.2f}x the plain recipe (the "
                             f"train-crop minimal loop: {limit:.2f}x)"
                         )
@@ -408,17 +415,20 @@ def main() -> None:
                 # same rounds (what that many cores of this machine give; one core alone: the
                 # 1-process loop). The ratio to the 1-process loop is shown beside it.
                 ratio = rate / yardstick(best, name, train, workers)
-                met = "met" if ratio >= TARGET_VS_MINIMAL else "MISSED"
                 extra = ""
                 if workers > 1:
                     extra = f"; per core against the 1-process loop: {rate / workers / minimal:.0%}"
-                print(
-                    f"{met}: {label}: {ratio:.0%} of the minimal loop per core, "
-                    f"{workers} process(es) at once (target >= 85%){extra}"
+                result.target(
+                    ratio >= TARGET_VS_MINIMAL,
+                    f"{label}: {ratio:.0%} of the minimal loop per core, {workers} process(es) "
+                    f"at once (target >= 85%){extra}",
+                    ratio,
+                    TARGET_VS_MINIMAL,
                 )
         if args.profile:
             profile_eval(sets["1024x768"])
     print(f"total {time.perf_counter() - started:.0f} s")
+    result.write()
 
 
 if __name__ == "__main__":

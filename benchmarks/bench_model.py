@@ -1,52 +1,18 @@
 """Xception training and inference throughput on CPU, against a large fp32 matmul's GFLOP/s.
 
-    python benchmarks/bench_model.py [--quick] [--skip-compile] [--models xception,xception-tiny]
-                                     [--classes 1000] [--profile]
+The `xception` preset at 299x299 (batch 8) and `xception-tiny` at 64x64 (batch 64), training
+steps (forward, BCE, backward, SGD) and inference, in five settings: fp32 NCHW eager, fp32
+channels_last eager (the default), channels_last + fold_batch_norm (inference), bf16 autocast
+and torch.compile. GFLOP/s counts convolutions and matrix products (FlopCounterMode, with a
+groups-aware convolution backward); the ceiling is the best fp32 2048^3 product of the run, by
+torch.mm (MKL) or as a 1x1 channels_last convolution (oneDNN, which runs the model's
+convolutions). A measurement whose process got less than 85% of its threads' CPU time is timed
+again. Targets (xception; tiny's are informational): inference with folded batch norm >= 75%
+of the ceiling; default training >= 55% of it and >= 1.3x fp32 NCHW eager.
 
-Models: the `xception` preset at 299x299 in batches of 8 and `xception-tiny` at 64x64 in
-batches of 64 (--classes outputs, 1000 by default as the presets). Settings, all in this run:
-- fp32 NCHW eager: create_model(..., channels_last=False);
-- fp32 channels_last eager: the default model;
-- channels_last + fold_batch_norm (inference only): mlc.models.fuse.fold_batch_norm(model);
-- bf16 autocast: the default model under torch.autocast("cpu", dtype=torch.bfloat16) (forward
-  and loss; the backward follows autocast's dtypes);
-- torch.compile: torch.compile(default model) (inductor); training compiles the model and runs
-  its forward and backward, the loss and the SGD step around it in eager mode.
-A training step is forward, BCE-with-logits against random multi-hot targets (5% positives),
-backward and torch.optim.SGD(lr=1e-3, momentum=0.9).step(), the model in train mode, each
-setting starting from the same weights. Inference is model.eval() under torch.inference_mode().
-Inputs are NCHW float32 batches (as the loader gives them); a channels-last model converts them.
-
-Each measurement runs 1 (xception) or 2 (tiny) untimed warm-up iterations, then timed iterations
-until both a minimum count and a minimum time are reached (xception: 2 training steps or 3
-inference batches and >= 10 s; tiny: >= 3 s); images/s = timed images / timed seconds. The first
-compiled call (dynamo tracing + inductor code generation, forward and backward for training) is
-timed apart and reported as the compile time, with a fresh inductor cache (a temporary
-TORCHINDUCTOR_CACHE_DIR), so it is a first run's compile time. The process runs with mlc's
-runtime setting, as the `mlc` command does (mlc.runtime.keep_freed_memory: glibc's malloc
-otherwise gives buffers above 32 MB, xception's activations at 299x299 in batches of 8, fresh
-pages from the kernel on every call); --glibc-default-malloc leaves malloc as it is. The note
-gives the minor page faults per batch. The "cores" of a measurement are
-this process's CPU seconds per second while timed: the thread count on an idle machine (torch's
-threads spin while they wait); other processes on these 2 cores slow small-op workloads by far
-more than their share (threads wait at every op's barrier). A measurement under 85% of the thread
-count is timed again, up to twice, the least disturbed try kept; any still disturbed are listed.
-
-GFLOP/s = FLOPs per image x images/s, the FLOPs counted by torch.utils.flop_counter.FlopCounterMode
-on one eager forward (inference) or one forward, loss and backward (training) of the default
-model: convolutions and matrix products only (batch norm, ReLU, pooling, the loss and the SGD
-update are not counted). torch's convolution_backward formula ignores groups (it would count a
-depthwise convolution's weight gradient as a dense one: 3.5x the real training FLOPs of xception);
-a groups-aware one replaces it (conv_backward_flops). The ceiling is the best fp32 GFLOP/s of a
-2048 x 2048 by 2048 x 2048 product in this run (best of 3 rounds of 5; measured at the start and
-at the end), by torch.mm (MKL sgemm in the PyPI CPU build) or by the same product as a 1x1
-convolution in channels_last (oneDNN, which runs the model's convolutions). On this project's
-AMD EPYC (Zen 5) MKL's sgemm reaches only about half of oneDNN's rate, so the ceiling is the 1x1
-convolution's; the table also gives each figure as a percentage of torch.mm's. bf16 products are
-printed for reference (the CPU has AVX512_BF16 dot products, no AMX).
-
---profile instead profiles one channels_last training step per model (torch.profiler) and
-prints where its time goes, by kind of operation, and the top operators.
+    python -m benchmarks.bench_model [--models xception,xception-tiny] [--classes 1000]
+                                     [--skip-compile] [--glibc-default-malloc] [--profile]
+                                     [--quick]
 """
 
 from __future__ import annotations
@@ -56,9 +22,7 @@ import copy
 import gc
 import math
 import os
-import platform
 import resource
-import sys
 import tempfile
 import time
 import traceback
@@ -69,11 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness
+from mlc.models import create_model
+from mlc.models.fuse import fold_batch_norm
+from mlc.runtime import keep_freed_memory
 
-from mlc.models import create_model  # noqa: E402
-from mlc.models.fuse import fold_batch_norm  # noqa: E402
-from mlc.runtime import keep_freed_memory  # noqa: E402
+NAME = "bench_model"
 
 # preset: (input side, batch, warm-up iterations, min timed iterations (train, infer), min seconds)
 MODELS = {
@@ -259,6 +224,7 @@ def short_error(e: BaseException) -> str:
 
 
 def bench_model(name: str, classes: int, quick: bool, skip_compile: bool):
+    """Every setting's Row for one preset, and its FLOPs per image (forward, training)."""
     size, batch, warmup, min_iters, min_seconds = MODELS[name]
     if quick:
         min_iters, min_seconds = QUICK[name]
@@ -322,7 +288,7 @@ def bench_model(name: str, classes: int, quick: bool, skip_compile: bool):
             rate = f"{row.images_per_s:.1f} images/s" if row.images_per_s else row.note
             print(f"  {mode} {setting}: {rate} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     torch._dynamo.reset()
-    return rows
+    return rows, info
 
 
 # ---------------------------------------------------------------- profile
@@ -421,7 +387,6 @@ def profile_model(name: str, classes: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer timed iterations")
     p.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
     p.add_argument("--models", default="xception,xception-tiny", help="comma-separated presets")
     p.add_argument("--classes", type=int, default=1000, help="outputs of the head")
@@ -431,7 +396,9 @@ def main() -> None:
         action="store_true",
         help="leave malloc as it is (default: mlc.runtime.keep_freed_memory, as `mlc` runs)",
     )
-    args = p.parse_args()
+    # --quick: fewer timed iterations (QUICK) and no torch.compile (its first call alone takes
+    # longer than the rest of a quick run).
+    args = harness.parse_args(p, quick={"skip_compile": True})
     malloc = "glibc default" if args.glibc_default_malloc else "mlc runtime (keep freed memory)"
     if not args.glibc_default_malloc and not keep_freed_memory():
         malloc = "glibc default (keep_freed_memory did not apply)"
@@ -440,13 +407,12 @@ def main() -> None:
         if n not in MODELS:
             raise SystemExit(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, ISA: {' '.join(isa) or '?'}; "
-        f"{args.classes} classes{', --quick' if args.quick else ''}; malloc: {malloc}",
-        flush=True,
+    result = harness.Result(NAME, args)
+    m = result.data["machine"]
+    result.note(
+        f"torch {m['torch']}, {m['torch_threads']} threads, {m['cpu']}, ISA: "
+        f"{' '.join(m['isa']) or '?'}; {args.classes} classes"
+        f"{', --quick' if args.quick else ''}; malloc: {malloc}"
     )
     if args.profile:
         for n in names:
@@ -467,48 +433,75 @@ def main() -> None:
         flush=True,
     )
     rows: list[Row] = []
+    flops = {}
     for n in names:
-        rows += bench_model(n, args.classes, args.quick, args.skip_compile)
+        model_rows, flops[n] = bench_model(n, args.classes, args.quick, args.skip_compile)
+        rows += model_rows
     at_end = ceilings()
     cache.cleanup()
     mm = max(at_start["mm"], at_end["mm"])
     ceiling = max(mm, at_start["conv1x1"], at_end["conv1x1"])
-    print(
-        f"\nfp32 matmul ceiling: {ceiling:.1f} GFLOP/s, the best fp32 2048^3 product of the run "
+    result.note(
+        f"fp32 matmul ceiling: {ceiling:.1f} GFLOP/s, the best fp32 2048^3 product of the run "
         f"(torch.mm {at_start['mm']:.1f} at the start, {at_end['mm']:.1f} at the end; 1x1 conv "
-        f'{at_start["conv1x1"]:.1f} and {at_end["conv1x1"]:.1f}). "% of torch.mm" uses '
-        f"torch.mm's {mm:.1f}. Total run {time.perf_counter() - start:.0f} s.\n"
+        f"{at_start['conv1x1']:.1f} and {at_end['conv1x1']:.1f}; bf16 torch.mm {bf16['mm']:.1f}, "
+        f'bf16 1x1 conv {bf16["conv1x1"]:.1f}). "% of torch.mm" uses torch.mm\'s {mm:.1f}.'
+    )
+    print(f"Total run {time.perf_counter() - start:.0f} s.")
+    result.measure(
+        ceilings={"start": at_start, "end": at_end, "bf16": bf16, "ceiling": ceiling, "mm": mm},
+        flops_per_image=flops,
+        rows=[vars(r) for r in rows],
     )
 
     def find(model: str, mode: str, setting: str) -> Row:
         return next(r for r in rows if (r.model, r.mode, r.setting) == (model, mode, setting))
 
-    print(
-        "| model | mode | setting | images/s | GFLOP/s | % of matmul ceiling | % of torch.mm "
-        "| x fp32 NCHW eager | note |\n|---|---|---|---:|---:|---:|---:|---:|---|"
-    )
+    table = []
     for r in rows:
         ref = find(r.model, r.mode, NCHW).images_per_s
         if r.images_per_s is None:
-            print(f"| {r.model} | {r.mode} | {r.setting} | - | - | - | - | - | {r.note} |")
+            table.append([r.model, r.mode, r.setting, "-", "-", "-", "-", "-", r.note])
             continue
-        ratio = f"{r.images_per_s / ref:.2f}" if ref else "-"
-        print(
-            f"| {r.model} | {r.mode} | {r.setting} | {r.images_per_s:.2f} | {r.gflops:.1f} | "
-            f"{100 * r.gflops / ceiling:.0f}% | {100 * r.gflops / mm:.0f}% | {ratio} | {r.note} |"
+        table.append(
+            [
+                r.model,
+                r.mode,
+                r.setting,
+                f"{r.images_per_s:.2f}",
+                f"{r.gflops:.1f}",
+                f"{100 * r.gflops / ceiling:.0f}%",
+                f"{100 * r.gflops / mm:.0f}%",
+                f"{r.images_per_s / ref:.2f}" if ref else "-",
+                r.note,
+            ]
         )
+    result.table(
+        [
+            "model",
+            "mode",
+            "setting",
+            "images/s",
+            "GFLOP/s",
+            "% of matmul ceiling",
+            "% of torch.mm",
+            "x fp32 NCHW eager",
+            "note",
+        ],
+        table,
+        "lllrrrrrl",
+    )
 
     threads = torch.get_num_threads()
     bad = [r for r in rows if r.cores is not None and disturbed(r.cores)]
     if bad:
-        print(
-            f"\nWARNING: {len(bad)} measurement(s) got less than {DISTURBED:.0%} of {threads} "
+        result.note(
+            f"WARNING: {len(bad)} measurement(s) got less than {DISTURBED:.0%} of {threads} "
             f"cores in all of {RETRIES + 1} tries (other processes were running?): "
             + "; ".join(f"{r.model} {r.mode} {r.setting}" for r in bad)
             + ". Rerun on an idle machine."
         )
     print(f"load average at the end: {load_average()}")
-    print()
     for n in names:
         infer, train = find(n, "infer", FOLDED), find(n, "train", DEFAULT)
         nchw_train = find(n, "train", NCHW)
@@ -540,7 +533,8 @@ def main() -> None:
             if value is not None and "ceiling" in text:
                 got += f"; {value * ceiling / mm:.0%} of torch.mm"
             ok = value is not None and value >= target
-            print(f"{'met' if ok else 'MISSED'}: {n}{label}: {text} (got {got})")
+            result.target(ok, f"{n}{label}: {text} (got {got})", value, target)
+    result.write()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,20 @@
 """`mlc shard` throughput against a plain tarfile copy and a minimal re-encode loop, one run.
 
-    python benchmarks/bench_shard.py [--images 2000] [--csv-rows 1000000]
+On generated photo-like 1024x768 JPEGs: pass-through (verify=decode, verify=structure) against
+Python's tarfile adding the same files to one tar, and --max-side 512 against a single-core
+loop of open + draft + resize + JPEG encode, with 1 and 2 workers; then the peak memory of
+`mlc shard openimages` on a generated label CSV (images absent: the label pipeline and the
+writer's bookkeeping). Targets: pass-through (verify=structure) >= 80% of the tarfile copy;
+--max-side 512 >= 80% of the loop per worker; peak memory <= 2 GB at 1M label rows.
 
-On generated 1024x768 JPEGs (photo-like: smooth fields plus sensor noise, ~280 KB each):
-- baseline "tarfile copy": Python's tarfile adding the same files to one tar (the I/O floor);
-- baseline "minimal loop": open, draft, resize to 512 max side, encode JPEG q90, single core;
-- mlc pass-through (verify=decode and verify=structure) and --max-side 512, 1 and 2 workers.
-Then the peak memory of `mlc shard openimages` on a generated 1M-row label CSV (images absent,
-so the run measures the label pipeline and the writer's bookkeeping), in a child process.
+    python -m benchmarks.bench_shard [--images 2000] [--csv-rows 1000000] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 import resource
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -26,32 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
+from data_tools.catalog import Catalog, FileLoader, catalog_table
+from data_tools.writer import ShardOptions, write_split
 
-from data_tools.catalog import Catalog, FileLoader, catalog_table  # noqa: E402
-from data_tools.writer import ShardOptions, write_split  # noqa: E402
-
-
-def make_jpegs(folder: Path, n: int, unique: int = 120) -> list[Path]:
-    """n files, copies of ``unique`` generated images (generating each costs ~30 ms)."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:768, 0:1024].astype(np.float32)
-    paths = []
-    for i in range(n):
-        if i >= unique:
-            path = folder / f"{i:06d}.jpg"
-            path.write_bytes(paths[i % unique].read_bytes())
-            paths.append(path)
-            continue
-        a, b = rng.uniform(10, 60, 2)
-        field = np.sin(x / a + i)[..., None] * 60 + np.cos(y / b)[..., None] * 60 + 128
-        noise = rng.normal(0, 10, (768, 1024, 3)).astype(np.float32)
-        pixels = np.clip(field + noise + rng.uniform(-40, 40, 3), 0, 255).astype(np.uint8)
-        path = folder / f"{i:06d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
-        paths.append(path)
-    return paths
+NAME = "bench_shard"
+TARGET_COPY = 0.80  # pass-through, verify=structure, 2 workers: of the tarfile copy
+TARGET_LOOP = 0.80  # --max-side 512: of the minimal loop, per worker
+TARGET_PEAK_MB = 2048
 
 
 def tarfile_copy(paths: list[Path], out: Path) -> float:
@@ -91,8 +70,9 @@ def mlc_shard(paths: list[Path], out: Path, workers: int, **options) -> float:
 
 
 def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
-    """Peak RSS (MB) and seconds of `mlc shard openimages` on a generated CSV of ``rows`` rows."""
-    real = ROOT.parent / "shared" / "data" / "openimages" / "oidv6-class-descriptions.csv"
+    """Peak RSS (MB) and seconds of `mlc shard openimages` on a generated CSV of ``rows`` rows
+    (the real class list when shared/ has it)."""
+    real = harness.OPENIMAGES_CLASSES
     classes = folder / "classes.csv"
     if real.is_file():
         classes.write_bytes(real.read_bytes())
@@ -109,10 +89,7 @@ def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
         f.write("ImageID,Source,LabelName,Confidence\n")
         for i, c, k in zip(images, cls, conf, strict=True):
             f.write(f"{i:016x},verification,{ids[c]},{k}\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlc.cli",
+    cmd = harness.mlc_command(
         "shard",
         "openimages",
         "--classes",
@@ -126,10 +103,8 @@ def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
         "--quiet",
         "--shard-size",
         "5000",
-    ]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
-    seconds = time.perf_counter() - t0
+    )
+    _, seconds = harness.run(cmd)
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
 
 
@@ -137,13 +112,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--csv-rows", type=int, default=1_000_000)
-    args = p.parse_args()
+    args = harness.parse_args(p, quick={"images": 240, "csv_rows": 50_000})
+    result = harness.Result(NAME, args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "src").mkdir()
-        paths = make_jpegs(tmp / "src", args.images)
+        paths = harness.make_jpegs(tmp / "src", args.images)
         size_kb = np.mean([p.stat().st_size for p in paths]) / 1024
-        print(f"{args.images} JPEGs 1024x768, {size_kb:.0f} KB average, {os.cpu_count()} cores")
+        result.note(
+            f"{args.images} JPEGs 1024x768, {size_kb:.0f} KB average, "
+            f"{result.data['machine']['cores']} cores"
+        )
         copy = tarfile_copy(paths, tmp / "copy.tar")
         loop = minimal_loop(paths)
         rows = [
@@ -160,16 +139,46 @@ def main() -> None:
                 out = tmp / f"out-{len(rows)}"
                 rate = mlc_shard(paths, out, workers, **options)
                 rows.append((f"mlc {name}", workers, rate, rate / baseline))
-        print("| run | workers | images/s | vs baseline | per worker |\n|---|---:|---:|---:|---:|")
+        result.measure(
+            runs=[
+                {"run": name, "workers": w, "images_per_s": rate, "ratio": ratio}
+                for name, w, rate, ratio in rows
+            ]
+        )
+        table = []
         for name, workers, rate, ratio in rows:
-            shown = "| |" if ratio is None else f"| {ratio:.0%} | {ratio / workers:.0%} |"
-            print(f"| {name} | {workers} | {rate:.0f} {shown}")
+            shown = ["", ""] if ratio is None else [f"{ratio:.0%}", f"{ratio / workers:.0%}"]
+            table.append([name, workers, f"{rate:.0f}", *shown])
+        result.table(["run", "workers", "images/s", "vs baseline", "per worker"], table, "lrrrr")
         (tmp / "csv").mkdir()
         peak, seconds = label_csv_peak_memory(args.csv_rows, tmp / "csv")
-        print(
-            f"mlc shard openimages on a {args.csv_rows:,}-row label CSV: peak RSS "
-            f"{peak:.0f} MB, {seconds:.1f} s (target <= 2048 MB)"
+        result.measure(label_csv={"rows": args.csv_rows, "peak_mb": peak, "seconds": seconds})
+    ratios = {(name, w): ratio for name, w, _, ratio in rows}
+    structure = ratios["mlc pass-through, verify=structure", 2]
+    result.target(
+        structure >= TARGET_COPY,
+        f"pass-through (verify=structure), 2 workers >= {TARGET_COPY:.0%} of the tarfile copy "
+        f"(got {structure:.0%})",
+        structure,
+        TARGET_COPY,
+    )
+    for workers in (1, 2):
+        resize = ratios["mlc --max-side 512", workers] / workers
+        result.target(
+            resize >= TARGET_LOOP,
+            f"--max-side 512, {workers} worker(s) >= {TARGET_LOOP:.0%} of the minimal loop per "
+            f"worker (got {resize:.0%})",
+            resize,
+            TARGET_LOOP,
         )
+    result.target(
+        peak <= TARGET_PEAK_MB,
+        f"mlc shard openimages on a {args.csv_rows:,}-row label CSV: peak RSS <= "
+        f"{TARGET_PEAK_MB} MB (got {peak:.0f} MB, {seconds:.1f} s)",
+        peak,
+        TARGET_PEAK_MB,
+    )
+    result.write()
 
 
 if __name__ == "__main__":

@@ -1,44 +1,15 @@
 """Training job throughput (loader + model + optimizer + logging) against the bare model step.
 
-    python benchmarks/bench_train.py [--workers 0,1] [--rounds 1] [--image-size 64] [--samples 0]
-                                     [--job-seconds 40] [--bare-seconds 25] [--data DIR]
+The job: `mlc train` in-process (mlc.train.loop.train) with configs/demo.yaml on the
+Fashion-MNIST mosaics (harness.demo_data), xception-tiny at 64x64, batch 64, no validation,
+default logging; its samples/s from its own per-window records, the first window left out.
+The bare step: the same model, optimizer and loss on in-memory uint8 batches. Every
+measurement is a fresh process; each job runs between two bare runs and is judged against
+their mean, median over --rounds. Target: the job >= 90% of the bare step's samples/s.
 
-The job is mlc.train.loop.train(load_config("configs/demo.yaml", overrides)) on the Fashion-MNIST
-mosaic dataset (56x56 PGMs; runs/demo/data if it has a train split, else `mlc shard
-fashion-mnist` of 20,000 + 1,000 images into a temporary folder) with model.name=xception-tiny,
-data.image_size=64 (the loader's random crop is resized up to 64x64), train.batch_size=64,
-data.num_workers from --workers (the demo's is 0), data.val_split=null (no validation),
-log_every 5000 (the default: the normal logging is in the measurement), checkpoint_every
-10^9 (only the final checkpoint, written after the last measured window). train.samples is a
-multiple of 5000 sized from the bare step's rate for about --job-seconds, at least 15,000 (3
-logging windows).
-
-Job samples/s: from the per-window samples_per_s records of <out>/metrics.jsonl (each window is
-timed by the job itself from one log line to the next); the first window (DataLoader worker
-start-up, the shuffle buffer filling, the first steps) is left out and the later windows are
-combined as their samples over their seconds. The job's own summary figure (whole run: start-up
-and the final checkpoint included) is printed beside it. While the job runs, the time its main
-process waits in next() on the loader is recorded (ShardLoader.__iter__ wrapped in the job's
-process), so each step splits into data wait and the rest (copy, normalize, forward, loss,
-backward, optimizer, logging).
-
-The bare step: the job's model (create_model with the job's config: xception-tiny, 10 classes,
-64x64 input, channels_last), make_optimizer with the job's config (AdamW), masked_bce, on
-in-memory random uint8 [64, 3, 64, 64] channels_last batches (8 of them, cycled) normalised by
-mlc.data.normalize every step, random multi-hot targets and an all-ones mask (the mosaic data is
-fully annotated); 3 untimed warm-up steps, then steps for at least --bare-seconds. It runs
-before the first job and after every job, so each job sits between two bare runs: its reference
-is their mean (this machine's speed drifts by up to 10% over minutes; the bracket cancels a
-steady drift, and the target is judged on it). The ratio to the fastest bare run of the whole
-benchmark is printed beside it (the conservative figure). With --rounds R the sequence of jobs
-runs R times (bare, job, bare, job, ..., bare) and each setting's verdict is the median of its
-rounds. For scale, the loader alone (num_workers=0, in one process, no model) gives the data
-pipeline's samples/s on one core.
-
-Every measurement runs in its own fresh subprocess of this one run (as in bench_map.py). torch's
-intra-op threads are left at their default (2 on this 2-core machine); DataLoader workers are
-extra processes that share those cores with the job's main process, which is part of what is
-measured. Target: the job at >= 90% of the bare step's samples/s (<= 10% overhead).
+    python -m benchmarks.bench_train [--workers 0,1] [--rounds 1] [--image-size 64]
+                                     [--samples 0] [--job-seconds 40] [--bare-seconds 25]
+                                     [--data DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -47,24 +18,20 @@ import argparse
 import itertools
 import json
 import math
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
 
-CONFIG = ROOT / "configs" / "demo.yaml"
-DEMO_DATA = ROOT / "runs" / "demo" / "data"
+NAME = "bench_train"
+CONFIG = harness.ROOT / "configs" / "demo.yaml"
 MODEL = "xception-tiny"
 BATCH = 64
 LOG_EVERY = 5_000  # the default; the job's windows are this long
 TARGET = 0.90
-RESULT = "RESULT "  # prefix of a child's JSON line on stdout (the job prints its log lines too)
 
 
 def job_config(
@@ -79,8 +46,8 @@ def job_config(
             f"data.image_size={image_size}",
             f"data.num_workers={workers}",
             "data.val_split=null",
+            f"data.batch_size={BATCH}",
             f"model.name={MODEL}",
-            f"train.batch_size={BATCH}",
             f"train.samples={samples}",
             f"train.log_every={log_every}",
             "train.checkpoint_every=1000000000",
@@ -90,20 +57,45 @@ def job_config(
 
 
 # ---------------------------------------------------------------- the children
+# Each runs in its own process, with the `mlc` command's malloc setting.
+
+
+def build_model(config, classes: int):
+    """The job's model, as `mlc train` builds it."""
+    from mlc.models import build_model
+
+    return build_model(config.model, num_classes=classes, in_channels=config.data.channels)
+
+
+def training_parts(config, classes: int):
+    """The job's model, optimizer and loss function, as `mlc train` makes them."""
+    from mlc.train.optim import make_optimizer, masked_bce
+
+    model = build_model(config, classes)
+    return model, make_optimizer(config, model.parameters()), masked_bce
+
+
+def train_loader(config):
+    """The job's train loader, in this process (num_workers=0)."""
+    from mlc.data import ShardLoader
+
+    d = config.data
+    settings = replace(d, num_workers=0, batch_size=BATCH)
+    return ShardLoader.from_dataset(d.dataset, d.train_split, settings, mode="train")
 
 
 def run_bare(data: str, image_size: int, seconds: float) -> dict:
     import torch
 
     from mlc.data import normalize
-    from mlc.train.loop import build_model, make_optimizer, masked_bce
+    from mlc.runtime import keep_freed_memory
 
+    keep_freed_memory()
     config = job_config(data, image_size, 1, BATCH, "unused")
     d = config.data
-    classes = len(json.loads((Path(data) / "classes.json").read_text())["classes"])
+    classes = harness.classes_count(data)
     torch.manual_seed(config.train.seed)
-    model = build_model(config, classes)
-    optimizer = make_optimizer(config, model.parameters())
+    model, optimizer, masked_bce = training_parts(config, classes)
     model.train()
     shape = (BATCH, d.channels, d.image_size, d.image_size)
     batches = [
@@ -141,14 +133,10 @@ def run_bare(data: str, image_size: int, seconds: float) -> dict:
 def run_loader(data: str, image_size: int, warmup: int = 10, batches: int = 60) -> dict:
     import torch
 
-    from mlc.data import ShardLoader
-    from mlc.train.loop import loader_config
+    from mlc.runtime import keep_freed_memory
 
-    config = job_config(data, image_size, 0, BATCH, "unused")
-    d = config.data
-    loader = ShardLoader.from_dataset(
-        d.dataset, d.train_split, replace(loader_config(config, "train"), num_workers=0)
-    )
+    keep_freed_memory()
+    loader = train_loader(job_config(data, image_size, 0, BATCH, "unused"))
     it = iter(loader)
     for _ in range(warmup):  # the shuffle buffer fills during these
         next(it)
@@ -163,8 +151,10 @@ def run_job(data: str, image_size: int, workers: int, samples: int, log_every: i
     import torch
 
     from mlc.data import ShardLoader
+    from mlc.runtime import keep_freed_memory
     from mlc.train.loop import train
 
+    keep_freed_memory()
     waits: list[tuple[float, float]] = []  # (time the batch arrived, seconds waited for it)
     original = ShardLoader.__iter__
 
@@ -214,21 +204,9 @@ def run_job(data: str, image_size: int, workers: int, samples: int, log_every: i
 # ---------------------------------------------------------------- the parent
 
 
-def find_data(arg: str | None, tmp: str) -> str:
-    if arg:
-        return arg
-    if (DEMO_DATA / "train.stats.json").is_file() and (DEMO_DATA / "classes.json").is_file():
-        return str(DEMO_DATA)
-    from mlc.cli import main
-
-    out = str(Path(tmp) / "data")
-    print(f"{DEMO_DATA} has no train split: sharding Fashion-MNIST into {out}")
-    main(["shard", "fashion-mnist", "--out", out, "--train-count", "20000"]
-         + ["--test-count", "1000", "--quiet"])  # fmt: skip
-    return out
-
-
 def main() -> None:
+    if harness.child_main({"bare": run_bare, "loader": run_loader, "job": run_job}):
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", default="0,1", help="data.num_workers settings of the job")
     p.add_argument("--rounds", type=int, default=1, help="job runs per setting (median kept)")
@@ -239,112 +217,133 @@ def main() -> None:
     p.add_argument(
         "--log-every", type=int, default=LOG_EVERY, help="train.log_every (quick checks)"
     )
-    p.add_argument("--data", help="an `mlc shard` folder (default: runs/demo/data or a new one)")
-    p.add_argument("--run", help=argparse.SUPPRESS)  # internal: one measurement in this process
-    p.add_argument("--num-workers", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.run:
-        from mlc.runtime import keep_freed_memory
+    p.add_argument("--data", help="an `mlc shard` folder (default: harness.demo_data)")
+    quick = {"workers": "0", "job_seconds": 5.0, "bare_seconds": 3.0, "log_every": 1000}
+    args = harness.parse_args(p, quick=quick)
+    result = harness.Result(NAME, args)
+    data = str(harness.demo_data(args.data))
 
-        keep_freed_memory()  # as the `mlc` command runs
-        if args.run == "bare":
-            result = run_bare(args.data, args.image_size, args.bare_seconds)
-        elif args.run == "loader":
-            result = run_loader(args.data, args.image_size)
-        elif args.run == "job":
-            result = run_job(
-                args.data, args.image_size, args.num_workers, args.samples, args.log_every
-            )
-        else:
-            raise SystemExit(f"unknown measurement {args.run}")
-        print(RESULT + json.dumps(result))
-        return
+    def measure(what: str, **extra) -> dict:
+        return harness.child(NAME, what, data=data, image_size=args.image_size, **extra)
 
-    import torch
+    def bare() -> dict:
+        return measure("bare", seconds=args.bare_seconds)
 
-    with tempfile.TemporaryDirectory(prefix="bench_train_data_") as tmp:
-        data = find_data(args.data, tmp)
-
-        def measure(what: str, **extra) -> dict:
-            cmd = [sys.executable, __file__, "--run", what, "--data", data]
-            cmd += ["--image-size", str(args.image_size), "--bare-seconds", str(args.bare_seconds)]
-            for key, value in extra.items():
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-            lines = [x for x in done.stdout.splitlines() if x.startswith(RESULT)]
-            return json.loads(lines[-1][len(RESULT) :])
-
-        print(
-            f"{MODEL} at {args.image_size}x{args.image_size} (data: {data}, 56x56 mosaics), "
-            f"batch {BATCH}, torch {torch.__version__}, torch.get_num_threads() = "
-            f"{torch.get_num_threads()}"
-        )
-        bare = [measure("bare")]
-        samples = args.samples or max(
-            3 * args.log_every,
-            math.ceil(bare[0]["samples_per_s"] * args.job_seconds / args.log_every)
-            * args.log_every,
-        )
-        loader = measure("loader")
-        workers = [int(w) for w in args.workers.split(",")]
-        jobs = []  # (round, workers, result, bracket): bare, job, bare, job, ..., bare
-        for r in range(1, args.rounds + 1):
-            for w in workers:
-                job = measure("job", num_workers=w, samples=samples, log_every=args.log_every)
-                bare.append(measure("bare"))
-                bracket = (bare[-2]["samples_per_s"] + bare[-1]["samples_per_s"]) / 2
-                jobs.append((r, w, job, bracket))
-    fastest = max(b["samples_per_s"] for b in bare)
-
-    print(f"train.samples = {samples} per job; threads in the children: {bare[0]['threads']}")
-    print(
-        "\n| setting | samples/s | x its bare bracket | x fastest bare | note |"
-        "\n|---|---:|---:|---:|---|"
+    m = result.data["machine"]
+    result.note(
+        f"{MODEL} at {args.image_size}x{args.image_size} (data: {data}, 56x56 mosaics), "
+        f"batch {BATCH}, torch {m['torch']}, torch.get_num_threads() = {m['torch_threads']}"
     )
-    for i, b in enumerate(bare):
+    first = bare()
+    samples = args.samples or max(
+        3 * args.log_every,
+        math.ceil(first["samples_per_s"] * args.job_seconds / args.log_every) * args.log_every,
+    )
+    loader = measure("loader")
+    workers = [int(w) for w in args.workers.split(",")]
+    jobs = [
+        lambda w=w: measure("job", workers=w, samples=samples, log_every=args.log_every)
+        for w in workers
+    ]
+    bares, rounds = harness.bracketed(bare, jobs, args.rounds, first=first)
+    fastest = max(b["samples_per_s"] for b in bares)
+    result.measure(
+        bare=bares,
+        loader=loader,
+        samples=samples,
+        jobs=[
+            {
+                "round": r.number,
+                "workers": workers[r.index],
+                **r.result,
+                "bracket": r.reference("samples_per_s"),
+            }
+            for r in rounds
+        ],
+    )
+
+    result.note(
+        f"train.samples = {samples} per job; threads in the children: {bares[0]['threads']}"
+    )
+    table = []
+    for i, b in enumerate(bares):
         when = "before the jobs" if i == 0 else f"after job {i}"
-        print(
-            f"| bare step {i}, in-memory tensors ({when}) | {b['samples_per_s']:.1f} | - | "
-            f"{b['samples_per_s'] / fastest:.3f} | {b['steps']} steps in {b['seconds']:.1f} s |"
+        table.append(
+            [
+                f"bare step {i}, in-memory tensors ({when})",
+                f"{b['samples_per_s']:.1f}",
+                "-",
+                f"{b['samples_per_s'] / fastest:.3f}",
+                f"{b['steps']} steps in {b['seconds']:.1f} s",
+            ]
         )
-    for i, (r, w, j, bracket) in enumerate(jobs, 1):
+    for i, r in enumerate(rounds, 1):
+        j, w, bracket = r.result, workers[r.index], r.reference("samples_per_s")
         spread = f"{min(j['window_rates']):.0f}-{max(j['window_rates']):.0f}"
-        print(
-            f"| job {i} (round {r}), num_workers={w}, windows 2-{len(j['window_rates']) + 1} | "
-            f"{j['samples_per_s']:.1f} | {j['samples_per_s'] / bracket:.3f} | "
-            f"{j['samples_per_s'] / fastest:.3f} | windows {spread}/s; first window "
-            f"{j['first_window']:.0f}/s; whole run {j['summary_samples_per_s']:.1f}/s "
-            f"({j['samples']} samples in {j['summary_seconds']:.1f} s, start-up and final "
-            "checkpoint included) |"
+        table.append(
+            [
+                f"job {i} (round {r.number}), num_workers={w}, "
+                f"windows 2-{len(j['window_rates']) + 1}",
+                f"{j['samples_per_s']:.1f}",
+                f"{j['samples_per_s'] / bracket:.3f}",
+                f"{j['samples_per_s'] / fastest:.3f}",
+                f"windows {spread}/s; first window {j['first_window']:.0f}/s; whole run "
+                f"{j['summary_samples_per_s']:.1f}/s ({j['samples']} samples in "
+                f"{j['summary_seconds']:.1f} s, start-up and final checkpoint included)",
+            ]
         )
-    print(
-        f"| loader alone, num_workers=0 (1 process, no model) | {loader['samples_per_s']:.1f} | "
-        f"- | - | keeping up with the fastest bare step takes "
-        f"{fastest / loader['samples_per_s']:.2f} of a core |"
+    table.append(
+        [
+            "loader alone, num_workers=0 (1 process, no model)",
+            f"{loader['samples_per_s']:.1f}",
+            "-",
+            "-",
+            f"keeping up with the fastest bare step takes "
+            f"{fastest / loader['samples_per_s']:.2f} of a core",
+        ]
+    )
+    result.table(
+        ["setting", "samples/s", "x its bare bracket", "x fastest bare", "note"], table, "lrrrl"
     )
 
-    print(
-        "\n| job, measured windows | ms/step | data wait ms/step | rest ms/step | "
-        "rest / bare bracket step |\n|---|---:|---:|---:|---:|"
+    table = []
+    for i, r in enumerate(rounds, 1):
+        j, w = r.result, workers[r.index]
+        rest, bracket_ms = j["step_ms"] - j["wait_ms"], 1000 * BATCH / r.reference("samples_per_s")
+        table.append(
+            [
+                f"job {i}, num_workers={w}",
+                f"{j['step_ms']:.1f}",
+                f"{j['wait_ms']:.1f}",
+                f"{rest:.1f}",
+                f"{rest / bracket_ms:.3f} (bracket {bracket_ms:.1f} ms)",
+            ]
+        )
+    result.table(
+        [
+            "job, measured windows",
+            "ms/step",
+            "data wait ms/step",
+            "rest ms/step",
+            "rest / bare bracket step",
+        ],
+        table,
+        "lrrrr",
     )
-    for i, (_, w, j, bracket) in enumerate(jobs, 1):
-        rest, bracket_ms = j["step_ms"] - j["wait_ms"], 1000 * BATCH / bracket
-        print(
-            f"| job {i}, num_workers={w} | {j['step_ms']:.1f} | {j['wait_ms']:.1f} | "
-            f"{rest:.1f} | {rest / bracket_ms:.3f} (bracket {bracket_ms:.1f} ms) |"
-        )
 
-    for w in workers:
-        mine = [(j["samples_per_s"], bracket) for _, v, j, bracket in jobs if v == w]
-        ratio = statistics.median(rate / bracket for rate, bracket in mine)
-        conservative = statistics.median(rate for rate, _ in mine) / fastest
-        print(
-            f"{'met' if ratio >= TARGET else 'MISSED'}: job (num_workers={w}) >= "
-            f"{TARGET:.0%} of the bare step ({ratio:.1%} of its bracket, median of "
-            f"{len(mine)} round(s); {conservative:.1%} of the fastest bare run)"
+    for index, w in enumerate(workers):
+        mine = [r for r in rounds if r.index == index]
+        ratio = harness.median(r.ratio("samples_per_s") for r in mine)
+        conservative = harness.median(r.result["samples_per_s"] for r in mine) / fastest
+        result.target(
+            ratio >= TARGET,
+            f"job (num_workers={w}) >= {TARGET:.0%} of the bare step ({ratio:.1%} of its "
+            f"bracket, median of {len(mine)} round(s); {conservative:.1%} of the fastest bare "
+            "run)",
+            ratio,
+            TARGET,
         )
+    result.write()
 
 
 if __name__ == "__main__":
