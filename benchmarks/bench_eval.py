@@ -44,8 +44,8 @@ def eval_loader(config, data: str, split: str):
     """mlc eval's loader of ``split`` for ``config``, in this process (num_workers=0)."""
     from mlc.data import ShardLoader
 
-    settings = replace(config.data, num_workers=0, batch_size=BATCH)
-    return ShardLoader.from_dataset(data, split, settings, mode="eval")
+    settings = replace(config.data, mode="eval", num_workers=0, batch_size=BATCH)
+    return ShardLoader.from_dataset(data, split, settings)
 
 
 def make_checkpoint(data: str, path: Path, image_size: int) -> None:

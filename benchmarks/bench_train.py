@@ -80,8 +80,8 @@ def train_loader(config):
     from mlc.data import ShardLoader
 
     d = config.data
-    settings = replace(d, num_workers=0, batch_size=BATCH)
-    return ShardLoader.from_dataset(d.dataset, d.train_split, settings, mode="train")
+    settings = replace(d, mode="train", num_workers=0, batch_size=BATCH)
+    return ShardLoader.from_dataset(d.dataset, d.train_split, settings)
 
 
 def run_bare(data: str, image_size: int, seconds: float) -> dict:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlc.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO_DATA = ROOT / "runs" / "demo" / "data"  # what `mlc demo` shards
@@ -379,10 +381,7 @@ class Result:
     def write(self) -> Path:
         self.data["seconds"] = round(time.perf_counter() - self.started, 1)
         self.data["load_average_end"] = list(os.getloadavg())
-        RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"{self.name}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        tmp.replace(path)  # never a half-written result file
+        atomic_write_json(path, self.data)  # never a half-written result file
         print(f"\nresult: {shown(path)}" + (" (quick run)" if self.data["quick"] else ""))
         return path
