@@ -285,11 +285,13 @@ def write_split(
         "images_from": repr(catalog.loader),
     }
     _check_plan(out, split, plan)
-    stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar\.tmp-\d+$")
-    for stale in out.glob(f".{split}-*.tar.tmp-*"):  # left by a killed run of this partition
-        match = stale_name.match(stale.name)
-        if match and int(match.group(1)) % count == index:
-            stale.unlink(missing_ok=True)
+    # Temporaries of shards and part files left by a killed run of this partition.
+    stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar(\.json)?\.tmp-\d+$")
+    for folder in (out, _parts_dir(out, split)):
+        for stale in folder.glob(f".{split}-*.tmp-*"):
+            match = stale_name.match(stale.name)
+            if match and int(match.group(1)) % count == index:
+                stale.unlink(missing_ok=True)
 
     skips = SkipLog()
     todo = []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from eval.example import write_example
 from eval.report import DEFAULT_REPLICATES, evaluate_files, format_summary, write_report
+from mlc.config import UsageError, nonnegative_int, positive_int
 from mlc.dist import run_local_group, teardown
 
 HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K (docs/eval.md)"
@@ -26,10 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='"common" (the class ids both share) or a JSON list of class ids / object '
         '{"data id": "model id"}: evaluate a subset, or data whose ids differ',
     )
-    g.add_argument("--batch-size", type=int, default=256, help="images per forward (256)")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward (256)")
     g.add_argument(
         "--workers",
-        type=int,
+        type=nonnegative_int,
         help="loader processes (default: the training config's; on 2 cores 0 is fastest)",
     )
     g.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
@@ -83,12 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         '<split>.stats.json), "uniform", or "positives" (the evaluated labels\' own counts). '
         "Default: the training split's counts with --checkpoint, positives with files",
     )
-    g.add_argument("--k", type=int, default=100, help="rank cut-off K (default 100)")
+    g.add_argument("--k", type=positive_int, default=100, help="rank cut-off K (default 100)")
     g.add_argument("--mode", choices=["class", "image"], default="class")
     g.add_argument("--output", default="runs/eval", help="report folder (default runs/eval)")
     g.add_argument(
         "--bootstrap",
-        type=int,
+        type=nonnegative_int,
         default=DEFAULT_REPLICATES,
         help=f"bootstrap replicates for the 95%% intervals (default {DEFAULT_REPLICATES}; 0: none)",
     )
@@ -105,7 +106,7 @@ def _processes(text: str) -> int:
 
 def _example(args: argparse.Namespace) -> None:
     if args.predictions or args.labels:
-        raise SystemExit("mlc eval: --example makes its own inputs; drop --predictions/--labels")
+        raise UsageError("--example makes its own inputs; drop --predictions/--labels")
     paths = write_example(Path(args.output) / "example")
     args.predictions, args.labels = paths["predictions"], paths["labels"]
     args.classes, args.weights = paths["classes"], str(paths["weights"])
@@ -126,9 +127,9 @@ def _from_checkpoint(args: argparse.Namespace):
     from eval.evaluate import evaluate_checkpoint
 
     if not args.data:
-        raise SystemExit("mlc eval: --checkpoint needs --data (an `mlc shard` folder)")
+        raise UsageError("--checkpoint needs --data (an `mlc shard` folder)")
     if args.labels or args.example:
-        raise SystemExit("mlc eval: --checkpoint takes its labels from --data; drop --labels")
+        raise UsageError("--checkpoint takes its labels from --data; drop --labels")
     ok = False
     try:
         report = evaluate_checkpoint(
@@ -157,9 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         if args.processes > 1:
             if "WORLD_SIZE" in os.environ:
-                raise SystemExit(
-                    "mlc eval: --processes > 1 inside torchrun: set torchrun's --nproc-per-node"
-                )
+                raise UsageError("--processes > 1 inside torchrun: set torchrun's --nproc-per-node")
             # The same command in each process (the last --processes wins); rank 0 reports.
             return run_local_group([*args.argv, "--processes", "1"], args.processes)
         report = _from_checkpoint(args)
@@ -169,9 +168,8 @@ def run(args: argparse.Namespace) -> int:
         if args.example:
             _example(args)
         elif not (args.predictions and args.labels):
-            raise SystemExit(
-                "mlc eval: give --checkpoint and --data, or --predictions and --labels "
-                "(or use --example)"
+            raise UsageError(
+                "give --checkpoint and --data, or --predictions and --labels (or use --example)"
             )
         report = evaluate_files(
             args.predictions,

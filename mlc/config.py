@@ -354,3 +354,29 @@ def to_dict(config: Config) -> dict:
     data = dataclasses.asdict(config)
     del data["data"]["mode"]
     return data
+
+
+class UsageError(ValueError):
+    """Options of a command that do not go together; `mlc` prints it on one line, exit 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlc.config import UsageError, positive_int
+
 HELP = "shard -> train -> evaluate on built-in data, and print where the report is"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -51,7 +53,7 @@ def _fresh(folder: Path) -> None:
         return
     known = {"checkpoints", "metrics.jsonl", "curves.png", "tensorboard"}
     if not {p.name for p in folder.iterdir()} <= known:
-        raise SystemExit(f"mlc demo: {folder} holds files the demo did not write; use --out")
+        raise UsageError(f"{folder} holds files the demo did not write; use --out")
     shutil.rmtree(folder)
 
 
@@ -91,17 +93,21 @@ def run_demo(
         else (f"data-{source}-{counts['train']}-{counts['test']}")
     )
     dataset, times = out / name, {}
+    # The config first: a bad --set or --samples stops the demo before any sharding.
+    sets = [f"data.dataset={dataset}", f"train.out={out / 'train'}"]
+    if samples is not None:
+        sets += [f"train.samples={samples}", f"train.eval_every={samples}"]
+        sets += [f"train.checkpoint_every={samples}", f"train.log_every={max(1, samples // 4)}"]
+    config = load_config(DEMO_CONFIG, [*sets, *overrides])
+    for what, count in counts.items():
+        if count < 1:
+            raise UsageError(f"{what} count must be >= 1, got {count}")
 
     start = time.perf_counter()
     log(f"[1/3] shard: {source}, {counts['train']} train + {counts['test']} test -> {dataset}")
     build_dataset(dataset, source, counts, root, workers, progress)
     times["shard"] = time.perf_counter() - start
 
-    sets = [f"data.dataset={dataset}", f"train.out={out / 'train'}"]
-    if samples:
-        sets += [f"train.samples={samples}", f"train.eval_every={samples}"]
-        sets += [f"train.checkpoint_every={samples}", f"train.log_every={max(1, samples // 4)}"]
-    config = load_config(DEMO_CONFIG, [*sets, *overrides])
     _fresh(Path(config.train.out))
     log(f"[2/3] train: {DEMO_CONFIG.name}, {config.model.name}, {config.train.samples} samples")
     t0 = time.perf_counter()
@@ -161,9 +167,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: Fashion-MNIST mosaics when the IDX files are there, else procedural shapes",
     )
     p.add_argument("--fashion-mnist", metavar="DIR", help="folder of the Fashion-MNIST IDX files")
-    p.add_argument("--train-count", type=int, help="training mosaics (60000; shapes 20000)")
-    p.add_argument("--test-count", type=int, help="test mosaics (10000; shapes 2000)")
-    p.add_argument("--samples", type=int, help="training samples (default: demo.yaml's)")
+    p.add_argument(
+        "--train-count", type=positive_int, help="training mosaics (60000; shapes 20000)"
+    )
+    p.add_argument("--test-count", type=positive_int, help="test mosaics (10000; shapes 2000)")
+    p.add_argument("--samples", type=positive_int, help="training samples (default: demo.yaml's)")
     p.add_argument(
         "--set",
         action="append",
@@ -171,7 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a value of configs/demo.yaml (repeatable), as in `mlc train`",
     )
-    p.add_argument("--workers", type=int, default=2, help="sharding processes (default 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="sharding processes (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

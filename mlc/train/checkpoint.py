@@ -8,11 +8,13 @@ ignored). ``best.pt`` is a copy of the checkpoint with the best validation metri
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
-from mlc.io import atomic_writer, load_state, save_state
+from mlc.io import atomic_writer, load_state, save_state, temp_name
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -26,6 +28,7 @@ def save_checkpoint(
 ) -> Path:
     folder = checkpoint_dir(out)
     path = folder / f"ckpt-{samples:012d}.pt"
+    remove_stale_temporaries(folder)
     save_state(state, path)
     if is_best:
         with atomic_writer(folder / "best.pt") as f, path.open("rb") as source:
@@ -33,6 +36,69 @@ def save_checkpoint(
     for old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the half-written temporaries of killed writers (``.<name>.tmp-<pid>`` of another
+    process): they never became checkpoints, and only this run writes the folder."""
+    mine = temp_name(folder / "x").name.rsplit("-", 1)[1]
+    for stale in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+        if stale.name.rsplit("-", 1)[1] != mine:
+            stale.unlink(missing_ok=True)
+
+
+# What a run leaves in train.out (the async mode's processes-node*.json under async/ is
+# rewritten by every start and written by every machine, so it is not a sign of a run).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "curves.png", "tensorboard")
+
+
+def prepare_run_folder(out: str | Path, resume: str | None, restart: bool) -> None:
+    """Refuse to mix two runs in one folder: a folder holding an earlier run's files needs
+    ``--resume`` (continue it) or ``--restart`` (delete those files and start over)."""
+    out = Path(out)
+    found = sorted(name for name in RUN_FILES if (out / name).exists())
+    if not found or resume is not None:
+        return
+    if not restart:
+        raise FileExistsError(
+            f"{out} holds an earlier run ({', '.join(found)}): continue it with --resume auto, "
+            "start over with --restart (deletes those files), or set train.out to a new folder"
+        )
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be resumed from; the message names it and what differs."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint's state, or CheckpointError saying why the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):  # what torch.save writes
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a complete torch file)")
+    try:
+        state = load_state(path)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: (GLOBAL )?(\S+)", str(e))
+        what = f" ({found.group(2)})" if found else ""
+        raise CheckpointError(
+            f"{path}: holds Python objects{what} that only running code could load; "
+            "checkpoints load with weights_only=True"
+        ) from None
+    except Exception as e:  # noqa: BLE001 (torch raises many types on damaged files)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not an `mlc train` checkpoint (no {', '.join(missing)})")
+    return state
+
+
+CHECKPOINT_KEYS = ("model", "config", "class_ids", "samples", "step")
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
@@ -49,9 +115,9 @@ def latest_valid_checkpoint(out: str | Path, log=print) -> tuple[Path, dict] | N
     reported and passed over."""
     for path in reversed(list_checkpoints(out)):
         try:
-            return path, load_state(path)
-        except Exception as e:  # noqa: BLE001 (torch raises many types on damaged files)
-            log(f"warning: skipping damaged checkpoint {path}: {type(e).__name__}: {e}")
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            log(f"warning: skipping damaged checkpoint {e}")
     return None
 
 
@@ -65,7 +131,4 @@ def find_resume(out: str | Path, resume: str | None, say=print) -> tuple[Path, d
         if found is None:
             say(f"--resume auto: no checkpoint in {checkpoint_dir(out)}; starting fresh")
         return found
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    return path, load_state(path)
+    return Path(resume), read_checkpoint(resume)

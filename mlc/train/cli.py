@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "train Xception on shards (one process, DDP under torchrun, or async parameter servers)"
 
@@ -21,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="auto|PATH",
         help="auto: the newest valid checkpoint in train.out; or a checkpoint file",
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="train.out holds an earlier run: delete its checkpoints, metrics and curves and "
+        "start over (without --resume or --restart such a folder is refused)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,9 +35,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mlc.config import load_config
     from mlc.dist import teardown
+    from mlc.train.checkpoint import prepare_run_folder
     from mlc.train.loop import train
 
     config = load_config(args.config, args.set)
+    # One process per job checks (and with --restart deletes): rank 0, or the async mode's
+    # node 0 (the other machines' launchers share the folder).
+    first = os.environ.get("RANK", "0") == "0" and config.ps.node_rank == 0
+    if first or not (args.restart or config.train.mode == "async"):
+        prepare_run_folder(config.train.out, args.resume, args.restart)
     if config.train.mode == "async":  # parameter servers and workers (docs/async.md)
         from mlc.train.async_ps import launch
 
@@ -38,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finished = False
     try:
-        train(config, resume=args.resume)
+        summary = train(config, resume=args.resume)
         gc.collect()  # free DistributedDataParallel (its reducer) while the group is alive
         finished = True
     finally:
         teardown(finished)
-    return 0
+    # Stopped by a signal after its checkpoint: not a success, so that a scheduler restarts
+    # the job (and --resume auto continues it).
+    return {"SIGTERM": 143, "SIGINT": 130}.get(summary["stopped_by"], 0)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mlc import dist
-from mlc.config import Config, to_dict
+from mlc.config import Config, config_from_dict, to_dict
 from mlc.data import ShardLoader, normalize
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.models import build_model
@@ -38,6 +38,13 @@ def dataset_classes(config: Config) -> tuple[list[str], np.ndarray]:
     """(class ids, positive counts of the training split): the head's classes, and the
     frequency weights of validation's fwMAP."""
     d = config.data
+    for name in (CLASSES_FILE, stats_name(d.train_split)):
+        if not (Path(d.dataset) / name).is_file():
+            raise TrainingError(
+                f"data.dataset {d.dataset}: no {name}, so not an `mlc shard` dataset with a "
+                f"{d.train_split!r} split. Make one with `mlc shard ... --out {d.dataset}` "
+                "(the demo's: `mlc demo`), or point data.dataset at one (--set data.dataset=DIR)"
+            )
     classes = json.loads((Path(d.dataset) / CLASSES_FILE).read_text())
     class_ids = [c["id"] for c in classes["classes"]]
     stats = json.loads((Path(d.dataset) / stats_name(d.train_split)).read_text())
@@ -94,21 +101,28 @@ class Run:
         return self.config.data.batch_size * self.world
 
     def restore(self, path: Path, state: dict, say) -> None:
-        if state.get("mode", "sync") != "sync":
-            raise TrainingError(f"{path} was written by train.mode={state['mode']}: resume there")
-        if state["class_ids"] != self.class_ids:
-            raise TrainingError(
-                f"{path} was trained on other classes than {self.config.data.dataset}'s"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        """Continue from a checkpoint of this run; a checkpoint that does not fit (another
+        mode, classes, model, optimizer or number of processes) is refused by name."""
+        check_resumable(path, state, self.config, self.class_ids, self.world)
+        parts = [
+            ("model", self.model, state["model"]),
+            ("optimizer", self.optimizer, state["optimizer"]),
+            ("gradient scaler", self.scaler, state["scaler"]),
+        ]
         if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+            parts.append(("EMA", self.ema, state["ema"]))
+        for what, part, saved in parts:
+            try:
+                part.load_state_dict(saved)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                problem = str(e).strip().splitlines()[0]
+                message = f"{path}: its {what} state does not fit this run: {problem}"
+                raise TrainingError(message) from None
         mine = self.rank if self.world > 1 else 0
         self.loader.load_state_dict(state["loader"][mine])
         torch.set_rng_state(state["rng"][mine])
         self.samples, self.step, self.best = state["samples"], state["step"], state["best"]
+        self.checkpoint = path
         say(f"resumed from {path} at {self.samples} samples")
 
     def state_dict(self) -> dict:
@@ -170,6 +184,37 @@ class Run:
         return value, lr
 
 
+# Settings a checkpoint's tensors depend on: resuming with another value cannot work.
+SHAPING_KEYS = [
+    ("model", ["name", "width", "middle_blocks", "fc_layers"]),
+    ("data", ["channels"]),
+    ("optim", ["name"]),
+]
+
+
+def check_resumable(path: Path, state: dict, config: Config, class_ids: list[str], world: int):
+    if state.get("mode", "sync") != "sync":
+        raise TrainingError(f"{path} was written by train.mode={state['mode']}: resume there")
+    if state["class_ids"] != class_ids:
+        raise TrainingError(f"{path} was trained on other classes than {config.data.dataset}'s")
+    saved = config_from_dict(state["config"], f"{path} (its config)", default_version=1)
+    for section, keys in SHAPING_KEYS:
+        for key in keys:
+            was, now = getattr(getattr(saved, section), key), getattr(getattr(config, section), key)
+            if was != now:
+                raise TrainingError(
+                    f"{path} was trained with {section}.{key}={was!r}, this config has {now!r}: "
+                    f"resume with --set {section}.{key}={was!r}, or start a new run"
+                )
+    writers = len(state.get("loader") or [])
+    if writers != world:
+        raise TrainingError(
+            f"{path} was written by {writers} process(es), this run has {world}: each process "
+            f"continues its own data stream, so resume with {writers} (torchrun "
+            f"--nproc_per_node {writers}), or start a new run"
+        )
+
+
 class LossWindow:
     """The training loss and speed since the last log line."""
 
@@ -224,12 +269,32 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
     found = find_resume(t.out, resume, say)
     if found is not None:
         run.restore(*found, say)
+        if run.samples >= t.samples:
+            say(
+                f"nothing to train: {found[0]} is at {run.samples} samples, train.samples is "
+                f"{t.samples} (raise it to train on)"
+            )
+            return finished_summary(run)
     metrics = MetricsLog(t.out, enabled=rank == 0)
     with stop_signals() as stop:
         try:
             return loop(run, reference, metrics, stop, say)
         finally:
             metrics.close()
+
+
+def finished_summary(run: Run) -> dict:
+    """The summary of a run resumed after its end: nothing trained, nothing logged."""
+    return {
+        "samples": run.samples,
+        "steps": run.step,
+        "best_fwmap": run.best if run.best > -math.inf else None,
+        "seconds": 0.0,
+        "samples_per_s": 0.0,
+        "checkpoint": str(run.checkpoint),
+        "stopped_by": None,
+        "last_saved": run.samples,
+    }
 
 
 def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) -> dict:

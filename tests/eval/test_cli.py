@@ -3,7 +3,11 @@ derived by hand below (definition: docs/metric.md), and on the built-in example.
 
 import csv
 import json
+import shlex
+import subprocess
+import sys
 from fractions import Fraction as F
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +16,8 @@ import pytest
 
 from eval.metrics import class_ap_at_k
 from mlc.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Real OpenImages V6 ids and names (oidv6-class-descriptions.csv), with the quoting they need.
 CLASS_DESCRIPTIONS = (
@@ -350,3 +356,28 @@ def test_missing_keys_exit_2_and_allow_missing_evaluates(files, tmp_path, capsys
     assert summary["predictions_without_labels"] == 1
     assert summary["images"] == 5
     assert summary["unweighted_map_at_k"] == pytest.approx(float(UNWEIGHTED), abs=1e-12)
+
+
+def test_usage_errors_exit_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--output", str(out)]) == 2  # no inputs at all
+    assert "give --checkpoint and --data, or --predictions and --labels" in capsys.readouterr().err
+    for option in (["--bootstrap", "-1"], ["--k", "0"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["eval", "--example", "--output", str(out), *option])
+        assert stop.value.code == 2
+        assert f"argument {option[0]}: must be >=" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_closed_output_pipe_is_a_normal_end(tmp_path):
+    """`mlc eval ... | head -1`: the reader is gone (here before the first line) when mlc writes."""
+    command = (
+        f"set -o pipefail; {shlex.quote(sys.executable)} -m mlc.cli eval --example --output "
+        f"{shlex.quote(str(tmp_path / 'r'))} | true"
+    )
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Broken pipe" not in result.stderr and "Error" not in result.stderr

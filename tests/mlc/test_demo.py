@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data_tools.sources.shapes import CELL, GRID, SHAPES, shapes_catalog
@@ -74,3 +75,14 @@ def test_a_demo_stopped_during_training_does_not_evaluate(tmp_path, monkeypatch,
     assert main([*args, "--train-count", "40", "--test-count", "20"]) == 130
     assert "SIGINT: stopped after 64 samples" in capsys.readouterr().out
     assert not (tmp_path / "eval").exists()
+
+
+def test_bad_demo_options_stop_before_sharding(tmp_path, capsys):
+    out = tmp_path / "demo"
+    for option in (["--samples", "-5"], ["--train-count", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["demo", "--out", str(out), *option])
+        assert stop.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--set", "train.samples=-5", "--quiet"]) == 2
+    assert "train.samples must be >= 1" in capsys.readouterr().err
+    assert not out.exists()  # nothing sharded

@@ -119,7 +119,7 @@ def test_kill_9_and_resume_gives_identical_weights(mosaics, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_0(mosaics, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_143(mosaics, tmp_path):
     out = tmp_path / "run"
     proc = run_train(
         tiny_config(mosaics, out, "train.samples=100000", "train.checkpoint_every=100000")
@@ -129,7 +129,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(mosaics, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 143, output  # not a success: a scheduler restarts the job
     assert "SIGTERM: checkpoint written" in output
     state = load_checkpoint(list_checkpoints(out)[-1])
     assert 0 < state["samples"] < 100000
@@ -211,3 +211,147 @@ def test_training_starts_from_imported_weights(mosaics, tmp_path):
     trained = final_weights(out)
     assert torch.equal(trained["stem.0.weight"], source.state_dict()["stem.0.weight"])
     assert trained["head.weight"].shape[0] == 10  # the 3-class head was dropped
+
+
+# ---------------------------------------------------------------- bad resumes, run folders
+
+
+@pytest.fixture(scope="module")
+def finished_run(mosaics, tmp_path_factory):
+    """A finished tiny run (320 samples, checkpoints at 160 and 320)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *sets(tiny_config(mosaics, out))]) == 0
+    return out
+
+
+def train_error(capsys, args: list[str]) -> str:
+    """`mlc train` must end with exit 2 and one line on stderr; that line."""
+    capsys.readouterr()
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+class Opaque:  # pickled into a file: loading it would have to run this module's code
+    pass
+
+
+def test_resume_from_unusable_files_is_one_line_naming_the_file(
+    mosaics, finished_run, tmp_path, capsys
+):
+    good = list_checkpoints(finished_run)[-1]
+    cases = {
+        "truncated.pt": good.read_bytes()[: len(good.read_bytes()) // 2],
+        "foreign.pt": b"not a checkpoint at all\n" * 10,
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": Opaque()}, tmp_path / "pickled.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    expected = {
+        "truncated.pt": "not a readable checkpoint",
+        "foreign.pt": "not a readable checkpoint",
+        "pickled.pt": "weights_only=True",
+        "other.pt": "not an `mlc train` checkpoint (no model, config, class_ids",
+    }
+    for name, words in expected.items():
+        out = tmp_path / f"run-{name}"
+        err = train_error(
+            capsys, ["--resume", str(tmp_path / name), *sets(tiny_config(mosaics, out))]
+        )
+        assert f"{tmp_path / name}:" in err and words in err, err
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("model.width=0.25", "trained with model.width=0.125, this config has 0.25"),
+        ("optim.name=sgd", "trained with optim.name='adamw', this config has 'sgd'"),
+        ("model.fc_layers=[8]", "trained with model.fc_layers=[], this config has [8]"),
+    ],
+)
+def test_resume_with_other_settings_names_what_differs(
+    mosaics, finished_run, tmp_path, capsys, change, words
+):
+    good = list_checkpoints(finished_run)[0]
+    args = tiny_config(mosaics, tmp_path / "run", change, "train.samples=640")
+    err = train_error(capsys, ["--resume", str(good), *sets(args)])
+    assert str(good) in err and words in err, err
+
+
+def test_resume_with_another_number_of_processes_is_refused(mosaics, finished_run, tmp_path):
+    from mlc.train.loop import TrainingError, check_resumable
+
+    path = list_checkpoints(finished_run)[0]
+    state = load_checkpoint(path)
+    config = load_config(None, tiny_config(mosaics, tmp_path / "run"))
+    class_ids = state["class_ids"]
+    check_resumable(path, state, config, class_ids, world=1)  # its own process count: fine
+    with pytest.raises(TrainingError, match=r"written by 1 process\(es\), this run has 2"):
+        check_resumable(path, state, config, class_ids, world=2)  # each rank refuses alike
+    two = dict(state, loader=state["loader"] * 2, rng=state["rng"] * 2)
+    with pytest.raises(TrainingError, match=r"written by 2 process\(es\), this run has 1.*--nproc"):
+        check_resumable(path, two, config, class_ids, world=1)
+
+
+def test_a_used_run_folder_needs_resume_or_restart(mosaics, finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *sets(tiny_config(mosaics, out))]) == 0
+    err = train_error(capsys, sets(tiny_config(mosaics, out)))
+    assert f"{out} holds an earlier run" in err and "--resume auto" in err and "--restart" in err
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["train", "--restart", *sets(tiny_config(mosaics, out))]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("summary") == 1  # the old run's lines are gone
+    assert len((out / "metrics.jsonl").read_text()) <= len(before) + 200
+    assert [p.name for p in list_checkpoints(out)] == [
+        "ckpt-000000000160.pt",
+        "ckpt-000000000320.pt",
+    ]
+
+
+def test_resuming_a_finished_run_trains_and_logs_nothing(mosaics, finished_run, capsys):
+    metrics = (finished_run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", "auto", *sets(tiny_config(mosaics, finished_run))]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "at 320 samples" in out and "None" not in out
+    assert (finished_run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_killed_writers_temporaries_are_removed(mosaics, tmp_path):
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / ".ckpt-000000000160.pt.tmp-999999999"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a checkpoint")
+    assert main(["train", "--resume", "auto", *sets(tiny_config(mosaics, out))]) == 0
+    assert not stale.exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
+def test_a_missing_dataset_says_how_to_make_it(tmp_path, capsys):
+    err = train_error(capsys, ["--set", f"data.dataset={tmp_path / 'nothing'}"])
+    assert f"{tmp_path / 'nothing'}: no classes.json" in err and "mlc shard" in err
+
+
+def test_sigterm_before_training_starts_is_reported(mosaics, tmp_path):
+    """A stop while the command is still importing: a message and exit 143, not a silent 143."""
+    out = tmp_path / "run"
+    proc = run_train(tiny_config(mosaics, out))
+    deadline = time.time() + 60
+    while time.time() < deadline and not _catches_sigterm(proc.pid):
+        time.sleep(0.001)  # the handler mlc.cli installs before importing torch
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "mlc train: stopped by SIGTERM" in output, output
+    assert not (out / "metrics.jsonl").exists()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
