@@ -219,7 +219,10 @@ def test_mapping_errors_name_the_tensors(xception):
         WeightImportError, match="missing layer block7_sepconv2.*unexpected layer mystery"
     ):
         load_keras_layers(create_model("xception"), layers)
-    with pytest.raises(WeightImportError, match="predictions -> head.weight: shape"):
+    wrong_head = (
+        r"predictions -> head.weight: kernel of shape \(2048, 1000\), the model needs \(2048, 5\)"
+    )
+    with pytest.raises(WeightImportError, match=wrong_head):
         load_keras_layers(create_model("xception", num_classes=5), export_keras_layers(xception))
 
 
