@@ -6,7 +6,10 @@ Keras: ``xception_weights_tf_dim_ordering_tf_kernels.h5`` (what ``keras.applicat
 pretrained=True)``, saved with ``torch.save(model.state_dict(), path)``.
 
 Both directions exist for both formats (``export_*``), so a round trip can be tested without the
-real files. Every mismatch is reported by tensor name: missing, unexpected, wrong shape.
+real files. Loading is all or nothing: every tensor of the model is filled exactly once, with the
+right shape, or nothing is loaded and a WeightImportError names every missing, unexpected or
+misfit layer or tensor. A file that cannot be read (missing, truncated, not HDF5, Keras 3's
+.weights.h5 layout) is a WeightImportError that says what it is.
 """
 
 from __future__ import annotations
@@ -20,14 +23,57 @@ from torch import nn
 
 from mlc.models.xception import SeparableConv, Xception
 
-BN_FIELDS = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, mean, var
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"
+MAX_PROBLEMS = 20  # listed in an error message; the rest are counted
 
 
 class WeightImportError(ValueError):
-    """Weights that do not fit the model; the message names every offending tensor."""
+    """Weights that do not fit the model, or a file that cannot be read as weights; the message
+    names every offending layer or tensor, or says what the file is."""
+
+
+def _fail(what: str, problems: list[str]) -> None:
+    """Raise a WeightImportError listing ``problems`` (the first MAX_PROBLEMS, then a count:
+    another network's weights give hundreds), if there are any."""
+    if problems:
+        more = len(problems) - MAX_PROBLEMS
+        tail = f"; and {more} more" if more > 0 else ""
+        raise WeightImportError(f"{what} do not fit: " + "; ".join(problems[:MAX_PROBLEMS]) + tail)
+
+
+def _new_layer(key: str, drop_head: bool) -> bool:
+    """Whether the model's tensor ``key`` has no counterpart in the pretrained weights and keeps
+    its initial value: batch norm's step counter (unused with a fixed momentum) and, with
+    ``drop_head``, the head and the FC layers of ``fc_layers`` (new layers for new labels)."""
+    return key.endswith("num_batches_tracked") or (drop_head and key.startswith(("head.", "fc.")))
 
 
 # ---------------------------------------------------------------- Keras
+
+# Per kind of module: Keras' layer class, and its arrays in Keras' order with the tensor each
+# one fills (Keras' weight name, the module's tensor name).
+KERAS_LAYERS = {
+    SeparableConv: (
+        "SeparableConv2D",
+        [("depthwise_kernel", "depthwise.weight"), ("pointwise_kernel", "pointwise.weight")],
+    ),
+    nn.Conv2d: ("Conv2D", [("kernel", "weight")]),
+    nn.BatchNorm2d: (
+        "BatchNormalization",
+        [
+            ("gamma", "weight"),
+            ("beta", "bias"),
+            ("moving_mean", "running_mean"),
+            ("moving_variance", "running_var"),
+        ],
+    ),
+    nn.Linear: ("Dense", [("kernel", "weight"), ("bias", "bias")]),
+}
+
+
+def _keras_kind(module: nn.Module) -> tuple[str, list[tuple[str, str]]]:
+    return next(kind for cls, kind in KERAS_LAYERS.items() if isinstance(module, cls))
 
 
 def _keras_layers(model: Xception) -> list[tuple[str, nn.Module]]:
@@ -62,34 +108,20 @@ def _keras_layers(model: Xception) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _to_keras(module: nn.Module) -> list[np.ndarray]:
-    def np_(t):
-        return t.detach().cpu().float().numpy()
-
-    if isinstance(module, SeparableConv):  # (3,3,in,1) and (1,1,in,out)
+def _keras_views(module: nn.Module) -> list[torch.Tensor]:
+    """The module's tensors in Keras' layout and order (KERAS_LAYERS). They are views of the
+    module's own storage: export reads them, import writes Keras' arrays into them, so the two
+    directions cannot disagree on a transposition."""
+    if isinstance(module, SeparableConv):  # (3, 3, in, 1) and (1, 1, in, out)
         return [
-            np_(module.depthwise.weight.permute(2, 3, 0, 1)),
-            np_(module.pointwise.weight.permute(2, 3, 1, 0)),
+            module.depthwise.weight.permute(2, 3, 0, 1),
+            module.pointwise.weight.permute(2, 3, 1, 0),
         ]
     if isinstance(module, nn.Conv2d):  # (kh, kw, in, out)
-        return [np_(module.weight.permute(2, 3, 1, 0))]
+        return [module.weight.permute(2, 3, 1, 0)]
     if isinstance(module, nn.BatchNorm2d):
-        return [np_(getattr(module, f)) for f in BN_FIELDS]
-    return [np_(module.weight.T), np_(module.bias)]  # Dense: (in, out), (out,)
-
-
-def _from_keras(module: nn.Module, arrays: list[np.ndarray]) -> list[tuple[str, torch.Tensor]]:
-    t = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
-    if isinstance(module, SeparableConv):
-        return [
-            ("depthwise.weight", t[0].permute(2, 3, 0, 1)),
-            ("pointwise.weight", t[1].permute(3, 2, 0, 1)),
-        ]
-    if isinstance(module, nn.Conv2d):
-        return [("weight", t[0].permute(3, 2, 0, 1))]
-    if isinstance(module, nn.BatchNorm2d):
-        return list(zip(BN_FIELDS, t, strict=False))
-    return [("weight", t[0].T), ("bias", t[1])]
+        return [module.weight, module.bias, module.running_mean, module.running_var]
+    return [module.weight.T, module.bias]  # Dense: (in, out), (out,)
 
 
 def export_keras_layers(model: Xception) -> dict[str, list[np.ndarray]]:
@@ -99,7 +131,7 @@ def export_keras_layers(model: Xception) -> dict[str, list[np.ndarray]]:
         if "#" in name:
             base, index = name.split("#")
             name = base if index == "0" else f"{base}_{index}"
-        out[name] = _to_keras(module)
+        out[name] = [t.detach().cpu().float().numpy().copy() for t in _keras_views(module)]
     return out
 
 
@@ -111,14 +143,20 @@ def _residual_order(name: str) -> int:
 def load_keras_layers(
     model: Xception, layers: dict[str, list[np.ndarray]], drop_head: bool = False
 ) -> None:
-    """Load Keras-layout weights (layer name -> arrays in Keras order) into ``model``."""
+    """Load Keras-layout weights (layer name -> arrays in Keras order) into ``model``.
+
+    All or nothing: every tensor of the model is filled exactly once, from its Keras layer,
+    which must have the number of arrays of its kind, floating point, with the model's shapes;
+    every layer of the file that has arrays must be used. Otherwise nothing is loaded and a
+    WeightImportError names each offending layer. With ``drop_head`` the head (and the FC
+    layers of ``fc_layers``) keep their initial values.
+    """
     residual = {
         base: sorted((n for n in layers if re.fullmatch(rf"{base}(_\d+)?", n)), key=_residual_order)
         for base in ("conv2d", "batch_normalization")
     }
-    state, problems, used = {}, [], set()
     prefix = {id(m): n for n, m in model.named_modules()}
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    writes, problems, used, seen, filled = [], [], set(), set(), {}
     for name, module in _keras_layers(model):
         if name == "predictions" and drop_head:
             used.add(name)
@@ -127,68 +165,160 @@ def load_keras_layers(
             base, index = name.split("#")
             found = residual[base]
             name = found[int(index)] if int(index) < len(found) else f"{base} #{index}"
+        kind, fields = _keras_kind(module)
+        keys = [f"{prefix[id(module)]}.{tensor}" for _, tensor in fields]
+        seen.update(keys)
         if name not in layers:
             problems.append(f"missing layer {name}")
             continue
         used.add(name)
-        for field, tensor in _from_keras(module, layers[name]):
-            key = f"{prefix[id(module)]}.{field}"
-            expected = shapes[key]
-            if tensor.shape != expected:
+        arrays = [np.asarray(a) for a in layers[name]]
+        if len(arrays) != len(fields):
+            names = ", ".join(weight for weight, _ in fields)
+            problems.append(
+                f"{name}: {len(arrays)} arrays, a {kind} layer has {len(fields)} ({names})"
+            )
+            continue
+        for (weight, _), key, array, view in zip(
+            fields, keys, arrays, _keras_views(module), strict=True
+        ):
+            if array.dtype.kind != "f":
+                problems.append(f"{name} -> {key}: {weight} is {array.dtype}, not floating point")
+            elif array.shape != tuple(view.shape):
                 problems.append(
-                    f"{name} -> {key}: shape {tuple(tensor.shape)}, model has {tuple(expected)}"
+                    f"{name} -> {key}: {weight} of shape {array.shape}, "
+                    f"the model needs {tuple(view.shape)}"
                 )
-            state[key] = tensor
-    extra = sorted(n for n in layers if n not in used and layers[n])
-    problems += [f"unexpected layer {n}" for n in extra]
-    if problems:
-        raise WeightImportError("Keras weights do not fit: " + "; ".join(problems))
-    model.load_state_dict(state, strict=False)
+            elif key in filled:
+                problems.append(f"{key} filled twice, by {filled[key]} and {name}")
+            else:
+                filled[key] = name
+                writes.append((view, array))
+    if not used - {"predictions"}:
+        theirs = [n for n in layers if len(layers[n])]
+        listed = ", ".join(theirs[:8]) + (", ..." if len(theirs) > 8 else "")
+        raise WeightImportError(
+            "Keras weights do not fit: none of Xception's layers (block1_conv1, "
+            f"block1_conv1_bn, ...) is among their {len(theirs)} layers with weights"
+            + (f" ({listed}): the weights of another network?" if theirs else "")
+        )
+    problems += [f"unexpected layer {n}" for n in layers if n not in used and len(layers[n])]
+    problems += [
+        f"{key}: no Keras layer fills it"
+        + (" (FC layers are new: load with drop_head)" if key.startswith("fc.") else "")
+        for key in model.state_dict()
+        if key not in seen and not _new_layer(key, drop_head)
+    ]
+    _fail("Keras weights", problems)
+    with torch.no_grad():
+        for view, array in writes:
+            view.copy_(torch.from_numpy(np.asarray(array, dtype=np.float32)))
+
+
+def _h5_names(obj, attr: str) -> list[str]:
+    """A list of names stored as an HDF5 attribute; Keras splits a long one into attr0, attr1..."""
+    chunks = [obj.attrs[attr]] if attr in obj.attrs else []
+    while f"{attr}{len(chunks)}" in obj.attrs:
+        chunks.append(obj.attrs[f"{attr}{len(chunks)}"])
+    return [n.decode() if isinstance(n, bytes) else str(n) for chunk in chunks for n in chunk]
+
+
+def _read_legacy_layout(f, path: Path) -> dict[str, list[np.ndarray]]:
+    """The layers of an open HDF5 file in Keras' legacy layout: ``layer_names`` on the root (a
+    weights file) or on ``model_weights`` (a whole model saved as .h5), a group per layer whose
+    ``weight_names`` list its arrays."""
+    root = f if "layer_names" in f.attrs or "model_weights" not in f else f["model_weights"]
+    if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
+        if "layers" in f or "vars" in f:
+            raise WeightImportError(
+                f"{path}: a Keras 3 weights file (.weights.h5: arrays numbered under "
+                "layers/<name>/vars, without Keras' weight names), not the legacy Keras HDF5 "
+                "layout read here. In Keras 3, build the model, model.load_weights(this file), "
+                "then model.save('NAME.h5'), which writes the legacy layout, and load that; or "
+                "use Keras' own xception_weights_tf_dim_ordering_tf_kernels.h5 (legacy layout)"
+            )
+        raise WeightImportError(
+            f"{path}: an HDF5 file without Keras' layer_names attribute, not Keras weights"
+        )
+    out = {}
+    for name in _h5_names(root, "layer_names"):
+        if name not in root:
+            raise WeightImportError(f"{path}: layer {name} is listed but has no group (damaged?)")
+        group = root[name]
+        arrays = []
+        for weight in _h5_names(group, "weight_names"):
+            if weight not in group:
+                raise WeightImportError(
+                    f"{path}: layer {name}: array {weight} is listed but missing (damaged?)"
+                )
+            arrays.append(np.asarray(group[weight]))
+        out[name] = arrays
+    return out
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What a file h5py cannot read is, judged by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except OSError as e:
+        return f"{path}: cannot read: {e}"
+    if head == HDF5_SIGNATURE:
+        return f"{path}: a truncated or damaged HDF5 file ({error}); download or copy it again"
+    if head.startswith(ZIP_SIGNATURE):
+        return (
+            f"{path}: a zip archive, not HDF5: a Keras 3 .keras model (or a PyTorch file)? "
+            "In Keras 3, keras.saving.load_model(this file).save('NAME.h5') writes the legacy "
+            "HDF5 layout read here"
+        )
+    return f"{path}: not an HDF5 file (no HDF5 signature at its start; Keras weights are HDF5)"
 
 
 def read_keras_h5(path: str | Path) -> dict[str, list[np.ndarray]]:
-    """Layer name -> weight arrays of a Keras HDF5 weights file (model.save_weights format)."""
+    """Layer name -> weight arrays of a Keras HDF5 weights file: the legacy layout, written by
+    Keras 2's save_weights and by model.save("NAME.h5"), the layout of Keras' own application
+    weights. A file that is missing, not HDF5, truncated or damaged, or in Keras 3's
+    .weights.h5 layout is a WeightImportError that says which."""
     try:
         import h5py
     except ImportError:
         raise WeightImportError("reading Keras .h5 weights needs h5py: pip install h5py") from None
-    with h5py.File(path, "r") as f:
-        root = f.get("model_weights", f)
-        names = [n.decode() if isinstance(n, bytes) else n for n in root.attrs["layer_names"]]
-        out = {}
-        for name in names:
-            group = root[name]
-            weights = [
-                w.decode() if isinstance(w, bytes) else w
-                for w in group.attrs.get("weight_names", [])
-            ]
-            out[name] = [np.asarray(group[w]) for w in weights]
-    return out
+    path = Path(path)
+    if not path.is_file():
+        raise WeightImportError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_legacy_layout(f, path)
+    except (OSError, KeyError) as e:  # h5py's errors on a file it cannot parse
+        raise WeightImportError(_unreadable(path, e)) from e
+
+
+def _keras_weight_names(name: str, arrays: list[np.ndarray]) -> list[str]:
+    """Keras' names for a layer's arrays, by their number and the layer's name; generic names
+    for a number no Keras layer of the network has."""
+    kind = (
+        "BatchNormalization"
+        if len(arrays) == 4
+        else "SeparableConv2D"
+        if "sepconv" in name and not name.endswith("_bn")
+        else "Dense"
+        if name == "predictions"
+        else "Conv2D"
+    )
+    fields = next(f for k, f in KERAS_LAYERS.values() if k == kind)
+    weights = [w for w, _ in fields] if len(fields) == len(arrays) else range(len(arrays))
+    return [f"{name}/{w}:0" for w in weights]
 
 
 def write_keras_h5(layers: dict[str, list[np.ndarray]], path: str | Path) -> None:
-    """Write Keras' HDF5 weights layout (what read_keras_h5 and Keras 2's load_weights read)."""
+    """Write Keras' legacy HDF5 weights layout (what read_keras_h5 and Keras' load_weights
+    read); a layer with no arrays is listed with no weight names, as Keras lists activations."""
     import h5py
 
-    kinds = {
-        "SeparableConv": ["depthwise_kernel", "pointwise_kernel"],
-        "Conv": ["kernel"],
-        "BN": ["gamma", "beta", "moving_mean", "moving_variance"],
-        "Dense": ["kernel", "bias"],
-    }
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = [n.encode() for n in layers]
         for name, arrays in layers.items():
-            kind = (
-                "BN"
-                if len(arrays) == 4
-                else "SeparableConv"
-                if "sepconv" in name and not name.endswith("_bn")
-                else "Dense"
-                if name == "predictions"
-                else "Conv"
-            )
-            names = [f"{name}/{w}:0" for w in kinds[kind]]
+            names = _keras_weight_names(name, arrays)
             group = f.create_group(name)
             group.attrs["weight_names"] = [n.encode() for n in names]
             for n, a in zip(names, arrays, strict=True):
@@ -196,6 +326,7 @@ def write_keras_h5(layers: dict[str, list[np.ndarray]], path: str | Path) -> Non
 
 
 def load_keras_h5(model: Xception, path: str | Path, drop_head: bool = False) -> None:
+    """Load a Keras HDF5 weights file into ``model`` (read_keras_h5, then load_keras_layers)."""
     load_keras_layers(model, read_keras_h5(path), drop_head)
 
 
@@ -240,12 +371,13 @@ def export_timm_state_dict(model: Xception) -> dict[str, torch.Tensor]:
 def load_timm_state_dict(
     model: Xception, state: dict[str, torch.Tensor], drop_head: bool = False
 ) -> None:
-    """Load a timm ``legacy_xception`` state dict into ``model`` (names mapped, shapes checked)."""
+    """Load a timm ``legacy_xception`` state dict into ``model`` (names mapped, shapes checked):
+    all of the model's tensors or nothing, as load_keras_layers."""
     ours = model.state_dict()
     wanted = {timm_name(k): k for k in ours}
     problems, loaded = [], {}
     for tname, key in wanted.items():
-        if drop_head and key.startswith("head."):
+        if drop_head and key.startswith(("head.", "fc.")):  # new layers (_new_layer)
             continue
         if tname not in state:
             problems.append(f"missing {tname} (for {key})")
@@ -258,14 +390,27 @@ def load_timm_state_dict(
             loaded[key] = state[tname]
     extra = sorted(k for k in state if k not in wanted and not (drop_head and k.startswith("fc.")))
     problems += [f"unexpected {k}" for k in extra]
-    if problems:
-        raise WeightImportError("timm weights do not fit: " + "; ".join(problems))
+    _fail("timm weights", problems)
     model.load_state_dict(loaded, strict=False)
 
 
 def load_timm_file(model: Xception, path: str | Path, drop_head: bool = False) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    load_timm_state_dict(model, state.get("state_dict", state), drop_head)
+    """Load a timm state dict saved with torch.save (read with ``weights_only=True``: a file
+    cannot run code); a missing or unreadable file is a WeightImportError that says so."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightImportError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many types on damaged files)
+        raise WeightImportError(
+            f"{path}: cannot load as a PyTorch file: {type(e).__name__}: {e}"
+        ) from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightImportError(f"{path}: not a state dict (names -> tensors)")
+    load_timm_state_dict(model, state, drop_head)
 
 
 __all__ = [

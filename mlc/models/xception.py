@@ -25,12 +25,19 @@ from mlc.config import ModelConfig
 BN_EPS = 1e-3  # Keras' value; the imported statistics assume it
 BN_MOMENTUM = 0.01  # PyTorch's convention for Keras' momentum 0.99
 
+# The smallest input side the network computes: the stem's two unpadded 3x3 convolutions take
+# 7 -> 3 (stride 2) -> 1; every later layer is padded ("same"). Up to side 38 the last feature
+# map is 1x1. Keras' Xception refuses sides under 71 (where its last map reaches 3x3), a
+# convention of keras.applications rather than a need of the architecture; the presets here run
+# at 64 and below.
+MIN_SIDE = 7
+
 
 @dataclass(frozen=True)
 class Preset:
     width: float  # channel multiplier
     middle_blocks: int
-    input_size: int  # the input side it is meant for (the network takes any size >= 32ish)
+    input_size: int  # the input side it is meant for (the network takes any side >= MIN_SIDE)
 
 
 PRESETS = {
@@ -190,8 +197,19 @@ class Xception(nn.Module):
             raise ValueError(f"head_prior must be in (0, 1), got {prior}")
         nn.init.constant_(self.head.bias, math.log(prior / (1 - prior)))
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """A ValueError naming the expected shape for an input the network cannot take (wrong
+        rank, channels, or a side under MIN_SIDE), instead of an error from deep in a conv."""
+        if x.ndim == 4 and x.shape[1] == self.in_channels and min(x.shape[2:]) >= MIN_SIDE:
+            return
+        raise ValueError(
+            f"input of shape {tuple(x.shape)}: the model expects [B, {self.in_channels}, H, W] "
+            f"with H, W >= {MIN_SIDE}"
+        )
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> feature map [B, 2048 * width, H/32, W/32]."""
+        self.check_input(x)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.exit(self.blocks(self.stem(x)))
@@ -221,4 +239,4 @@ def create_model(
     return Xception(ModelConfig(name=name, **overrides), num_classes, in_channels)
 
 
-__all__ = ["PRESETS", "Preset", "Xception", "create_model", "resolve"]
+__all__ = ["MIN_SIDE", "PRESETS", "Preset", "Xception", "create_model", "resolve"]

@@ -151,6 +151,21 @@ def test_bf16_autocast_and_dropout():
         assert torch.equal(model(x), model(x))  # no dropout in eval
 
 
+def test_inputs_the_network_cannot_take_are_named():
+    """Rank, channels, and a side under 7, which the stem's two unpadded 3x3 convolutions need
+    (7 -> 3 -> 1); smaller than Keras' 71, so the presets can run at 64 and below."""
+    model = create_model("xception-tiny", in_channels=1, num_classes=2).eval()
+    expected = r"the model expects \[B, 1, H, W\] with H, W >= 7$"
+    for shape in [(1, 64, 64), (2, 3, 64, 64), (2, 1, 6, 64), (2, 1, 64, 6), (1, 1, 1, 64, 64)]:
+        with pytest.raises(ValueError, match=rf"input of shape \({', '.join(map(str, shape))}"):
+            model(torch.randn(shape))
+        with pytest.raises(ValueError, match=expected):
+            model.forward_features(torch.randn(shape))
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 7, 7)).shape == (2, 2)
+        assert model.forward_features(torch.randn(1, 1, 7, 40)).shape[-2:] == (1, 2)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="presets: xception, xception-small, xception-tiny"):
         create_model("xception-huge")
@@ -204,7 +219,10 @@ def test_mapping_errors_name_the_tensors(xception):
         WeightImportError, match="missing layer block7_sepconv2.*unexpected layer mystery"
     ):
         load_keras_layers(create_model("xception"), layers)
-    with pytest.raises(WeightImportError, match="predictions -> head.weight: shape"):
+    wrong_head = (
+        r"predictions -> head.weight: kernel of shape \(2048, 1000\), the model needs \(2048, 5\)"
+    )
+    with pytest.raises(WeightImportError, match=wrong_head):
         load_keras_layers(create_model("xception", num_classes=5), export_keras_layers(xception))
 
 
