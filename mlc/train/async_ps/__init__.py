@@ -4,6 +4,9 @@
                     the job when one worker dies)
     node.py         one process: join the torch.distributed.rpc group, be a server or a worker
     membership.py   the dynamic group (ps.restart_workers > 0): a replacement worker joins
+    protocol.py     everything that crosses a process boundary: the RPC endpoints and the
+                    state of this process they act on (this process's server, server 0's
+                    record of the workers)
     plan.py         which server owns which tensor (the head split by class rows)
     server.py       a server's pieces, optimizer state, version counter, staleness counters
     worker.py       compute gradients, push them (bounded in flight), pull every n steps

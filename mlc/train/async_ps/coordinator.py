@@ -4,19 +4,17 @@ While RPC threads apply the workers' pushes, this loop watches the sample count 
 every push) and, as it crosses ``train.log_every`` / ``eval_every`` / ``checkpoint_every``,
 logs the counters of every server (staleness histograms, drops, throughput), validates the
 gathered model with the synchronous job's ``evaluate`` and writes checkpoints. It pings the
-workers every ``PING_EVERY`` seconds: one that does not answer is lost (logged, and a record of
-kind ``worker`` in metrics.jsonl); a replacement that registers for a lost slot rejoins (the
-same, event ``rejoined``). A checkpoint is
-one consistent cut: every server stops applying (pause), each hands over a copy of its pieces,
-optimizer state and counters, all go on (resume), and the cut is written as one file with the
-synchronous job's atomic saver.
+workers every ``protocol.PING_EVERY`` seconds: one that does not answer is lost (logged, and a
+record of kind ``worker`` in metrics.jsonl); a replacement that registers for a lost slot
+rejoins (the same, event ``rejoined``). A checkpoint is one consistent cut: every server stops
+applying (pause), each hands over a copy of its pieces, optimizer state and counters, all go on
+(resume), and the cut is written as one file with the synchronous job's atomic saver.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
 from pathlib import Path
 
@@ -24,8 +22,9 @@ import torch
 import torch.distributed.rpc as rpc
 
 from mlc.config import to_dict
-from mlc.train.async_ps import server
-from mlc.train.async_ps.plan import Piece, assemble, split
+from mlc.train.async_ps import protocol
+from mlc.train.async_ps.plan import assemble, split
+from mlc.train.async_ps.protocol import PeerLost
 from mlc.train.checkpoint import find_resume, save_checkpoint
 from mlc.train.logs import MetricsLog, format_duration, format_metric, write_curves
 from mlc.train.loop import TrainingError
@@ -33,55 +32,6 @@ from mlc.train.optim import learning_rate
 from mlc.train.validate import validate
 
 POLL = 0.05  # seconds between looks at the counters
-PING_EVERY = 2.0  # seconds between liveness checks of the other servers
-
-
-class PeerLost(RuntimeError):
-    """Another process of the job stopped answering."""
-
-
-# ------------------------------------------------------ RPC entry points for the workers
-
-_lock = threading.Lock()
-_names: dict[int, str] = {}  # worker slot -> RPC name of its latest registered process
-_restarts: dict[int, int] = {}  # worker slot -> incarnation of that process (0: the first)
-_joined: list[dict] = []  # registrations of replacements, for the main loop to report
-_left: set[int] = set()
-_failures: list[str] = []
-
-
-def register(worker: int, name: str | None = None, restart: int = 0):
-    """A worker starts: its data position and stop. The position is the one after the slot's
-    last push that server 0 received (from a resumed checkpoint, or from the process this one
-    replaces), else None (the start of its stream)."""
-    srv = server._server()
-    with srv.lock:
-        position, stop, samples = srv.loader.get(worker), srv.stop, srv.samples
-    with _lock:
-        _names[worker] = name or f"worker{worker}"
-        _restarts[worker] = restart
-        if restart:
-            _joined.append(
-                {
-                    "event": "rejoined",
-                    "worker": worker,
-                    "name": _names[worker],
-                    "restart": restart,
-                    "samples": samples,
-                    "position": position,
-                }
-            )
-    return position, stop
-
-
-def leave(worker: int) -> None:
-    with _lock:
-        _left.add(worker)
-
-
-def fail(worker: int, message: str) -> None:
-    with _lock:
-        _failures.append(message)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -103,10 +53,10 @@ class Coordinator:
     def call(self, s: int, func, *args, timeout=None):
         """func on server s: a direct call for this process's server, RPC for the others."""
         if s == 0:
-            return getattr(server.SERVER, func.__name__)(*args)
+            return getattr(protocol.SERVER, func.__name__)(*args)
         timeout = self.config.ps.rpc_timeout if timeout is None else timeout
         try:
-            return rpc.rpc_sync(self.names[s], func, args=args, timeout=timeout)
+            return protocol.call(self.names[s], func, *args, timeout=timeout)
         except RuntimeError as e:
             raise PeerLost(f"server {s} does not answer ({e})") from None
 
@@ -117,8 +67,8 @@ class Coordinator:
         found = find_resume(self.out, resume, self.say)
         if found is None:
             for s in range(1, len(self.plan)):
-                self.call(s, server.load, None)
-            server.READY.set()
+                self.call(s, protocol.load, None)
+            protocol.READY.set()
             return
         path, state = found
         if state.get("mode") != "async":
@@ -152,10 +102,10 @@ class Coordinator:
                 **counters,
             }
             if s == 0:
-                server.SERVER.load(part)
+                protocol.SERVER.load(part)
             else:
-                self.call(s, server.load, part)
-        server.READY.set()
+                self.call(s, protocol.load, part)
+        protocol.READY.set()
         self.best = state["best"]
         self.say(f"resumed from {path} at {state['samples']} samples, version {state['step']}")
 
@@ -171,7 +121,7 @@ class Coordinator:
 
     def _loop(self) -> dict:
         t, d = self.config.train, self.config.data
-        srv = server.SERVER
+        srv = protocol.SERVER
         start_samples = srv.samples
         marks = {
             k: srv.samples // getattr(t, k) for k in ("log_every", "eval_every", "checkpoint_every")
@@ -182,16 +132,17 @@ class Coordinator:
             time.sleep(POLL)
             samples = srv.samples
             finished = samples >= t.samples
-            if _failures:
+            failure = protocol.WORKERS.first_failure()
+            if failure is not None:
                 self._stop_all()
                 last = self.last_checkpoint or "none (no checkpoint written yet)"
                 raise TrainingError(
-                    f"{_failures[0]}; the last good checkpoint is {last}. Lower the learning "
+                    f"{failure}; the last good checkpoint is {last}. Lower the learning "
                     "rate or check the data, then resume from it."
                 )
             crossed = {k: samples // getattr(t, k) > m for k, m in marks.items()}
             marks = {k: samples // getattr(t, k) for k in marks}
-            if time.time() - last_ping > PING_EVERY:
+            if time.time() - last_ping > protocol.PING_EVERY:
                 self._ping_servers()
                 self._check_workers()
                 last_ping = time.time()
@@ -221,6 +172,7 @@ class Coordinator:
                 f"{self.last_checkpoint}: resume with --resume auto"
             )
         elapsed = time.time() - run_start
+        restarts = protocol.WORKERS.restart_counts()
         summary = {
             "samples": srv.samples,
             "steps": srv.version,
@@ -230,7 +182,7 @@ class Coordinator:
             "checkpoint": str(self.last_checkpoint),
             "stopped_by": self.stop_signal["signal"],
             "lost_workers": sorted(self.lost),
-            "restarts": {str(w): k for w, k in sorted(_restarts.items()) if k},
+            "restarts": {str(w): k for w, k in sorted(restarts.items()) if k},
             "pushes": dict(srv.pushes),
             "mode": "async",
         }
@@ -246,7 +198,7 @@ class Coordinator:
     # ----------------------------------------------------------------------- the steps
 
     def _log(self) -> None:
-        stats = [self.call(s, server.stats) for s in range(len(self.plan))]
+        stats = [self.call(s, protocol.stats) for s in range(len(self.plan))]
         now, (since, before) = time.time(), self.window
         samples = stats[0]["samples"]
         rate = (samples - before) / max(now - since, 1e-9)
@@ -281,12 +233,12 @@ class Coordinator:
         paused = []
         try:
             for s in range(len(self.plan)):
-                self.call(s, server.pause)
+                self.call(s, protocol.pause)
                 paused.append(s)
-            return [self.call(s, server.snapshot) for s in range(len(self.plan))]
+            return [self.call(s, protocol.snapshot) for s in range(len(self.plan))]
         finally:
             for s in paused:
-                self.call(s, server.resume)
+                self.call(s, protocol.resume)
 
     def _gathered_state(self, snaps: list[dict]) -> dict:
         trainable = {n for n, _ in self.model.named_parameters()}
@@ -345,38 +297,35 @@ class Coordinator:
         """Tell the other servers the job is over (they exit); a dead one is passed over."""
         for name in self.names[1:]:
             with contextlib.suppress(RuntimeError):
-                rpc.rpc_sync(name, server.finish, timeout=min(10.0, self.config.ps.rpc_timeout))
+                protocol.call(name, protocol.finish, timeout=min(10.0, self.config.ps.rpc_timeout))
 
     def _stop_all(self) -> None:
         for s in range(len(self.plan)):
             try:
-                self.call(s, server.set_stop)
+                self.call(s, protocol.set_stop)
             except PeerLost as e:
                 self.say(f"warning: {e}")
 
     def _ping_servers(self) -> None:
         for s in range(1, len(self.plan)):
-            self.call(s, server.ping, timeout=min(10.0, self.config.ps.rpc_timeout))
+            self.call(s, protocol.ping, timeout=min(10.0, self.config.ps.rpc_timeout))
 
     def _worker_alive(self, w: int) -> bool:
         ps = self.config.ps
-        with _lock:
-            name = _names.get(w)
+        name = protocol.WORKERS.name(w)
         try:
             rpc.get_worker_info(name or f"worker{w}")
         except RuntimeError:  # not in the group yet (dynamic membership): give it start_timeout
             return name is None and time.time() - self.started < ps.start_timeout
         try:
-            rpc.rpc_sync(name or f"worker{w}", server.ping, timeout=min(5.0, ps.rpc_timeout))
+            protocol.call(name or f"worker{w}", protocol.ping, timeout=min(5.0, ps.rpc_timeout))
             return True
         except RuntimeError:
             return False
 
     def _check_workers(self) -> None:
-        with _lock:
-            joined = list(_joined)
-            _joined.clear()
-        for event in joined:  # replacements that registered since the last look
+        # replacements that registered since the last look
+        for event in protocol.WORKERS.take_joined():
             w = event["worker"]
             self.lost.discard(w)
             self.lost_at.pop(w, None)
@@ -385,19 +334,15 @@ class Coordinator:
                 f"worker {w} rejoined ({event['name']}, restart {event['restart']}) at "
                 f"{event['samples']} samples; its data continues from {event['position']}"
             )
-        with _lock:
-            waiting = set(range(self.config.ps.workers)) - _left - self.lost
-            names = dict(_names)
-        for w in sorted(waiting):
+        names = protocol.WORKERS.current_names()
+        for w in sorted(protocol.WORKERS.not_done(self.config.ps.workers, self.lost)):
             if not self._worker_alive(w):
-                with _lock:
-                    finished = w in _left
-                if finished:  # it said it is done (leave, before it exits), then it exited
+                if protocol.WORKERS.has_left(w):  # it said it is done (leave), then it exited
                     continue
                 self.lost.add(w)
                 self.lost_at[w] = time.time()
                 name = names.get(w, f"worker{w}")
-                samples = server.SERVER.samples
+                samples = protocol.SERVER.samples
                 self.metrics.write(
                     {"event": "lost", "worker": w, "name": name, "samples": samples}, kind="worker"
                 )
@@ -409,8 +354,7 @@ class Coordinator:
         ps = self.config.ps
         if len(self.lost) < ps.workers:
             return False
-        with _lock:
-            restarts = dict(_restarts)
+        restarts = protocol.WORKERS.restart_counts()
         return not any(
             restarts.get(w, 0) < ps.restart_workers
             and time.time() - self.lost_at.get(w, 0.0) < ps.start_timeout
@@ -421,14 +365,12 @@ class Coordinator:
         deadline = time.time() + self.config.ps.stop_timeout + self.config.ps.rpc_timeout
         while time.time() < deadline:
             self._check_workers()
-            with _lock:
-                if set(range(self.config.ps.workers)) <= _left | self.lost:
-                    return
+            if not protocol.WORKERS.not_done(self.config.ps.workers, self.lost):
+                return
             time.sleep(0.2)
-        with _lock:
-            missing = set(range(self.config.ps.workers)) - _left - self.lost
+        missing = protocol.WORKERS.not_done(self.config.ps.workers, self.lost)
         self.say(f"warning: workers {sorted(missing)} did not finish in time; going on without")
         self.lost |= missing
 
 
-__all__ = ["Coordinator", "Piece", "register", "leave", "fail"]
+__all__ = ["Coordinator"]

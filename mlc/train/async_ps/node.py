@@ -43,7 +43,7 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
     # torch's RPC rendezvous itself uses a deprecated gloo call: not the operator's concern
     warnings.filterwarnings("ignore", message="You are using a Backend")
     from mlc.train.async_ps import membership
-    from mlc.train.async_ps.coordinator import PeerLost
+    from mlc.train.async_ps.protocol import PeerLost
     from mlc.train.loop import TrainingError
 
     ps = config.ps
@@ -102,11 +102,11 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
 
 def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -> None:
     import torch
-    import torch.distributed.rpc as rpc
 
     from mlc.models import build_model
-    from mlc.train.async_ps import coordinator, server
+    from mlc.train.async_ps import coordinator, protocol
     from mlc.train.async_ps.plan import plan_shards
+    from mlc.train.async_ps.server import Server
     from mlc.train.async_ps.worker import run_worker
     from mlc.train.loop import dataset_classes
 
@@ -121,14 +121,13 @@ def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -
         del model
         run_worker(index, config, plan, len(class_ids), restart)
         return
-    server.SERVER = server.Server(index, config, plan[index], model)
-    server.BUILT.set()
+    protocol.serve(Server(index, config, plan[index], model))
     if index > 0:  # serve until the coordinator says the job is over, or stops answering
-        while not server.FINISHED.wait(coordinator.PING_EVERY):
+        while not protocol.FINISHED.wait(protocol.PING_EVERY):
             try:
-                rpc.rpc_sync("server0", server.ping, timeout=min(10.0, ps.rpc_timeout))
+                protocol.call("server0", protocol.ping, timeout=min(10.0, ps.rpc_timeout))
             except RuntimeError:
-                raise coordinator.PeerLost("server 0 (the coordinator) does not answer") from None
+                raise protocol.PeerLost("server 0 (the coordinator) does not answer") from None
         return
     job = coordinator.Coordinator(
         config,

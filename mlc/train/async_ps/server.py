@@ -1,7 +1,8 @@
 """A parameter server: its pieces of the model and their optimizer state, updated under a lock.
 
-Workers call the module-level functions at the bottom over RPC; each runs in one of the RPC
-agent's threads, so everything that touches the tensors holds ``Server.lock``.
+Other processes reach this process's Server through the endpoints of protocol.py; each call
+runs in one of the RPC agent's threads, so everything that touches the tensors holds
+``Server.lock``.
 
 Batch-norm running statistics are server state like the parameters: a worker pushes the batch
 statistics of its forward pass with the gradients, and the server folds them in with the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections import Counter, deque
 
 import torch
@@ -175,62 +175,3 @@ class Server:
 def _later(position: dict, than: dict | None) -> bool:
     """A loader position ({"epoch", "batch"}) after another (or the first one)."""
     return than is None or (position["epoch"], position["batch"]) > (than["epoch"], than["batch"])
-
-
-# ---------------------------------------------------------------------- RPC entry points
-
-SERVER: Server | None = None  # this process's server
-BUILT = threading.Event()  # set once SERVER exists (RPCs can arrive before that)
-READY = threading.Event()  # set once the server holds its initial (or resumed) state
-FINISHED = threading.Event()  # set by the coordinator when the job is over
-
-
-def _server() -> Server:
-    if not READY.wait(timeout=PAUSE_LIMIT):
-        raise RuntimeError("the parameter server did not get ready in time")
-    return SERVER
-
-
-def push(*args):
-    return _server().push(*args)
-
-
-def pull():
-    return _server().pull()
-
-
-def pause():
-    _server().pause()
-
-
-def resume():
-    _server().resume()
-
-
-def set_stop():
-    _server().set_stop()
-
-
-def stats():
-    return _server().stats()
-
-
-def snapshot():
-    return _server().snapshot()
-
-
-def load(state):
-    """From the coordinator: a resumed state, or None (start from the initial weights)."""
-    if not BUILT.wait(timeout=PAUSE_LIMIT):
-        raise RuntimeError("the parameter server was not built in time")
-    if state is not None:
-        SERVER.load(state)
-    READY.set()
-
-
-def finish() -> None:
-    FINISHED.set()
-
-
-def ping() -> float:
-    return time.time()

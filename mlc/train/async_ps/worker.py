@@ -14,12 +14,12 @@ import math
 from collections import deque
 
 import torch
-import torch.distributed.rpc as rpc
 
 from mlc.data import ShardLoader, normalize
 from mlc.models import build_model
-from mlc.train.async_ps import coordinator, membership, server
+from mlc.train.async_ps import membership, protocol
 from mlc.train.async_ps.plan import Piece
+from mlc.train.async_ps.server import is_count
 from mlc.train.loop import TrainingError
 from mlc.train.optim import masked_bce
 
@@ -44,12 +44,12 @@ def run_worker(
     servers = [f"server{s}" for s in range(len(plan))]
 
     def call(to: str, func, *args):
-        return rpc.rpc_async(to, func, args=args, timeout=ps.rpc_timeout)
+        return protocol.send(to, func, *args, timeout=ps.rpc_timeout)
 
     loader = ShardLoader.from_dataset(
         d.dataset, d.train_split, d, rank=index, world_size=ps.workers
     )
-    position, stop = call(servers[0], coordinator.register, index, name, restart).wait()
+    position, stop = call(servers[0], protocol.register, index, name, restart).wait()
     if position is not None:  # resumed or replaced: continue this slot's data stream
         loader.load_state_dict(position)
     if restart:
@@ -59,7 +59,7 @@ def run_worker(
         )
 
     def pull() -> tuple[list[int], bool]:
-        replies = [f.wait() for f in [call(name, server.pull) for name in servers]]
+        replies = [f.wait() for f in [call(name, protocol.pull) for name in servers]]
         with torch.no_grad():
             for pieces, (_, tensors, _) in zip(plan, replies, strict=True):
                 mine = [p for p in pieces if p.name in trainable]
@@ -84,7 +84,7 @@ def run_worker(
             logits = model(images)
         loss = masked_bce(logits, batch.targets, batch.mask)
         if not math.isfinite(loss.item()):
-            call(servers[0], coordinator.fail, index, f"worker {index}: loss is {loss.item()}")
+            call(servers[0], protocol.fail, index, f"worker {index}: loss is {loss.item()}")
             raise TrainingError(f"worker {index}: loss is {loss.item()} at its step {step}")
         model.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,7 +95,7 @@ def run_worker(
         for s, pieces in enumerate(plan):
             grads = [p.take(params[p.name].grad) for p in pieces if p.name in trainable]
             stats = [
-                None if server.is_count(p.name) else p.take(state[p.name])
+                None if is_count(p.name) else p.take(state[p.name])
                 for p in pieces
                 if p.name not in trainable
             ]
@@ -103,7 +103,7 @@ def run_worker(
             # positions a checkpoint records.
             extra = (loss.item(), loader.state_dict()) if s == 0 else (None, None)
             args = (index, versions[s], grads, stats, d.batch_size, *extra, name)
-            futures.append(call(servers[s], server.push, *args))
+            futures.append(call(servers[s], protocol.push, *args))
         in_flight.append(futures)
         while len(in_flight) > ps.push_in_flight or (
             in_flight and all(f.done() for f in in_flight[0])
@@ -114,4 +114,4 @@ def run_worker(
             versions, stop = pull()
     while in_flight:
         answered(in_flight.popleft())
-    call(servers[0], coordinator.leave, index).wait()
+    call(servers[0], protocol.leave, index).wait()
