@@ -10,7 +10,11 @@
     plan.py         which server owns which tensor (the head split by class rows)
     server.py       a server's pieces, optimizer state, version counter, staleness counters
     worker.py       compute gradients, push them (bounded in flight), pull every n steps
-    coordinator.py  server 0's loop: log, validation, consistent checkpoints, the end
+    coordinator.py  server 0's loop: log, validation, checkpoints, the end
+    liveness.py     server 0's watch over the workers: lost, rejoined, all gone
+    group.py        server 0's calls to every server: counters, the consistent cut, stop, ping
+    cut.py          a cut as a checkpoint (the gathered model), a checkpoint back as servers'
+                    states on resume
 
 docs/async.md describes the design, the guarantees and the failure behaviour.
 """

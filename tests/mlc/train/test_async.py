@@ -454,7 +454,7 @@ def test_a_worker_that_finishes_during_the_liveness_check_is_not_lost(monkeypatc
     # lost worker (a CI run at 15:33 reported a replacement that finished as lost).
     from types import SimpleNamespace
 
-    from mlc.train.async_ps import coordinator, protocol
+    from mlc.train.async_ps import liveness, protocol
 
     workers = protocol.Workers()
     workers.names.update({0: "worker0", 1: "worker1_r1"})
@@ -472,9 +472,9 @@ def test_a_worker_that_finishes_during_the_liveness_check_is_not_lost(monkeypatc
         lost_at={},
         metrics=SimpleNamespace(write=lambda record, kind: written.append(record)),
         say=lambda text: None,
-        _worker_alive=ping,
+        alive=ping,
     )
     monkeypatch.setattr(protocol, "SERVER", SimpleNamespace(samples=640))
-    coordinator.Coordinator._check_workers(stub)
+    liveness.WorkerWatch.check(stub)
     assert stub.lost == {0}  # a worker that never said it left is still lost
     assert [(r["event"], r["worker"]) for r in written] == [("lost", 0)]

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from mlc.train.async_ps import protocol
+from mlc.train.async_ps.coordinator import INTERVALS, Marks
 from mlc.train.async_ps.server import Server
 
 PACKAGE = Path(protocol.__file__).parent
@@ -128,3 +129,12 @@ def test_register_records_the_process_and_reports_a_replacement_once(monkeypatch
     assert workers.not_done(2, lost=set()) == {1}
     assert workers.not_done(2, lost={1}) == set()
     assert workers.first_failure() == "worker 1: loss is nan"
+
+
+def test_marks_say_which_intervals_the_sample_count_crossed():
+    train = SimpleNamespace(log_every=100, eval_every=250, checkpoint_every=500)
+    marks = Marks(train, 480)
+    assert marks.crossed(490) == set()
+    assert marks.crossed(510) == {"log_every", "eval_every", "checkpoint_every"} == set(INTERVALS)
+    assert marks.crossed(640) == {"log_every"}
+    assert marks.crossed(640) == set()
