@@ -4,10 +4,17 @@
                     the job when one worker dies)
     node.py         one process: join the torch.distributed.rpc group, be a server or a worker
     membership.py   the dynamic group (ps.restart_workers > 0): a replacement worker joins
+    protocol.py     everything that crosses a process boundary: the RPC endpoints and the
+                    state of this process they act on (this process's server, server 0's
+                    record of the workers)
     plan.py         which server owns which tensor (the head split by class rows)
     server.py       a server's pieces, optimizer state, version counter, staleness counters
     worker.py       compute gradients, push them (bounded in flight), pull every n steps
-    coordinator.py  server 0's loop: log, validation, consistent checkpoints, the end
+    coordinator.py  server 0's loop: log, validation, checkpoints, the end
+    liveness.py     server 0's watch over the workers: lost, rejoined, all gone
+    group.py        server 0's calls to every server: counters, the consistent cut, stop, ping
+    cut.py          a cut as a checkpoint (the gathered model), a checkpoint back as servers'
+                    states on resume
 
 docs/async.md describes the design, the guarantees and the failure behaviour.
 """

@@ -1,31 +1,27 @@
-"""Server 0's main thread: the job's clock, log, validation and checkpoints.
+"""Server 0's main thread: the job's clock, log, validation, checkpoints and the end.
 
 While RPC threads apply the workers' pushes, this loop watches the sample count (server 0 gets
 every push) and, as it crosses ``train.log_every`` / ``eval_every`` / ``checkpoint_every``,
 logs the counters of every server (staleness histograms, drops, throughput), validates the
-gathered model with the synchronous job's ``evaluate`` and writes checkpoints. It pings the
-workers every ``PING_EVERY`` seconds: one that does not answer is lost (logged, and a record of
-kind ``worker`` in metrics.jsonl); a replacement that registers for a lost slot rejoins (the
-same, event ``rejoined``). A checkpoint is
-one consistent cut: every server stops applying (pause), each hands over a copy of its pieces,
-optimizer state and counters, all go on (resume), and the cut is written as one file with the
-synchronous job's atomic saver.
+gathered model with the synchronous job's ``validate`` and writes checkpoints of one
+consistent cut (group.py, cut.py) with the synchronous job's atomic saver. Every
+``protocol.PING_EVERY`` seconds it pings the other servers and looks at the workers
+(liveness.py: lost, rejoined). The job ends when the budget is spent, on SIGTERM, on a
+worker's non-finite loss or when every worker is gone for good.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed.rpc as rpc
 
-from mlc.config import to_dict
-from mlc.train.async_ps import server
-from mlc.train.async_ps.plan import Piece, assemble, split
+from mlc.train.async_ps import protocol
+from mlc.train.async_ps.cut import check_resumable, checkpoint_state, gathered_state, server_parts
+from mlc.train.async_ps.group import ServerGroup
+from mlc.train.async_ps.liveness import WorkerWatch
 from mlc.train.checkpoint import find_resume, save_checkpoint
 from mlc.train.logs import MetricsLog, format_duration, format_metric, write_curves
 from mlc.train.loop import TrainingError
@@ -33,58 +29,24 @@ from mlc.train.optim import learning_rate
 from mlc.train.validate import validate
 
 POLL = 0.05  # seconds between looks at the counters
-PING_EVERY = 2.0  # seconds between liveness checks of the other servers
+INTERVALS = ("log_every", "eval_every", "checkpoint_every")  # train.* in samples
 
 
-class PeerLost(RuntimeError):
-    """Another process of the job stopped answering."""
+class Marks:
+    """Which of the INTERVALS the sample count crossed since the last look."""
 
+    def __init__(self, train, samples: int):
+        self.train = train
+        self.counts = self._counts(samples)
 
-# ------------------------------------------------------ RPC entry points for the workers
+    def _counts(self, samples: int) -> dict[str, int]:
+        return {k: samples // getattr(self.train, k) for k in INTERVALS}
 
-_lock = threading.Lock()
-_names: dict[int, str] = {}  # worker slot -> RPC name of its latest registered process
-_restarts: dict[int, int] = {}  # worker slot -> incarnation of that process (0: the first)
-_joined: list[dict] = []  # registrations of replacements, for the main loop to report
-_left: set[int] = set()
-_failures: list[str] = []
-
-
-def register(worker: int, name: str | None = None, restart: int = 0):
-    """A worker starts: its data position and stop. The position is the one after the slot's
-    last push that server 0 received (from a resumed checkpoint, or from the process this one
-    replaces), else None (the start of its stream)."""
-    srv = server._server()
-    with srv.lock:
-        position, stop, samples = srv.loader.get(worker), srv.stop, srv.samples
-    with _lock:
-        _names[worker] = name or f"worker{worker}"
-        _restarts[worker] = restart
-        if restart:
-            _joined.append(
-                {
-                    "event": "rejoined",
-                    "worker": worker,
-                    "name": _names[worker],
-                    "restart": restart,
-                    "samples": samples,
-                    "position": position,
-                }
-            )
-    return position, stop
-
-
-def leave(worker: int) -> None:
-    with _lock:
-        _left.add(worker)
-
-
-def fail(worker: int, message: str) -> None:
-    with _lock:
-        _failures.append(message)
-
-
-# --------------------------------------------------------------------------- the loop
+    def crossed(self, samples: int) -> set[str]:
+        counts = self._counts(samples)
+        crossed = {k for k in INTERVALS if counts[k] > self.counts[k]}
+        self.counts = counts
+        return crossed
 
 
 class Coordinator:
@@ -94,133 +56,116 @@ class Coordinator:
         self.stop_signal = stop_signal  # {"signal": name or None}, set by the SIGTERM handler
         self.say = log
         self.out = Path(config.train.out)
-        self.names = [f"server{s}" for s in range(len(plan))]
+        self.servers = ServerGroup(len(plan), config.ps.rpc_timeout)
         self.best, self.last_checkpoint = -math.inf, None
-        self.lost: set[int] = set()
-        self.lost_at: dict[int, float] = {}  # slot -> when it was found gone
-        self.started = time.time()
 
-    def call(self, s: int, func, *args, timeout=None):
-        """func on server s: a direct call for this process's server, RPC for the others."""
-        if s == 0:
-            return getattr(server.SERVER, func.__name__)(*args)
-        timeout = self.config.ps.rpc_timeout if timeout is None else timeout
+    def run(self, resume: str | None) -> dict:
+        """The whole job from server 0's side; returns the summary."""
+        self.metrics = MetricsLog(self.out)
+        self.workers = WorkerWatch(self.config, self.metrics, self.say)
         try:
-            return rpc.rpc_sync(self.names[s], func, args=args, timeout=timeout)
-        except RuntimeError as e:
-            raise PeerLost(f"server {s} does not answer ({e})") from None
+            self.start(resume)
+            began = time.time()
+            start_samples = protocol.SERVER.samples
+            self.window = (began, start_samples)  # (time, samples) of the last log record
+            self._loop(start_samples)
+            self._end()
+            return self._summary(began, start_samples)
+        finally:
+            self.metrics.close()
+
+    def finish_servers(self) -> None:
+        """Tell the other servers the job is over (they exit); a dead one is passed over."""
+        self.servers.finish_others()
 
     # ------------------------------------------------------------------ start and resume
 
     def start(self, resume: str | None) -> None:
-        ps = self.config.ps
+        """Every server gets its state (a resumed one, or its initial weights) and is ready."""
         found = find_resume(self.out, resume, self.say)
-        if found is None:
-            for s in range(1, len(self.plan)):
-                self.call(s, server.load, None)
-            server.READY.set()
-            return
-        path, state = found
-        if state.get("mode") != "async":
-            raise TrainingError(f"{path} was written by the synchronous job; resume it there")
-        if state["class_ids"] != self.class_ids:
-            raise TrainingError(f"{path} was trained on other classes than the dataset's")
-        plan = [[tuple(x) for x in server_plan] for server_plan in state["plan"]]
-        if plan != [[(p.name, p.start, p.stop) for p in pieces] for pieces in self.plan]:
-            raise TrainingError(
-                f"{path} was written with ps.servers={len(plan)} (or another model); resume "
-                f"with the same ps.servers and model (now {ps.servers})"
-            )
-        if len(state["loader"]) != ps.workers:
-            raise TrainingError(
-                f"{path} was written with ps.workers={len(state['loader'])}; resume with the "
-                f"same number of workers (now {ps.workers}): each continues its own data"
-            )
-        pieces = split(self.plan, state["model"])
-        trainable = {n for n, _ in self.model.named_parameters()}
-        for s, counters in enumerate(state["servers"]):
-            own = self.plan[s]
-            part = {
-                "params": [t for p, t in zip(own, pieces[s], strict=True) if p.name in trainable],
-                "buffers": [
-                    t for p, t in zip(own, pieces[s], strict=True) if p.name not in trainable
-                ],
-                "optimizer": state["optimizer"][s],
-                "loader": {w: pos for w, pos in enumerate(state["loader"]) if pos is not None}
-                if s == 0
-                else {},
-                **counters,
-            }
-            if s == 0:
-                server.SERVER.load(part)
-            else:
-                self.call(s, server.load, part)
-        server.READY.set()
-        self.best = state["best"]
-        self.say(f"resumed from {path} at {state['samples']} samples, version {state['step']}")
+        parts = [None] * len(self.plan)  # None: keep the initial weights
+        if found is not None:
+            path, state = found
+            check_resumable(path, state, self.plan, self.class_ids, self.config.ps)
+            parts = server_parts(self.plan, self.model, state)
+            protocol.SERVER.load(parts[0])
+        for s in range(1, len(self.plan)):
+            self.servers.call(s, protocol.load, parts[s])
+        protocol.READY.set()
+        if found is not None:
+            self.best = state["best"]
+            self.say(f"resumed from {path} at {state['samples']} samples, version {state['step']}")
 
     # ------------------------------------------------------------------- the main loop
 
-    def run(self, resume: str | None) -> dict:
-        self.metrics = MetricsLog(self.out)
-        try:
-            self.start(resume)
-            return self._loop()
-        finally:
-            self.metrics.close()
-
-    def _loop(self) -> dict:
-        t, d = self.config.train, self.config.data
-        srv = server.SERVER
-        start_samples = srv.samples
-        marks = {
-            k: srv.samples // getattr(t, k) for k in ("log_every", "eval_every", "checkpoint_every")
-        }
-        self.window = (time.time(), srv.samples)
-        run_start, last_ping = time.time(), time.time()
+    def _loop(self, start_samples: int) -> None:
+        """Until the job is over: the log, validation and checkpoints at their intervals, a
+        look at the other processes every PING_EVERY seconds."""
+        marks = Marks(self.config.train, start_samples)
+        last_ping = time.time()
         while True:
             time.sleep(POLL)
-            samples = srv.samples
-            finished = samples >= t.samples
-            if _failures:
-                self._stop_all()
-                last = self.last_checkpoint or "none (no checkpoint written yet)"
-                raise TrainingError(
-                    f"{_failures[0]}; the last good checkpoint is {last}. Lower the learning "
-                    "rate or check the data, then resume from it."
-                )
-            crossed = {k: samples // getattr(t, k) > m for k, m in marks.items()}
-            marks = {k: samples // getattr(t, k) for k in marks}
-            if time.time() - last_ping > PING_EVERY:
-                self._ping_servers()
-                self._check_workers()
+            samples = protocol.SERVER.samples
+            self._raise_on_failure()
+            crossed = marks.crossed(samples)
+            if time.time() - last_ping > protocol.PING_EVERY:
+                self.servers.ping_others()
+                self.workers.check()
                 last_ping = time.time()
-            if finished or self.stop_signal["signal"] or self._every_worker_gone():
-                break
-            if crossed["log_every"]:
-                self._log()
-            is_best = False
-            if d.val_split and crossed["eval_every"]:
-                is_best = self._validate()
-            if crossed["checkpoint_every"] or is_best:
-                self._checkpoint(is_best)
-        # The end: workers finish their pushes in flight and leave, then the last cut.
-        self._stop_all()
-        self._wait_for_workers()
+            if self._over(samples):
+                return
+            self._at_marks(crossed)
+
+    def _raise_on_failure(self) -> None:
+        """A worker reported a non-finite loss: stop, naming the checkpoint to resume from."""
+        failure = protocol.WORKERS.first_failure()
+        if failure is None:
+            return
+        self.servers.stop(self.say)
+        last = self.last_checkpoint or "none (no checkpoint written yet)"
+        raise TrainingError(
+            f"{failure}; the last good checkpoint is {last}. Lower the learning "
+            "rate or check the data, then resume from it."
+        )
+
+    def _over(self, samples: int) -> bool:
+        """The budget is spent, a stop signal came, or every worker is gone for good."""
+        return (
+            samples >= self.config.train.samples
+            or bool(self.stop_signal["signal"])
+            or self.workers.every_worker_gone()
+        )
+
+    def _at_marks(self, crossed: set[str]) -> None:
+        if "log_every" in crossed:
+            self._log()
+        is_best = bool(self.config.data.val_split) and "eval_every" in crossed and self._validate()
+        if "checkpoint_every" in crossed or is_best:
+            self._checkpoint(is_best)
+
+    def _end(self) -> None:
+        """The workers finish their pushes in flight and leave, then the last log, validation
+        and checkpoint."""
+        self.servers.stop(self.say)
+        self.workers.wait_until_done()
         self._log()
-        is_best = bool(d.val_split) and self._validate()
+        is_best = bool(self.config.data.val_split) and self._validate()
         self._checkpoint(is_best)
         if self.stop_signal["signal"]:
             self.say(
-                f"{self.stop_signal['signal']}: checkpoint written at {srv.samples} samples; "
-                "resume with --resume auto"
+                f"{self.stop_signal['signal']}: checkpoint written at "
+                f"{protocol.SERVER.samples} samples; resume with --resume auto"
             )
-        elif srv.samples < t.samples:
+        elif protocol.SERVER.samples < self.config.train.samples:
             raise TrainingError(
-                f"every worker is gone at {srv.samples} samples; checkpoint "
+                f"every worker is gone at {protocol.SERVER.samples} samples; checkpoint "
                 f"{self.last_checkpoint}: resume with --resume auto"
             )
-        elapsed = time.time() - run_start
+
+    def _summary(self, began: float, start_samples: int) -> dict:
+        srv, restarts = protocol.SERVER, protocol.WORKERS.restart_counts()
+        lost = self.workers.lost
+        elapsed = time.time() - began
         summary = {
             "samples": srv.samples,
             "steps": srv.version,
@@ -229,8 +174,8 @@ class Coordinator:
             "samples_per_s": (srv.samples - start_samples) / max(elapsed, 1e-9),
             "checkpoint": str(self.last_checkpoint),
             "stopped_by": self.stop_signal["signal"],
-            "lost_workers": sorted(self.lost),
-            "restarts": {str(w): k for w, k in sorted(_restarts.items()) if k},
+            "lost_workers": sorted(lost),
+            "restarts": {str(w): k for w, k in sorted(restarts.items()) if k},
             "pushes": dict(srv.pushes),
             "mode": "async",
         }
@@ -239,67 +184,33 @@ class Coordinator:
         self.say(
             f"done: {srv.samples} samples in {format_duration(elapsed)}, best val fwMAP "
             f"{format_metric(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
-            + (f"; lost workers {sorted(self.lost)}" if self.lost else "")
+            + (f"; lost workers {sorted(lost)}" if lost else "")
         )
         return summary
 
-    # ----------------------------------------------------------------------- the steps
+    # ------------------------------------------------------- log, validation, checkpoint
 
     def _log(self) -> None:
-        stats = [self.call(s, server.stats) for s in range(len(self.plan))]
+        stats = self.servers.each(protocol.stats)
         now, (since, before) = time.time(), self.window
         samples = stats[0]["samples"]
         rate = (samples - before) / max(now - since, 1e-9)
         self.window = (now, samples)
-        first = stats[0]
-        if not first["loss_count"]:
+        if not stats[0]["loss_count"]:
             return  # no push since the last record
-        loss = first["loss_sum"] / first["loss_count"]
-        record = {
-            "samples": samples,
-            "step": first["version"],
-            "loss": loss,
-            "lr": learning_rate(self.config, samples, self.config.data.batch_size),
-            "samples_per_s": rate,
-            "versions": [s["version"] for s in stats],
-            "dropped": [s["dropped"] for s in stats],
-            # per server: staleness -> applied updates (cumulative over the run)
-            "staleness": [{str(k): v for k, v in sorted(s["staleness"].items())} for s in stats],
-            "own_staleness_max": {str(w): v for w, v in sorted(first["own_staleness_max"].items())},
-            "pushes": first["pushes"],  # per worker process (a replacement has its own name)
-            "lost_workers": sorted(self.lost),
-        }
+        record = train_record(self.config, stats, rate, self.workers.lost)
         self.metrics.write(record)
         worst = max((max(s["staleness"], default=0) for s in stats), default=0)
         self.say(
-            f"{samples:>10} samples  loss {format_metric(loss)}  lr {record['lr']:.2e}  "
-            f"{rate:7.1f} samples/s  versions "
-            f"{record['versions']}  staleness max {worst}  dropped {sum(record['dropped'])}"
+            f"{samples:>10} samples  loss {format_metric(record['loss'])}  "
+            f"lr {record['lr']:.2e}  {rate:7.1f} samples/s  versions {record['versions']}  "
+            f"staleness max {worst}  dropped {sum(record['dropped'])}"
         )
 
-    def _cut(self) -> list[dict]:
-        paused = []
-        try:
-            for s in range(len(self.plan)):
-                self.call(s, server.pause)
-                paused.append(s)
-            return [self.call(s, server.snapshot) for s in range(len(self.plan))]
-        finally:
-            for s in paused:
-                self.call(s, server.resume)
-
-    def _gathered_state(self, snaps: list[dict]) -> dict:
-        trainable = {n for n, _ in self.model.named_parameters()}
-        parts = []
-        for pieces, snap in zip(self.plan, snaps, strict=True):
-            params, buffers = iter(snap["params"]), iter(snap["buffers"])
-            parts.append([next(params) if p.name in trainable else next(buffers) for p in pieces])
-        full = assemble(self.plan, parts)
-        return {name: full[name] for name in self.model.state_dict()}
-
     def _validate(self) -> bool:
-        snaps = self._cut()
-        self.model.load_state_dict(self._gathered_state(snaps))
+        """Validate the model of one cut; True if it is the best so far."""
+        snaps = self.servers.cut()
+        self.model.load_state_dict(gathered_state(self.plan, self.model, snaps))
         result = validate(
             self.model, self.config, self.class_ids, self.reference, 0, 1, torch.device("cpu")
         )
@@ -316,119 +227,35 @@ class Coordinator:
         return False
 
     def _checkpoint(self, is_best: bool = False) -> None:
-        snaps = self._cut()
-        first = snaps[0]
-        state = {
-            "mode": "async",
-            "model": self._gathered_state(snaps),
-            "optimizer": [s["optimizer"] for s in snaps],
-            "servers": [
-                {k: s[k] for k in ("version", "received", "samples", "staleness", "dropped")}
-                for s in snaps
-            ],
-            "plan": [[(p.name, p.start, p.stop) for p in pieces] for pieces in self.plan],
-            "loader": [first["loader"].get(w) for w in range(self.config.ps.workers)],
-            "samples": first["samples"],
-            "step": first["version"],
-            "best": self.best,
-            "config": to_dict(self.config),
-            "class_ids": self.class_ids,
-        }
+        snaps = self.servers.cut()
+        state = checkpoint_state(
+            self.config, self.plan, self.model, snaps, self.best, self.class_ids
+        )
         t = self.config.train
         self.last_checkpoint = save_checkpoint(
-            self.out, state, first["samples"], t.keep_last, is_best
+            self.out, state, snaps[0]["samples"], t.keep_last, is_best
         )
 
-    # ------------------------------------------------------------------------ liveness
 
-    def finish_servers(self) -> None:
-        """Tell the other servers the job is over (they exit); a dead one is passed over."""
-        for name in self.names[1:]:
-            with contextlib.suppress(RuntimeError):
-                rpc.rpc_sync(name, server.finish, timeout=min(10.0, self.config.ps.rpc_timeout))
-
-    def _stop_all(self) -> None:
-        for s in range(len(self.plan)):
-            try:
-                self.call(s, server.set_stop)
-            except PeerLost as e:
-                self.say(f"warning: {e}")
-
-    def _ping_servers(self) -> None:
-        for s in range(1, len(self.plan)):
-            self.call(s, server.ping, timeout=min(10.0, self.config.ps.rpc_timeout))
-
-    def _worker_alive(self, w: int) -> bool:
-        ps = self.config.ps
-        with _lock:
-            name = _names.get(w)
-        try:
-            rpc.get_worker_info(name or f"worker{w}")
-        except RuntimeError:  # not in the group yet (dynamic membership): give it start_timeout
-            return name is None and time.time() - self.started < ps.start_timeout
-        try:
-            rpc.rpc_sync(name or f"worker{w}", server.ping, timeout=min(5.0, ps.rpc_timeout))
-            return True
-        except RuntimeError:
-            return False
-
-    def _check_workers(self) -> None:
-        with _lock:
-            joined = list(_joined)
-            _joined.clear()
-        for event in joined:  # replacements that registered since the last look
-            w = event["worker"]
-            self.lost.discard(w)
-            self.lost_at.pop(w, None)
-            self.metrics.write(event, kind="worker")
-            self.say(
-                f"worker {w} rejoined ({event['name']}, restart {event['restart']}) at "
-                f"{event['samples']} samples; its data continues from {event['position']}"
-            )
-        with _lock:
-            waiting = set(range(self.config.ps.workers)) - _left - self.lost
-            names = dict(_names)
-        for w in sorted(waiting):
-            if not self._worker_alive(w):
-                with _lock:
-                    finished = w in _left
-                if finished:  # it said it is done (leave, before it exits), then it exited
-                    continue
-                self.lost.add(w)
-                self.lost_at[w] = time.time()
-                name = names.get(w, f"worker{w}")
-                samples = server.SERVER.samples
-                self.metrics.write(
-                    {"event": "lost", "worker": w, "name": name, "samples": samples}, kind="worker"
-                )
-                self.say(f"worker {w} is gone ({name} does not answer); the others go on")
-
-    def _every_worker_gone(self) -> bool:
-        """Every slot lost, and none can still be replaced (ps.restart_workers left, and lost
-        less than ps.start_timeout ago: the launcher restarts a slot at once)."""
-        ps = self.config.ps
-        if len(self.lost) < ps.workers:
-            return False
-        with _lock:
-            restarts = dict(_restarts)
-        return not any(
-            restarts.get(w, 0) < ps.restart_workers
-            and time.time() - self.lost_at.get(w, 0.0) < ps.start_timeout
-            for w in self.lost
-        )
-
-    def _wait_for_workers(self) -> None:
-        deadline = time.time() + self.config.ps.stop_timeout + self.config.ps.rpc_timeout
-        while time.time() < deadline:
-            self._check_workers()
-            with _lock:
-                if set(range(self.config.ps.workers)) <= _left | self.lost:
-                    return
-            time.sleep(0.2)
-        with _lock:
-            missing = set(range(self.config.ps.workers)) - _left - self.lost
-        self.say(f"warning: workers {sorted(missing)} did not finish in time; going on without")
-        self.lost |= missing
+def train_record(config, stats: list[dict], rate: float, lost: set[int]) -> dict:
+    """The log record (kind train) from every server's counters; server 0 gets every push, so
+    its counters are the job's."""
+    first = stats[0]
+    samples = first["samples"]
+    return {
+        "samples": samples,
+        "step": first["version"],
+        "loss": first["loss_sum"] / first["loss_count"],
+        "lr": learning_rate(config, samples, config.data.batch_size),
+        "samples_per_s": rate,
+        "versions": [s["version"] for s in stats],
+        "dropped": [s["dropped"] for s in stats],
+        # per server: staleness -> applied updates (cumulative over the run)
+        "staleness": [{str(k): v for k, v in sorted(s["staleness"].items())} for s in stats],
+        "own_staleness_max": {str(w): v for w, v in sorted(first["own_staleness_max"].items())},
+        "pushes": first["pushes"],  # per worker process (a replacement has its own name)
+        "lost_workers": sorted(lost),
+    }
 
 
-__all__ = ["Coordinator", "Piece", "register", "leave", "fail"]
+__all__ = ["Coordinator"]

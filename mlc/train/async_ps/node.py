@@ -26,12 +26,7 @@ def rank_of(role: str, index: int, servers: int) -> int:
 def main(role: str, index: int, config, resume, port: int, messages, restart: int = 0) -> None:
     """Target of the launcher's spawned processes; never returns (os._exit). ``restart``: the
     incarnation of a worker slot (0 first, k the k-th replacement: it joins a running job)."""
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    stop_signal = {"signal": None}
-    if role == "server" and index == 0:  # SIGTERM: the coordinator checkpoints and stops
-        signal.signal(signal.SIGTERM, lambda s, _f: stop_signal.update(signal="SIGTERM"))
+    stop_signal = _watch_parent_and_signals(role, index)
 
     import warnings
 
@@ -43,7 +38,6 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
     # torch's RPC rendezvous itself uses a deprecated gloo call: not the operator's concern
     warnings.filterwarnings("ignore", message="You are using a Backend")
     from mlc.train.async_ps import membership
-    from mlc.train.async_ps.coordinator import PeerLost
     from mlc.train.loop import TrainingError
 
     ps = config.ps
@@ -51,34 +45,7 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
     code = 1
     name = membership.worker_name(index, restart) if role == "worker" else f"{role}{index}"
     try:
-        options = rpc.TensorPipeRpcBackendOptions(
-            init_method=f"tcp://{ps.addr}:{port}",
-            # The rendezvous waits this long for every process; calls pass their own timeouts.
-            rpc_timeout=ps.start_timeout,
-            num_worker_threads=max(16, 4 * ps.workers + 8),
-        )
-        if ps.restart_workers:  # dynamic membership: replacements can join (membership.py)
-            if restart:
-                dead = [membership.worker_name(index, k) for k in range(restart)]
-                membership.release_tokens(ps.addr, port, ps.start_timeout, dead)
-            membership.install(ps.start_timeout)
-            rank = (
-                membership.worker_rank(index, restart, ps.servers, ps.workers)
-                if role == "worker"
-                else index
-            )
-            rpc.init_rpc(name, rank=rank, rpc_backend_options=options)
-            if membership.forgotten:
-                left_out = ", ".join(membership.forgotten)
-                print(f"{name}: joined; gone members left out: {left_out}", flush=True)
-            membership.wait_for([f"server{s}" for s in range(ps.servers)], ps.start_timeout)
-        else:  # a static group: fixed at the rendezvous
-            rpc.init_rpc(
-                name,
-                rank=rank_of(role, index, ps.servers),
-                world_size=ps.servers + ps.workers,
-                rpc_backend_options=options,
-            )
+        _join(rpc, name, role, index, restart, ps, port)
         try:
             _run(role, index, config, resume, stop_signal, restart)
             code = 0
@@ -87,10 +54,7 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
     except (TrainingError, ConfigError, ValueError, OSError) as e:
         code = 2
         _report(messages, role, index, f"{name}: {e}")
-    except PeerLost as e:
-        code = PEER_LOST
-        _report(messages, role, index, f"{name}: {e}")
-    except RuntimeError as e:  # RPC failures: a peer died or the rendezvous timed out
+    except RuntimeError as e:  # PeerLost, or RPC failures: a peer died, the rendezvous timed out
         code = PEER_LOST
         _report(messages, role, index, f"{name}: {e}")
     except BaseException:  # noqa: BLE001 (report anything, then exit with 1)
@@ -100,13 +64,61 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
     os._exit(code)  # skip interpreter teardown: RPC threads must not keep a finished process
 
 
+def _watch_parent_and_signals(role: str, index: int) -> dict:
+    """Exit when the launcher is gone; Ctrl-C is the launcher's to handle; on server 0,
+    SIGTERM asks the coordinator for a checkpoint and a clean stop. Returns the
+    ``{"signal": name or None}`` that the SIGTERM handler sets."""
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_signal = {"signal": None}
+    if role == "server" and index == 0:
+        signal.signal(signal.SIGTERM, lambda s, _f: stop_signal.update(signal="SIGTERM"))
+    return stop_signal
+
+
+def _join(rpc, name: str, role: str, index: int, restart: int, ps, port: int) -> None:
+    """Join the job's RPC group as ``name``: a static group fixed at the rendezvous, or with
+    ps.restart_workers > 0 the dynamic one that a replacement worker can join (membership.py)."""
+    from mlc.train.async_ps import membership
+
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://{ps.addr}:{port}",
+        # The rendezvous waits this long for every process; calls pass their own timeouts.
+        rpc_timeout=ps.start_timeout,
+        num_worker_threads=max(16, 4 * ps.workers + 8),
+    )
+    if ps.restart_workers:  # dynamic membership: replacements can join (membership.py)
+        if restart:
+            dead = [membership.worker_name(index, k) for k in range(restart)]
+            membership.release_tokens(ps.addr, port, ps.start_timeout, dead)
+        membership.install(ps.start_timeout)
+        rank = (
+            membership.worker_rank(index, restart, ps.servers, ps.workers)
+            if role == "worker"
+            else index
+        )
+        rpc.init_rpc(name, rank=rank, rpc_backend_options=options)
+        if membership.forgotten:
+            left_out = ", ".join(membership.forgotten)
+            print(f"{name}: joined; gone members left out: {left_out}", flush=True)
+        membership.wait_for([f"server{s}" for s in range(ps.servers)], ps.start_timeout)
+    else:  # a static group: fixed at the rendezvous
+        rpc.init_rpc(
+            name,
+            rank=rank_of(role, index, ps.servers),
+            world_size=ps.servers + ps.workers,
+            rpc_backend_options=options,
+        )
+
+
 def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -> None:
     import torch
-    import torch.distributed.rpc as rpc
 
     from mlc.models import build_model
-    from mlc.train.async_ps import coordinator, server
+    from mlc.train.async_ps import coordinator, protocol
     from mlc.train.async_ps.plan import plan_shards
+    from mlc.train.async_ps.server import Server
     from mlc.train.async_ps.worker import run_worker
     from mlc.train.loop import dataset_classes
 
@@ -121,27 +133,27 @@ def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -
         del model
         run_worker(index, config, plan, len(class_ids), restart)
         return
-    server.SERVER = server.Server(index, config, plan[index], model)
-    server.BUILT.set()
-    if index > 0:  # serve until the coordinator says the job is over, or stops answering
-        while not server.FINISHED.wait(coordinator.PING_EVERY):
-            try:
-                rpc.rpc_sync("server0", server.ping, timeout=min(10.0, ps.rpc_timeout))
-            except RuntimeError:
-                raise coordinator.PeerLost("server 0 (the coordinator) does not answer") from None
+    protocol.serve(Server(index, config, plan[index], model))
+    if index > 0:
+        _serve_until_finished(ps.rpc_timeout)
         return
-    job = coordinator.Coordinator(
-        config,
-        plan,
-        model,
-        class_ids,
-        reference,
-        stop_signal,
-    )
+    job = coordinator.Coordinator(config, plan, model, class_ids, reference, stop_signal)
     try:
         job.run(resume)
     finally:
         job.finish_servers()
+
+
+def _serve_until_finished(rpc_timeout: float) -> None:
+    """A server other than 0 (its RPC threads do the work): until the coordinator says the job
+    is over, or PeerLost when it stops answering."""
+    from mlc.train.async_ps import protocol
+
+    while not protocol.FINISHED.wait(protocol.PING_EVERY):
+        try:
+            protocol.call("server0", protocol.ping, timeout=min(10.0, rpc_timeout))
+        except RuntimeError:
+            raise protocol.PeerLost("server 0 (the coordinator) does not answer") from None
 
 
 def _shutdown(rpc, timeout: float) -> None:

@@ -1,7 +1,8 @@
 """A parameter server: its pieces of the model and their optimizer state, updated under a lock.
 
-Workers call the module-level functions at the bottom over RPC; each runs in one of the RPC
-agent's threads, so everything that touches the tensors holds ``Server.lock``.
+Other processes reach this process's Server through the endpoints of protocol.py; each call
+runs in one of the RPC agent's threads, so everything that touches the tensors holds
+``Server.lock``.
 
 Batch-norm running statistics are server state like the parameters: a worker pushes the batch
 statistics of its forward pass with the gradients, and the server folds them in with the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections import Counter, deque
 
 import torch
@@ -68,42 +68,50 @@ class Server:
             if not self.lock.wait_for(lambda: not self.paused, timeout=PAUSE_LIMIT):
                 print(f"server {self.index}: checkpoint cut took > {PAUSE_LIMIT}s; going on")
             before = self.samples
-            self.received += 1
-            self.pushes[name if name is not None else f"worker{worker}"] += 1
-            self.samples += batch
-            # The budget is spent: this reply already tells the worker (pushes in flight still
-            # land, so a run ends within W x (push_in_flight + 1) batches of train.samples).
-            self.stop = self.stop or self.samples >= self.config.train.samples
-            if loader is not None and _later(loader, self.loader.get(worker)):
-                # Pushes in flight may be applied out of order: keep the furthest position
-                self.loader[worker] = loader
-            if loss is not None:
-                self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+            self._receive(worker, batch, loss, loader, name)
             staleness = self.version - pulled
             recent = self.recent.setdefault(worker, deque(maxlen=256))
             own = sum(1 for v in recent if v >= pulled)
             if self.limit is not None and staleness > self.limit:
                 self.dropped += 1
                 return self.version, self.stop
-            lr = learning_rate(self.config, before, batch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            for param, grad in zip(self.params, grads, strict=True):
-                param.grad = grad
-            self.optimizer.step()
-            for param in self.params:
-                param.grad = None
-            with torch.no_grad():
-                for buffer, momentum, stat in zip(self.buffers, self.momentum, stats, strict=True):
-                    if momentum is None:
-                        buffer += 1
-                    else:
-                        buffer.mul_(1 - momentum).add_(stat, alpha=momentum)
+            self._apply(grads, stats, learning_rate(self.config, before, batch))
             recent.append(self.version)
             self.version += 1
             self.staleness[staleness] += 1
             self.own[worker] = max(self.own.get(worker, 0), own)
             return self.version, self.stop
+
+    def _receive(self, worker, batch, loss, loader, name) -> None:
+        """Count a push, applied or not: the sample clock, the budget, the loss, the position."""
+        self.received += 1
+        self.pushes[name if name is not None else f"worker{worker}"] += 1
+        self.samples += batch
+        # The budget is spent: this reply already tells the worker (pushes in flight still
+        # land, so a run ends within W x (push_in_flight + 1) batches of train.samples).
+        self.stop = self.stop or self.samples >= self.config.train.samples
+        if loader is not None and _later(loader, self.loader.get(worker)):
+            # Pushes in flight may be applied out of order: keep the furthest position
+            self.loader[worker] = loader
+        if loss is not None:
+            self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+
+    def _apply(self, grads, stats, lr: float) -> None:
+        """One optimizer step on the pieces, and the batch statistics folded into the
+        running ones with the model's momentum."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for param, grad in zip(self.params, grads, strict=True):
+            param.grad = grad
+        self.optimizer.step()
+        for param in self.params:
+            param.grad = None
+        with torch.no_grad():
+            for buffer, momentum, stat in zip(self.buffers, self.momentum, stats, strict=True):
+                if momentum is None:
+                    buffer += 1
+                else:
+                    buffer.mul_(1 - momentum).add_(stat, alpha=momentum)
 
     def pull(self):
         """(version, copies of the parameters, stop)."""
@@ -175,62 +183,3 @@ class Server:
 def _later(position: dict, than: dict | None) -> bool:
     """A loader position ({"epoch", "batch"}) after another (or the first one)."""
     return than is None or (position["epoch"], position["batch"]) > (than["epoch"], than["batch"])
-
-
-# ---------------------------------------------------------------------- RPC entry points
-
-SERVER: Server | None = None  # this process's server
-BUILT = threading.Event()  # set once SERVER exists (RPCs can arrive before that)
-READY = threading.Event()  # set once the server holds its initial (or resumed) state
-FINISHED = threading.Event()  # set by the coordinator when the job is over
-
-
-def _server() -> Server:
-    if not READY.wait(timeout=PAUSE_LIMIT):
-        raise RuntimeError("the parameter server did not get ready in time")
-    return SERVER
-
-
-def push(*args):
-    return _server().push(*args)
-
-
-def pull():
-    return _server().pull()
-
-
-def pause():
-    _server().pause()
-
-
-def resume():
-    _server().resume()
-
-
-def set_stop():
-    _server().set_stop()
-
-
-def stats():
-    return _server().stats()
-
-
-def snapshot():
-    return _server().snapshot()
-
-
-def load(state):
-    """From the coordinator: a resumed state, or None (start from the initial weights)."""
-    if not BUILT.wait(timeout=PAUSE_LIMIT):
-        raise RuntimeError("the parameter server was not built in time")
-    if state is not None:
-        SERVER.load(state)
-    READY.set()
-
-
-def finish() -> None:
-    FINISHED.set()
-
-
-def ping() -> float:
-    return time.time()

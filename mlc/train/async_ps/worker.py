@@ -14,12 +14,12 @@ import math
 from collections import deque
 
 import torch
-import torch.distributed.rpc as rpc
 
 from mlc.data import ShardLoader, normalize
 from mlc.models import build_model
-from mlc.train.async_ps import coordinator, membership, server
+from mlc.train.async_ps import membership, protocol
 from mlc.train.async_ps.plan import Piece
+from mlc.train.async_ps.server import is_count
 from mlc.train.loop import TrainingError
 from mlc.train.optim import masked_bce
 
@@ -27,91 +27,124 @@ from mlc.train.optim import masked_bce
 def run_worker(
     index: int, config, plan: list[list[Piece]], num_classes: int, restart: int = 0
 ) -> None:
-    t, d, ps = config.train, config.data, config.ps
-    name = membership.worker_name(index, restart)
-    torch.manual_seed(t.seed + index + ps.workers * restart)  # dropout masks differ
-    # Its weights come from the servers.
-    model = build_model(config.model, num_classes, d.channels, pretrained=False)
+    Worker(index, config, plan, num_classes, restart).run()
+
+
+class Worker:
+    def __init__(self, index: int, config, plan, num_classes: int, restart: int = 0):
+        t, ps = config.train, config.ps
+        self.index, self.config, self.plan, self.restart = index, config, plan, restart
+        self.name = membership.worker_name(index, restart)
+        torch.manual_seed(t.seed + index + ps.workers * restart)  # dropout masks differ
+        self.model = _training_model(config, num_classes)
+        self.params = dict(self.model.named_parameters())
+        self.autocast = torch.bfloat16 if t.precision == "bf16" else None
+        self.servers = [f"server{s}" for s in range(len(plan))]
+
+    def send(self, to: str, endpoint, *args):
+        return protocol.send(to, endpoint, *args, timeout=self.config.ps.rpc_timeout)
+
+    def run(self) -> None:
+        ps = self.config.ps
+        loader = self._register()
+        versions, stop = self._pull()
+        in_flight: deque[list] = deque()
+        batches = iter(loader)
+        step = 0
+        while not stop:
+            loss = self._gradients(next(batches), step)
+            in_flight.append(self._push(versions, loss.item(), loader.state_dict()))
+            # Wait only beyond the cap; answers that are in already are collected anyway.
+            while len(in_flight) > ps.push_in_flight or (
+                in_flight and all(f.done() for f in in_flight[0])
+            ):
+                stop = _answered(in_flight.popleft()) or stop
+            step += 1
+            if not stop and step % ps.pull_every == 0:
+                versions, stop = self._pull()
+        while in_flight:
+            _answered(in_flight.popleft())
+        self.send(self.servers[0], protocol.leave, self.index).wait()
+
+    def _register(self) -> ShardLoader:
+        """This slot's data stream, from where server 0 says it continues."""
+        d, ps = self.config.data, self.config.ps
+        loader = ShardLoader.from_dataset(
+            d.dataset, d.train_split, d, rank=self.index, world_size=ps.workers
+        )
+        answer = self.send(self.servers[0], protocol.register, self.index, self.name, self.restart)
+        position, _ = answer.wait()
+        if position is not None:  # resumed or replaced: continue this slot's data stream
+            loader.load_state_dict(position)
+        if self.restart:
+            print(
+                f"{self.name}: rejoined as restart {self.restart} of worker {self.index}, "
+                f"data at {position}",
+                flush=True,
+            )
+        return loader
+
+    def _pull(self) -> tuple[list[int], bool]:
+        """Every server's parameters into the model; (each server's version, stop)."""
+        replies = [f.wait() for f in [self.send(s, protocol.pull) for s in self.servers]]
+        with torch.no_grad():
+            for pieces, (_, tensors, _) in zip(self.plan, replies, strict=True):
+                mine = [p for p in pieces if p.name in self.params]
+                for piece, tensor in zip(mine, tensors, strict=True):
+                    target = self.params[piece.name]
+                    target = target if piece.start is None else target[piece.start : piece.stop]
+                    target.copy_(tensor)
+        return [r[0] for r in replies], any(r[2] for r in replies)
+
+    def _gradients(self, batch, step: int) -> torch.Tensor:
+        """The batch's loss, its gradients in the model (clipped); a non-finite loss is
+        reported to server 0 and ends this worker."""
+        images = normalize(batch.images)
+        with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.model(images)
+        loss = masked_bce(logits, batch.targets, batch.mask)
+        if not math.isfinite(loss.item()):
+            message = f"worker {self.index}: loss is {loss.item()}"
+            self.send(self.servers[0], protocol.fail, self.index, message)
+            raise TrainingError(f"{message} at its step {step}")
+        self.model.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.optim.grad_clip
+        if clip:  # the worker has the whole gradient: clip before splitting
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return loss
+
+    def _push(self, versions: list[int], loss: float, position: dict) -> list:
+        """Every server its pieces of the gradients and batch statistics; the futures."""
+        state = self.model.state_dict(keep_vars=True)
+        futures = []
+        for s, pieces in enumerate(self.plan):
+            grads = [p.take(self.params[p.name].grad) for p in pieces if p.name in self.params]
+            stats = [
+                None if is_count(p.name) else p.take(state[p.name])
+                for p in pieces
+                if p.name not in self.params
+            ]
+            # The loss and the data position go to server 0 only: it keeps the log and the
+            # positions a checkpoint records.
+            extra = (loss, position) if s == 0 else (None, None)
+            args = (self.index, versions[s], grads, stats, self.config.data.batch_size)
+            futures.append(self.send(self.servers[s], protocol.push, *args, *extra, self.name))
+        return futures
+
+
+def _training_model(config, num_classes: int) -> torch.nn.Module:
+    """The model a worker trains; its weights come from the servers."""
+    model = build_model(config.model, num_classes, config.data.channels, pretrained=False)
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             # The running statistics become this batch's statistics, which the servers fold
             # into theirs (server.py); the worker's own are never used (it only trains).
             module.momentum = 1.0
     model.train()
-    trainable = {name for name, _ in model.named_parameters()}
-    params = dict(model.named_parameters())
-    autocast = torch.bfloat16 if t.precision == "bf16" else None
-    servers = [f"server{s}" for s in range(len(plan))]
+    return model
 
-    def call(to: str, func, *args):
-        return rpc.rpc_async(to, func, args=args, timeout=ps.rpc_timeout)
 
-    loader = ShardLoader.from_dataset(
-        d.dataset, d.train_split, d, rank=index, world_size=ps.workers
-    )
-    position, stop = call(servers[0], coordinator.register, index, name, restart).wait()
-    if position is not None:  # resumed or replaced: continue this slot's data stream
-        loader.load_state_dict(position)
-    if restart:
-        print(
-            f"{name}: rejoined as restart {restart} of worker {index}, data at {position}",
-            flush=True,
-        )
-
-    def pull() -> tuple[list[int], bool]:
-        replies = [f.wait() for f in [call(name, server.pull) for name in servers]]
-        with torch.no_grad():
-            for pieces, (_, tensors, _) in zip(plan, replies, strict=True):
-                mine = [p for p in pieces if p.name in trainable]
-                for piece, tensor in zip(mine, tensors, strict=True):
-                    target = params[piece.name]
-                    target = target if piece.start is None else target[piece.start : piece.stop]
-                    target.copy_(tensor)
-        return [r[0] for r in replies], any(r[2] for r in replies)
-
-    versions, stop = pull()
-    in_flight: deque[list] = deque()
-
-    def answered(futures: list) -> bool:  # waits; True if a server says stop
-        return any(f.wait()[1] for f in futures)
-
-    batches = iter(loader)
-    step = 0
-    while not stop:
-        batch = next(batches)
-        images = normalize(batch.images)
-        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            logits = model(images)
-        loss = masked_bce(logits, batch.targets, batch.mask)
-        if not math.isfinite(loss.item()):
-            call(servers[0], coordinator.fail, index, f"worker {index}: loss is {loss.item()}")
-            raise TrainingError(f"worker {index}: loss is {loss.item()} at its step {step}")
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.grad_clip:  # the worker has the whole gradient: clip before splitting
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        state = model.state_dict(keep_vars=True)
-        futures = []
-        for s, pieces in enumerate(plan):
-            grads = [p.take(params[p.name].grad) for p in pieces if p.name in trainable]
-            stats = [
-                None if server.is_count(p.name) else p.take(state[p.name])
-                for p in pieces
-                if p.name not in trainable
-            ]
-            # The loss and the data position go to server 0 only: it keeps the log and the
-            # positions a checkpoint records.
-            extra = (loss.item(), loader.state_dict()) if s == 0 else (None, None)
-            args = (index, versions[s], grads, stats, d.batch_size, *extra, name)
-            futures.append(call(servers[s], server.push, *args))
-        in_flight.append(futures)
-        while len(in_flight) > ps.push_in_flight or (
-            in_flight and all(f.done() for f in in_flight[0])
-        ):
-            stop = answered(in_flight.popleft()) or stop
-        step += 1
-        if not stop and step % ps.pull_every == 0:
-            versions, stop = pull()
-    while in_flight:
-        answered(in_flight.popleft())
-    call(servers[0], coordinator.leave, index).wait()
+def _answered(futures: list) -> bool:
+    """Waits for one push's answers; True if a server says stop."""
+    return any(f.wait()[1] for f in futures)

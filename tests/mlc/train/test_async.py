@@ -449,21 +449,21 @@ def test_restart_workers_is_validated(tmp_path, override, message):
 
 
 def test_a_worker_that_finishes_during_the_liveness_check_is_not_lost(monkeypatch):
-    # A worker says it is done (coordinator.leave, waited for) and then exits. If the
+    # A worker says it is done (protocol.leave, waited for) and then exits. If the
     # coordinator's liveness ping reaches it after that, the ping fails: a normal finish, not a
     # lost worker (a CI run at 15:33 reported a replacement that finished as lost).
     from types import SimpleNamespace
 
-    from mlc.train.async_ps import coordinator
+    from mlc.train.async_ps import liveness, protocol
 
-    monkeypatch.setattr(coordinator, "_left", set())
-    monkeypatch.setattr(coordinator, "_joined", [])
-    monkeypatch.setattr(coordinator, "_names", {0: "worker0", 1: "worker1_r1"})
+    workers = protocol.Workers()
+    workers.names.update({0: "worker0", 1: "worker1_r1"})
+    monkeypatch.setattr(protocol, "WORKERS", workers)
     written = []
 
     def ping(w):  # worker 1 leaves and exits while its ping is on the way; worker 0 is gone
         if w == 1:
-            coordinator.leave(1)
+            protocol.leave(1)
         return False
 
     stub = SimpleNamespace(
@@ -472,9 +472,9 @@ def test_a_worker_that_finishes_during_the_liveness_check_is_not_lost(monkeypatc
         lost_at={},
         metrics=SimpleNamespace(write=lambda record, kind: written.append(record)),
         say=lambda text: None,
-        _worker_alive=ping,
+        alive=ping,
     )
-    monkeypatch.setattr(coordinator.server, "SERVER", SimpleNamespace(samples=640))
-    coordinator.Coordinator._check_workers(stub)
+    monkeypatch.setattr(protocol, "SERVER", SimpleNamespace(samples=640))
+    liveness.WorkerWatch.check(stub)
     assert stub.lost == {0}  # a worker that never said it left is still lost
     assert [(r["event"], r["worker"]) for r in written] == [("lost", 0)]
