@@ -52,11 +52,30 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mlc {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        module.add_arguments(
+            sub.add_parser(
+                name,
+                help=module.HELP,
+                description=module.HELP,
+                epilog=getattr(module, "EPILOG", None),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     return parser
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("mlc")
+    except PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -254,12 +255,41 @@ def config_from_dict(
     return config
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with mlc (configs/ in the repository, the package mlc.configs
+    when installed), by name."""
+    try:  # a folder without __init__.py: files() may be a MultiplexedPath, not a Path
+        found = [Path(str(p)) for p in importlib.resources.files("mlc.configs").iterdir()]
+    except ModuleNotFoundError:  # a source checkout on sys.path, not installed
+        found = list((Path(__file__).resolve().parents[1] / "configs").iterdir())
+    return {p.stem: p for p in sorted(found) if p.suffix == ".yaml"}
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, else a shipped config's name ("demo", "demo.yaml")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(path.parent) in (".", "configs") and name in shipped:
+        return shipped[name]
+    raise ConfigError(
+        f"{name_or_path}: no such config file, and not a shipped config "
+        f"({', '.join(shipped) or 'none found'})"
+    )
+
+
+def to_yaml(config: Config) -> str:
+    """The config as YAML that load_config reads back to the same config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config of a YAML file or a shipped config's name, with ``--set`` overrides."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+        path = find_config(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

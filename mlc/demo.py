@@ -18,8 +18,7 @@ from pathlib import Path
 from mlc.config import UsageError, positive_int
 
 HELP = "shard -> train -> evaluate on built-in data, and print where the report is"
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # a shipped config (configs/demo.yaml)
 INSTALL_HINT = (
     "install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make "
     "fashion-mnist` does it), or point --fashion-mnist at a folder holding train-images-idx3-"
@@ -51,7 +50,7 @@ def _fresh(folder: Path) -> None:
     """Remove an earlier demo's training output (and only that) so runs do not mix."""
     if not folder.exists():
         return
-    known = {"checkpoints", "metrics.jsonl", "curves.png", "tensorboard"}
+    known = {"checkpoints", "metrics.jsonl", "curves.png", "tensorboard", "config.yaml"}
     if not {p.name for p in folder.iterdir()} <= known:
         raise UsageError(f"{folder} holds files the demo did not write; use --out")
     shutil.rmtree(folder)
@@ -109,7 +108,7 @@ def run_demo(
     times["shard"] = time.perf_counter() - start
 
     _fresh(Path(config.train.out))
-    log(f"[2/3] train: {DEMO_CONFIG.name}, {config.model.name}, {config.train.samples} samples")
+    log(f"[2/3] train: {DEMO_CONFIG}, {config.model.name}, {config.train.samples} samples")
     t0 = time.perf_counter()
     summary = train(config)
     times["train"] = time.perf_counter() - t0

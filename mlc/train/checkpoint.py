@@ -14,7 +14,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from mlc.io import atomic_writer, load_state, save_state, temp_name
+from mlc.io import atomic_write_text, atomic_writer, load_state, save_state, temp_name
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -67,6 +67,16 @@ def prepare_run_folder(out: str | Path, resume: str | None, restart: bool) -> No
     for name in found:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def write_run_config(out: str | Path, config) -> Path:
+    """<out>/config.yaml: the run's resolved config (file, --set and defaults), which
+    `mlc train --config <out>/config.yaml` reads back."""
+    from mlc.config import to_yaml
+
+    path = Path(out) / "config.yaml"
+    atomic_write_text(path, to_yaml(config))
+    return path
 
 
 class CheckpointError(ValueError):

@@ -24,7 +24,7 @@ from mlc.config import Config, config_from_dict, to_dict
 from mlc.data import ShardLoader, normalize
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.models import build_model
-from mlc.train.checkpoint import find_resume, save_checkpoint
+from mlc.train.checkpoint import find_resume, save_checkpoint, write_run_config
 from mlc.train.logs import MetricsLog, format_duration, format_metric, write_curves
 from mlc.train.optim import learning_rate, make_optimizer, masked_bce
 from mlc.train.validate import validate
@@ -275,6 +275,8 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
                 f"{t.samples} (raise it to train on)"
             )
             return finished_summary(run)
+    if rank == 0:
+        write_run_config(t.out, config)
     metrics = MetricsLog(t.out, enabled=rank == 0)
     with stop_signals() as stop:
         try:

@@ -13,7 +13,9 @@ from mlc.config import (
     config_from_dict,
     load_config,
     parse_override,
+    shipped_configs,
     to_dict,
+    to_yaml,
 )
 from mlc.io import InputFileError
 from mlc.models import build_model, load_checkpoint_model
@@ -107,3 +109,20 @@ def test_a_checkpoint_with_an_unknown_config_key_is_refused_by_name(tmp_path):
     assert loaded_config == config and class_ids == ["a", "b"]
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_shipped_configs_are_found_by_name(tmp_path, capsys):
+    from mlc.cli import main
+
+    assert set(shipped_configs()) == {"demo", "openimages", "paper_imagenet", "paper_jft"}
+    assert load_config("paper_jft") == load_config(ROOT / "configs" / "paper_jft.yaml")
+    assert load_config("demo.yaml") == load_config(ROOT / "configs" / "demo.yaml")
+    with pytest.raises(ConfigError, match=r"nope: no such config file, and not a shipped config"):
+        load_config("nope")
+    capsys.readouterr()
+    assert main(["train", "--config", "demo", "--set", "data.batch_size=8", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    saved = tmp_path / "config.yaml"
+    saved.write_text(printed)
+    assert load_config(saved) == load_config("demo", ["data.batch_size=8"])
+    assert to_yaml(load_config(saved)) == printed

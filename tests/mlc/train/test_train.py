@@ -74,6 +74,7 @@ def test_loss_decreases_and_outputs_are_written(mosaics, tmp_path):
     assert val and 0 < val[-1]["fwmap"] <= 1 and val[-1]["images"] == 300
     assert [r for r in records if r["kind"] == "summary"][0]["samples"] == 1600
     assert (out / "checkpoints" / "best.pt").is_file()
+    assert load_config(out / "config.yaml") == load_config(None, args)  # the resolved config
     png = (out / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
