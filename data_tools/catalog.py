@@ -20,7 +20,9 @@ import pyarrow.compute as pc
 
 # One row per image. ``locator`` is what the loader needs to get the bytes (a path relative to
 # the source's root, or a recipe for generated images); ``rotation`` (degrees, counter-clockwise)
-# is applied when an image is re-encoded.
+# is applied when an image is re-encoded; ``label_rows`` is the number of the source's label rows
+# that this image's labels come from (read and not skipped; 0 for generated data), so that the
+# report counts as used only the label rows of the images written.
 CATALOG_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -28,6 +30,7 @@ CATALOG_SCHEMA = pa.schema(
         ("positives", pa.list_(pa.int32())),
         ("negatives", pa.list_(pa.int32())),
         ("rotation", pa.int16()),
+        ("label_rows", pa.int32()),
     ]
 )
 
@@ -111,6 +114,8 @@ class Catalog:
     label_rows_read: int = 0
     label_row_skips: SkipLog = field(default_factory=SkipLog)
     source: str = ""  # what was read, for the report
+    # Options that shaped the catalog (a source's --trainable, --select), for the report.
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.annotation not in ("partial", "full"):
@@ -124,8 +129,9 @@ class Catalog:
             self.table = self.table.cast(CATALOG_SCHEMA)
 
 
-def catalog_table(ids, locators, positives, negatives, rotation=None) -> pa.Table:
-    """Build a CATALOG_SCHEMA table from columns (lists, numpy or arrow arrays)."""
+def catalog_table(ids, locators, positives, negatives, rotation=None, label_rows=None) -> pa.Table:
+    """Build a CATALOG_SCHEMA table from columns (lists, numpy or arrow arrays); rotation and
+    label_rows default to 0."""
     n = len(ids)
     return pa.table(
         {
@@ -134,6 +140,7 @@ def catalog_table(ids, locators, positives, negatives, rotation=None) -> pa.Tabl
             "positives": pa.array(positives, pa.list_(pa.int32())),
             "negatives": pa.array(negatives, pa.list_(pa.int32())),
             "rotation": pa.array([0] * n if rotation is None else rotation, pa.int16()),
+            "label_rows": pa.array([0] * n if label_rows is None else label_rows, pa.int32()),
         },
         schema=CATALOG_SCHEMA,
     )
@@ -165,6 +172,7 @@ def select_densest(catalog: Catalog, n: int, seed: int = 0) -> Catalog:
     broken by a seeded hash of the id: a FastEval14k-style densely annotated evaluation set.
     The others are counted as skipped, reason "not selected (densest:n)"."""
     table = catalog.table
+    catalog = replace(catalog, options={**catalog.options, "select": f"densest:{n}"})
     if n >= table.num_rows:
         return catalog
     known = pc.list_value_length(table["positives"]).to_numpy(

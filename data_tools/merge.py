@@ -72,6 +72,10 @@ def merge_split(out: str | Path, split: str) -> dict:
     image_skips = SkipLog.from_dict(plan["image_skips"])
     for part in parts:
         image_skips.merge(SkipLog.from_dict(part["skips"]))
+    label_rows_skipped = SkipLog.from_dict(plan["label_row_skips"]).total
+    label_rows_used = sum(p["label_rows"] for p in parts)  # by the images written
+    # read and not skipped, but of images that were (broken, not selected, ...)
+    of_skipped_images = plan["label_rows_read"] - label_rows_skipped - label_rows_used
     report = {
         "split": split,
         "source": plan["source"],
@@ -81,7 +85,9 @@ def merge_split(out: str | Path, split: str) -> dict:
         "skipped": image_skips.total,
         "image_skips": image_skips.to_dict(),
         "label_rows_read": plan["label_rows_read"],
-        "label_rows_skipped": SkipLog.from_dict(plan["label_row_skips"]).total,
+        "label_rows_used": label_rows_used,
+        "label_rows_of_skipped_images": of_skipped_images,
+        "label_rows_skipped": label_rows_skipped,
         "label_row_skips": plan["label_row_skips"],
         "options": plan["options"],
     }
@@ -89,6 +95,11 @@ def merge_split(out: str | Path, split: str) -> dict:
         raise AssertionError(  # a bug in a source or the writer, never the user's input
             f"{split}: {plan['images_read']} images read != {written} written + "
             f"{image_skips.total} skipped"
+        )
+    if of_skipped_images < 0:
+        raise AssertionError(  # the same
+            f"{split}: {label_rows_used} label rows used + {label_rows_skipped} skipped > "
+            f"{plan['label_rows_read']} read"
         )
     atomic_write_text(out / report_name(split), json.dumps(report, indent=1) + "\n")
 
@@ -120,8 +131,8 @@ def format_report(report: dict) -> str:
         lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
     if report["label_rows_read"]:
         lines.append(
-            f"  label rows: {report['label_rows_read']} read, "
-            f"{report['label_rows_read'] - report['label_rows_skipped']} used, "
+            f"  label rows: {report['label_rows_read']} read = {report['label_rows_used']} used "
+            f"+ {report['label_rows_of_skipped_images']} of skipped images + "
             f"{report['label_rows_skipped']} skipped"
         )
         for reason, entry in report["label_row_skips"].items():

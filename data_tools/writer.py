@@ -125,6 +125,7 @@ def write_shard(task: ShardTask) -> dict:
     name = shard_name(task.split, task.index)
     columns = {field: [] for field in MANIFEST_SCHEMA.names}
     skips = SkipLog()
+    label_rows = 0  # of the images written
     # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
     # and write_split flushes all its shards to disk before it returns (see _flush).
     with atomic_writer(out / name, durable=False) as f:
@@ -161,6 +162,7 @@ def write_shard(task: ShardTask) -> dict:
                 _add_member(tar, f"{key}.json", encode_sample_json(record))
                 for field, value in record.items():
                     columns[field].append(value)
+                label_rows += row["label_rows"]
     part = {
         "fingerprint": task.fingerprint,
         "shard": name,
@@ -168,6 +170,7 @@ def write_shard(task: ShardTask) -> dict:
         "crc32": checked.crc,
         "manifest": columns,
         "skips": skips.to_dict(),
+        "label_rows": label_rows,
     }
     atomic_write_text(_parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
     return part
@@ -274,7 +277,8 @@ def write_split(
         "format_version": FORMAT_VERSION,
         "split": split,
         "shards": n_shards,
-        "options": asdict(options),
+        # the writer's options, then those that shaped the catalog (--select, --trainable, ...)
+        "options": {**asdict(options), "select": None, **catalog.options},
         "source": catalog.source,
         "annotation": catalog.annotation,
         "images_read": catalog.images_read,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data_tools.catalog import Catalog, FileLoader, SkipLog, catalog_table
+from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, FileLoader, SkipLog, catalog_table
 from mlc.io import read_classes
 
 LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
@@ -160,15 +160,25 @@ def read_openimages(
     kept_positive = positive[np.searchsorted(pairs, pairs, "left")]  # the label each pair keeps
     conflict = ~first & ~positive & kept_positive
     duplicate = ~first & ~conflict
+
+    def pair_examples(mask: np.ndarray) -> list[str]:
+        return [
+            f"{unique_ids[int(pairs[i] // n_classes)].as_py()} {vocab[int(pairs[i] % n_classes)]}"
+            for i in np.flatnonzero(mask)[:EXAMPLES_PER_REASON]
+        ]
+
     skips = batches.skips
-    skips.add_all("positive and negative (kept positive)", [], int(conflict.sum()))
-    skips.add_all("duplicate (image, class) row", [], int(duplicate.sum()))
+    skips.add_all(
+        "positive and negative (kept positive)", pair_examples(conflict), int(conflict.sum())
+    )
+    skips.add_all("duplicate (image, class) row", pair_examples(duplicate), int(duplicate.sum()))
     pairs, positive = pairs[first], positive[first]
     img, cls = pairs // n_classes, pairs % n_classes
     pos_lists = _group_by_image(img[positive], cls[positive], n_images)
     neg_lists = _group_by_image(img[~positive], cls[~positive], n_images)
 
-    known = np.bincount(img, minlength=n_images) > 0
+    rows_per_image = np.bincount(img, minlength=n_images)  # one kept label row per pair
+    known = rows_per_image > 0
     image_skips = SkipLog()
     no_labels = np.flatnonzero(~known)
     image_skips.add_all(
@@ -183,6 +193,7 @@ def read_openimages(
         pos_lists.filter(keep),
         neg_lists.filter(keep),
         rotation,
+        rows_per_image[known],
     )
     return Catalog(
         class_ids=list(vocab),
@@ -195,6 +206,10 @@ def read_openimages(
         label_rows_read=batches.rows_read,
         label_row_skips=skips,
         source=f"OpenImages labels {', '.join(str(p) for p in label_csvs)}",
+        options={
+            "trainable": str(trainable) if trainable else None,
+            "rotation": str(rotation_csv) if rotation_csv else None,
+        },
     )
 
 

@@ -152,6 +152,17 @@ def test_label_row_and_image_skips_are_counted(oi):
     assert f"{image_id(10)} /m/0notaclass" in examples["unknown class id"]
     assert len(examples["malformed line"]) == 2
     assert examples["malformed line"][0].startswith("image-labels.csv line 13: ")
+    # Every reason has examples, duplicate and conflicting rows too.
+    assert set(examples) == set(LABEL_ROW_SKIPS)
+    assert examples["positive and negative (kept positive)"] == [f"{image_id(12)} /m/0k4j"]
+    assert examples["duplicate (image, class) row"] == [
+        f"{image_id(13)} /m/01c_0l",
+        f"{image_id(13)} /m/03hgsf0",
+    ]
+    # The catalog's label_rows: one kept label row per (image, class) pair.
+    ids, label_rows = catalog.table["id"].to_pylist(), catalog.table["label_rows"].to_pylist()
+    rows = dict(zip(ids, label_rows, strict=True))
+    assert rows == {image_id(k): len(p) + len(n) for k, (p, n) in EXPECTED.items()}
 
 
 def test_trainable_restricts_the_vocabulary(oi):

@@ -41,7 +41,7 @@ from .conftest import (
     make_openimages,
     noise_image,
 )
-from .test_openimages import EXPECTED, LABEL_ROW_SKIPS
+from .test_openimages import EXPECTED, EXPECTED_TRAINABLE, LABEL_ROW_SKIPS
 
 REPO = Path(__file__).resolve().parents[2]
 SHARD_SIZE = 4  # 30 catalog rows -> 8 shards
@@ -233,14 +233,39 @@ def test_report_reconciles_and_counts_every_skip(oi, ref):
     assert rows == LABEL_ROW_SKIPS
     assert report["label_rows_read"] == 75
     assert report["label_rows_skipped"] == sum(LABEL_ROW_SKIPS.values())
+    # Used: the labels of the 27 images written (one row each), counted from the hand-written
+    # catalog; the 4 rows of the missing and corrupt images 25-27 are not among them.
+    assert report["label_rows_used"] == 62
+    assert report["label_rows_of_skipped_images"] == 4
     assert report["options"] == {
         "shard_size": SHARD_SIZE,
         "max_side": None,
         "quality": 90,
         "verify": "decode",
         "seed": 0,
+        "select": None,
+        "trainable": None,
+        "rotation": str(oi.rotation),
     }
     assert str(oi.labels) in report["source"]
+
+
+def test_report_counts_only_label_rows_of_written_images_as_used(oi, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert shard(oi, out, "--trainable", oi.trainable, "--select", "densest:5") == 0
+    report = json.loads((out / "train.report.json").read_text())
+    assert report["options"]["trainable"] == str(oi.trainable)
+    assert report["options"]["select"] == "densest:5"
+    written = [int(r["id"], 16) for r in manifest(out)]
+    used = sum(len(p) + len(n) for k, (p, n) in EXPECTED_TRAINABLE.items() if k in written)
+    assert report["label_rows_used"] == used
+    skipped = report["label_rows_skipped"]
+    assert report["label_rows_of_skipped_images"] == 75 - skipped - used > 0
+    printed = capsys.readouterr().out
+    assert (
+        f"label rows: 75 read = {used} used + {75 - skipped - used} of skipped images + "
+        f"{skipped} skipped"
+    ) in printed
 
 
 def test_max_side_end_to_end(oi, tmp_path):
@@ -592,7 +617,11 @@ def test_select_densest(oi, tmp_path, n):
 def test_select_more_than_there_are(oi, ref, tmp_path):
     out = tmp_path / "out"
     assert shard(oi, out, "--select", "densest:1000") == 0
-    assert digests(result_files(out)) == digests(result_files(ref))
+    files, expected = result_files(out), result_files(ref)
+    report, expected_report = (json.loads(f.pop("train.report.json")) for f in (files, expected))
+    assert digests(files) == digests(expected)
+    assert report.pop("options") == {**expected_report.pop("options"), "select": "densest:1000"}
+    assert report == expected_report
 
 
 # ---------------------------------------------------------------- python -m mlc.cli
