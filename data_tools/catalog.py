@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -167,29 +167,19 @@ class FileLoader:
             raise Skip("unreadable file", f"{path}: {e.strerror or e}") from None
 
 
-def select_densest(catalog: Catalog, n: int, seed: int = 0) -> Catalog:
-    """Keep the n images with the most known labels (positives + verified negatives), ties
-    broken by a seeded hash of the id: a FastEval14k-style densely annotated evaluation set.
-    The others are counted as skipped, reason "not selected (densest:n)"."""
+def densest_order(catalog: Catalog, seed: int = 0) -> np.ndarray:
+    """The catalog's rows by decreasing number of known labels (positives + verified
+    negatives), ties broken by a seeded hash of the id: the ranking of ``--select densest:N``
+    (a FastEval14k-style densely annotated evaluation set)."""
     table = catalog.table
-    catalog = replace(catalog, options={**catalog.options, "select": f"densest:{n}"})
-    if n >= table.num_rows:
-        return catalog
     known = pc.list_value_length(table["positives"]).to_numpy(
         zero_copy_only=False
     ) + pc.list_value_length(table["negatives"]).to_numpy(zero_copy_only=False)
-    ids = table["id"].to_pylist()
     tie = np.array(
         [
             int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest())
-            for i in ids
+            for i in table["id"].to_pylist()
         ],
         dtype=np.uint64,
     )
-    order = np.lexsort((tie, -known))
-    chosen = np.sort(order[:n])
-    dropped = order[n:]
-    skips = SkipLog()
-    skips.merge(catalog.image_skips)
-    skips.add_all(f"not selected (densest:{n})", [ids[i] for i in dropped[:5]], len(dropped))
-    return replace(catalog, table=table.take(pa.array(chosen)), image_skips=skips)
+    return np.lexsort((tie, -known))

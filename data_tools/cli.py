@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_tools.catalog import Catalog, select_densest
+from data_tools.catalog import Catalog
 from data_tools.merge import format_report, merge_split
+from data_tools.select import select_densest
 from data_tools.writer import ShardOptions, write_split
 
 HELP = "turn labelled images into WebDataset shards with a manifest and class stats"
@@ -56,7 +57,8 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
         "--select",
         type=_densest,
         metavar="densest:N",
-        help="keep the N images with the most known labels (a FastEval14k-style evaluation set)",
+        help="keep the N images with the most known labels that can be written (a broken one "
+        "is replaced by the next densest): a FastEval14k-style evaluation set",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -166,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     skipped = 0
     for split, catalog in _catalogs(args):
         if args.select:
-            catalog = select_densest(catalog, args.select, args.seed)
+            catalog = select_densest(
+                catalog, args.select, options, args.out, split, args.workers, not args.quiet
+            )
         skips = write_split(
             catalog, args.out, split, options, args.partition, args.workers, not args.quiet
         )

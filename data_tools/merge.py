@@ -91,6 +91,10 @@ def merge_split(out: str | Path, split: str) -> dict:
         "label_row_skips": plan["label_row_skips"],
         "options": plan["options"],
     }
+    select = plan["options"].get("select")
+    if select:  # densest:N; fewer are written when fewer candidates can be
+        requested = int(select.split(":")[1])
+        report["selection"] = {"requested": requested, "short": max(0, requested - written)}
     if plan["images_read"] != written + image_skips.total:
         raise AssertionError(  # a bug in a source or the writer, never the user's input
             f"{split}: {plan['images_read']} images read != {written} written + "
@@ -129,6 +133,12 @@ def format_report(report: dict) -> str:
     for reason, entry in report["image_skips"].items():
         example = f"   e.g. {entry['examples'][0]}" if entry["examples"] else ""
         lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
+    short = report.get("selection", {}).get("short")
+    if short:
+        lines.append(
+            f"  --select {report['options']['select']}: {short} fewer images than asked "
+            "(not enough candidates that can be written)"
+        )
     if report["label_rows_read"]:
         lines.append(
             f"  label rows: {report['label_rows_read']} read = {report['label_rows_used']} used "

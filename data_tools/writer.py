@@ -27,7 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.catalog import Catalog, Skip, SkipLog
-from data_tools.images import VERIFY_MODES, prepare_image
+from data_tools.images import VERIFY_MODES, PreparedImage, prepare_image
 from mlc.format import (
     CLASSES_FILE,
     FORMAT_VERSION,
@@ -115,8 +115,22 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _parts_dir(out: str | Path, split: str) -> Path:
+def parts_dir(out: str | Path, split: str) -> Path:
+    """The split's bookkeeping folder: plan, part files, selection."""
     return Path(out) / PARTS_DIR / split
+
+
+def prepare_row(loader, row: dict, options: ShardOptions) -> PreparedImage:
+    """The image of a catalog row as its shard stores it; raises Skip when it cannot be."""
+    data = loader.load(row["locator"])
+    return prepare_image(
+        data, options.max_side, options.quality, row["rotation"] or 0, options.verify
+    )
+
+
+def skip_example(row: dict, skip: Skip) -> str:
+    """How a skipped image is named in the report: its id and what was wrong."""
+    return f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
 
 
 def write_shard(task: ShardTask) -> dict:
@@ -133,18 +147,9 @@ def write_shard(task: ShardTask) -> dict:
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
                 try:
-                    data = task.loader.load(row["locator"])
-                    image = prepare_image(
-                        data,
-                        task.options.max_side,
-                        task.options.quality,
-                        row["rotation"] or 0,
-                        task.options.verify,
-                    )
+                    image = prepare_row(task.loader, row, task.options)
                 except Skip as skip:
-                    skips.add(
-                        skip.reason, f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
-                    )
+                    skips.add(skip.reason, skip_example(row, skip))
                     continue
                 key = sample_key(task.first_position + offset)
                 record = {
@@ -172,7 +177,7 @@ def write_shard(task: ShardTask) -> dict:
         "skips": skips.to_dict(),
         "label_rows": label_rows,
     }
-    atomic_write_text(_parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
+    atomic_write_text(parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
     return part
 
 
@@ -188,7 +193,7 @@ def _fingerprint(
 
 def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict | None:
     """The part of a shard already written with this plan, checked; None if it must be written."""
-    part_file = _parts_dir(out, split) / f"{name}.json"
+    part_file = parts_dir(out, split) / f"{name}.json"
     if not part_file.is_file():
         return None
     try:
@@ -213,7 +218,7 @@ def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict |
 def _check_plan(out: Path, split: str, plan: dict) -> None:
     """Every run and partition of a split has the same plan; a different one is refused before
     anything in the folder changes."""
-    path = _parts_dir(out, split) / PLAN_FILE
+    path = parts_dir(out, split) / PLAN_FILE
     if path.is_file():
         try:
             existing = json.loads(path.read_text())
@@ -269,7 +274,7 @@ def write_split(
         raise ValueError(f"partition must be i/P with 0 <= i < P, got {index}/{count}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _parts_dir(out, split).mkdir(parents=True, exist_ok=True)
+    parts_dir(out, split).mkdir(parents=True, exist_ok=True)
     _check_classes(out, catalog)
     rows = shuffled_rows(catalog, options.seed)
     n_shards = -(-rows.num_rows // options.shard_size)
@@ -355,7 +360,7 @@ def _flush(paths) -> None:
 
 
 def read_plan(out: str | Path, split: str) -> dict:
-    path = _parts_dir(out, split) / PLAN_FILE
+    path = parts_dir(out, split) / PLAN_FILE
     if not path.is_file():
         raise ShardError(f"{path} not found: no shards of split {split!r} were written in {out}")
     return json.loads(path.read_text())
@@ -366,7 +371,7 @@ def read_parts(out: str | Path, split: str) -> tuple[dict, list[dict]]:
     plan = read_plan(out, split)
     parts, missing = [], []
     for j in range(plan["shards"]):
-        path = _parts_dir(out, split) / f"{shard_name(split, j)}.json"
+        path = parts_dir(out, split) / f"{shard_name(split, j)}.json"
         if path.is_file():
             parts.append(json.loads(path.read_text()))
         else:

@@ -26,8 +26,9 @@ from PIL import Image
 
 from data_tools.catalog import Catalog, FileLoader, Skip, catalog_table
 from data_tools.merge import merge_split
+from data_tools.select import select_densest
 from data_tools.sources.openimages import read_openimages
-from data_tools.writer import ShardOptions, write_split
+from data_tools.writer import ShardError, ShardOptions, write_split
 from mlc.cli import main
 from mlc.format import SAMPLE_FIELDS
 
@@ -621,7 +622,107 @@ def test_select_more_than_there_are(oi, ref, tmp_path):
     report, expected_report = (json.loads(f.pop("train.report.json")) for f in (files, expected))
     assert digests(files) == digests(expected)
     assert report.pop("options") == {**expected_report.pop("options"), "select": "densest:1000"}
+    assert report.pop("selection") == {"requested": 1000, "short": 1000 - 27}
     assert report == expected_report
+
+
+def broken_densest(root: Path):
+    """The clean dataset with its two densest images broken: image 15 (8 known labels) corrupt,
+    16 (6) missing. The next densest are 17 (5 known labels), 4 (4), then 2, 8 and 24 (3 each,
+    in an order the seed's tie-break decides)."""
+    data = make_openimages(root, clean=True)
+    (data.images / f"{image_id(15)}.jpg").write_bytes(b"not an image")
+    (data.images / f"{image_id(16)}.jpg").unlink()
+    return data
+
+
+def test_select_densest_replaces_broken_images_by_the_next_densest(tmp_path, capsys):
+    data = broken_densest(tmp_path / "data")
+    out = tmp_path / "out"
+    assert shard(data, out, "--select", "densest:3") == 0
+    selected = {int(r["id"], 16) for r in manifest(out)}
+    assert len(selected) == 3
+    assert {17, 4} < selected < {17, 4, 2, 8, 24}
+    report = json.loads((out / "train.report.json").read_text())
+    assert (report["images_read"], report["written"], report["skipped"]) == (27, 3, 24)
+    assert report["image_skips"] == {
+        "corrupt image": {
+            "count": 1,
+            "examples": [f"{image_id(15)}: not a recognised image format"],
+        },
+        "missing file": {
+            "count": 1,
+            "examples": [f"{image_id(16)}: {data.images / image_id(16)}.jpg"],
+        },
+        "not selected (densest:3)": {
+            "count": 22,
+            "examples": report["image_skips"]["not selected (densest:3)"]["examples"],
+        },
+    }
+    assert report["selection"] == {"requested": 3, "short": 0}
+    # The same selection and bytes with more workers, and with partitions then a merge.
+    select = ["--select", "densest:3"]
+    for extra in (["--workers", 3], ["--partition", "0/2"]):
+        assert shard(data, tmp_path / extra[0], *select, *extra) == 0
+    assert shard(data, tmp_path / "--partition", *select, "--partition", "1/2") == 0
+    assert main(["shard", "merge", "--out", str(tmp_path / "--partition"), "--split", "train"]) == 0
+    for other in ("--workers", "--partition"):
+        assert digests(result_files(tmp_path / other)) == digests(result_files(out))
+
+
+def test_select_densest_says_when_fewer_can_be_written(oi, tmp_path, capsys):
+    """30 candidates of which 3 are broken: densest:29 writes the 27 others, and says so."""
+    out = tmp_path / "out"
+    assert shard(oi, out, "--select", "densest:29") == 0
+    assert len(manifest(out)) == 27
+    report = json.loads((out / "train.report.json").read_text())
+    assert report["selection"] == {"requested": 29, "short": 2}
+    assert {reason: e["count"] for reason, e in report["image_skips"].items()} == IMAGE_SKIPS
+    printed = capsys.readouterr().out
+    assert "--select densest:29: 2 fewer images than asked" in printed
+
+
+class _CountingLoader(_MemoryLoader):
+    loads = 0
+
+    def load(self, locator: str) -> bytes:
+        type(self).loads += 1
+        return super().load(locator)
+
+
+def test_select_checks_in_rank_order_and_saves_the_outcomes(tmp_path):
+    # Known labels: a 4, b 3 (broken), c 2 (broken), d 2, e 1, f 0.
+    table = catalog_table(
+        ["a", "b", "c", "d", "e", "f"],
+        ["1", "bad-2", "bad-3", "4", "5", "6"],
+        [[0, 1], [0, 1, 2], [1, 2], [0], [2], []],
+        [[2, 3], [], [], [1], [], []],
+    )
+    catalog = Catalog(
+        ["w", "x", "y", "z"], ["W", "X", "Y", "Z"], table, _CountingLoader(), "partial", 6
+    )
+    options = ShardOptions(shard_size=2)
+    out = tmp_path / "out"
+    _CountingLoader.loads = 0
+    selected = select_densest(catalog, 2, options, out, "val", progress=False)
+    assert selected.table["id"].to_pylist() == ["a", "d"]
+    assert _CountingLoader.loads == 4  # a, b, c (round 1: a b; round 2: c), d: not e or f
+    assert selected.image_skips.to_dict() == {
+        "unreadable file": {"count": 2, "examples": ["b: bad-2", "c: bad-3"]},
+        "not selected (densest:2)": {"count": 2, "examples": ["e", "f"]},
+    }
+    assert selected.options == {"select": "densest:2"}
+    # A re-run (or another partition) uses the saved outcomes: no image is read again.
+    again = select_densest(catalog, 2, options, out, "val", workers=2, progress=False)
+    assert _CountingLoader.loads == 4
+    assert again.table.equals(selected.table)
+    assert again.image_skips.to_dict() == selected.image_skips.to_dict()
+    # recheck (--strict) reads the broken ones again, in case they were fixed.
+    select_densest(catalog, 2, options, out, "val", progress=False, recheck=True)
+    assert _CountingLoader.loads == 8
+    # Other options into the same folder: refused.
+    with pytest.raises(ShardError, match="selection made from other inputs or options"):
+        select_densest(catalog, 2, ShardOptions(shard_size=2, max_side=4), out, "val")
 
 
 # ---------------------------------------------------------------- python -m mlc.cli
