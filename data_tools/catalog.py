@@ -36,6 +36,22 @@ CATALOG_SCHEMA = pa.schema(
 
 EXAMPLES_PER_REASON = 5
 
+# Skip reasons for what the command was asked to leave out: label rows of classes outside
+# --trainable, images with only such labels, candidates below a --select. They are counted and
+# reported like every skip, but they are not problems of the input: --strict accepts them.
+NOT_TRAINABLE = "not a trainable class"
+NO_TRAINABLE_LABELS = "no trainable labels"
+
+
+def not_selected(select: str) -> str:
+    """The skip reason of the candidates ranked below ``--select`` (e.g. "densest:N")."""
+    return f"not selected ({select})"
+
+
+def requested(reason: str) -> bool:
+    """Whether a skip reason is one the command asked for (see NOT_TRAINABLE)."""
+    return reason in (NOT_TRAINABLE, NO_TRAINABLE_LABELS) or reason.startswith("not selected (")
+
 
 class Skip(Exception):  # noqa: N818 (a control-flow signal, not an error of the program)
     """Raised by a loader or by image preparation: leave this image out, for ``reason``."""
@@ -75,6 +91,14 @@ class SkipLog:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def problems(self) -> SkipLog:
+        """The skips that are problems of the input: all but the requested ones."""
+        log = SkipLog()
+        for reason, count in self.counts.items():
+            if not requested(reason):
+                log.add_all(reason, self.examples.get(reason, []), count)
+        return log
 
     def to_dict(self) -> dict:
         return {

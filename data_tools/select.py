@@ -28,16 +28,18 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, Skip, SkipLog, densest_order
+from data_tools.catalog import (
+    EXAMPLES_PER_REASON,
+    Catalog,
+    Skip,
+    SkipLog,
+    densest_order,
+    not_selected,
+)
 from data_tools.writer import ShardError, ShardOptions, parts_dir, prepare_row, skip_example
 from mlc.io import atomic_write_text
 
 SELECTION_FILE = "selection.json"
-
-
-def not_selected(select: str) -> str:
-    """The skip reason of the candidates ranked below the selection."""
-    return f"not selected ({select})"
 
 
 def _check(loader, options: ShardOptions, row: dict) -> list[str] | None:

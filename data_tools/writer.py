@@ -3,10 +3,12 @@
 The plan is fixed before any image is read: the catalog's rows are shuffled with the seed and
 cut into shards of ``shard_size`` rows, so shard j always holds the same candidates whatever the
 number of workers or partitions (partition i of P writes the shards j with j % P == i). A shard
-is written to a temporary name and renamed; then its part file
-(``_parts/<split>/<shard>.json``: its manifest rows, skips and CRC-32) is written the same way.
-A shard whose part file is present and whose checksum matches is complete: a re-run keeps it.
-``merge_split`` turns the part files into the split's manifest, stats and report.
+is written to a temporary name and renamed, inside the split's bookkeeping folder
+``_parts/<split>/``; then its part file (``_parts/<split>/<shard>.json``: its manifest rows,
+skips and CRC-32) is written the same way. A shard whose part file is present and whose checksum
+matches is complete: a re-run keeps it. ``merge_split`` publishes the split: it moves the shards
+into the dataset folder and turns the part files into the split's manifest, stats and report,
+so a split whose run failed, or was refused by --strict, leaves nothing under the final names.
 """
 
 from __future__ import annotations
@@ -133,8 +135,13 @@ def skip_example(row: dict, skip: Skip) -> str:
     return f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
 
 
+def staged_shard(out: str | Path, split: str, name: str) -> Path:
+    """Where a shard is written, until merge_split publishes it as ``out / name``."""
+    return parts_dir(out, split) / name
+
+
 def write_shard(task: ShardTask) -> dict:
-    """Write one shard and its part file; return the part (manifest columns, skips)."""
+    """Write one shard (staged) and its part file; return the part (manifest columns, skips)."""
     out = Path(task.out)
     name = shard_name(task.split, task.index)
     columns = {field: [] for field in MANIFEST_SCHEMA.names}
@@ -142,7 +149,7 @@ def write_shard(task: ShardTask) -> dict:
     label_rows = 0  # of the images written
     # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
     # and write_split flushes all its shards to disk before it returns (see _flush).
-    with atomic_writer(out / name, durable=False) as f:
+    with atomic_writer(staged_shard(out, task.split, name), durable=False) as f:
         checked = _ChecksumFile(f)
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
@@ -191,8 +198,11 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict | None:
-    """The part of a shard already written with this plan, checked; None if it must be written."""
+def _complete_part(
+    out: Path, split: str, name: str, fingerprint: str, retry_skipped: bool
+) -> dict | None:
+    """The part of a shard already written with this plan, staged or published, checked; None
+    if it must be written (also when ``retry_skipped`` and it skipped an image)."""
     part_file = parts_dir(out, split) / f"{name}.json"
     if not part_file.is_file():
         return None
@@ -205,13 +215,16 @@ def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict |
             f"{out / name} was written from other inputs or options than this run's (its part "
             f"file {part_file} does not match). Use a new output folder, or delete the old one."
         )
-    tar = out / name
+    staged = staged_shard(out, split, name)
+    tar = staged if staged.is_file() else out / name
     if (
         not tar.is_file()
         or tar.stat().st_size != part["tar_bytes"]
         or _crc32(tar) != part.get("crc32")
     ):
         return None  # damaged or missing since: rewrite
+    if retry_skipped and part["skips"]:
+        return None  # the images may have been fixed since
     return part
 
 
@@ -263,11 +276,14 @@ def write_split(
     partition: tuple[int, int] = (0, 1),
     workers: int = 1,
     progress: bool = True,
+    retry_skipped: bool = False,
 ) -> SkipLog:
     """Write this partition's shards of the split (skipping complete ones); return its skips.
 
-    The catalog-level skips and counts go to the split's plan file, which every partition
-    writes identically; merge_split reads it.
+    The shards are staged in the split's bookkeeping folder until merge_split publishes them.
+    ``retry_skipped`` (--strict) writes again a complete shard that skipped an image. The
+    catalog-level skips and counts go to the split's plan file, which every partition writes
+    identically; merge_split reads it.
     """
     index, count = partition
     if not 0 <= index < count:
@@ -294,8 +310,9 @@ def write_split(
         "images_from": repr(catalog.loader),
     }
     _check_plan(out, split, plan)
-    stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar\.tmp-\d+$")
-    for stale in out.glob(f".{split}-*.tar.tmp-*"):  # left by a killed run of this partition
+    # Temporaries of shards and part files, left by a killed run of this partition.
+    stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar(\.json)?\.tmp-\d+$")
+    for stale in parts_dir(out, split).glob(f".{split}-*.tar*.tmp-*"):
         match = stale_name.match(stale.name)
         if match and int(match.group(1)) % count == index:
             stale.unlink(missing_ok=True)
@@ -307,7 +324,7 @@ def write_split(
         first = j * options.shard_size
         shard_rows = rows.slice(first, options.shard_size).to_pylist()
         fingerprint = _fingerprint(split, j, first, shard_rows, options, plan["images_from"])
-        part = _complete_part(out, split, shard_name(split, j), fingerprint)
+        part = _complete_part(out, split, shard_name(split, j), fingerprint, retry_skipped)
         if part is not None:
             skips.merge(SkipLog.from_dict(part["skips"]))
             done_samples += len(shard_rows)
@@ -340,7 +357,7 @@ def write_split(
         finally:
             if pool is not None:
                 pool.terminate()
-    _flush(out / shard_name(split, t.index) for t in todo)
+    _flush(staged_shard(out, split, shard_name(split, t.index)) for t in todo)
     return skips
 
 

@@ -18,7 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, FileLoader, SkipLog, catalog_table
+from data_tools.catalog import (
+    EXAMPLES_PER_REASON,
+    NO_TRAINABLE_LABELS,
+    NOT_TRAINABLE,
+    Catalog,
+    FileLoader,
+    SkipLog,
+    catalog_table,
+)
 from mlc.io import read_classes
 
 LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
@@ -55,6 +63,7 @@ class _LabelBatches:
         self.rows_read = 0
         self.image_ids: list[pa.Array] = []  # every row with an ImageID (kept or not)
         self.kept: list[np.ndarray] = []  # per such row: is the label used
+        self.not_trainable: list[np.ndarray] = []  # per such row: left out by --trainable
         self.classes: list[np.ndarray] = []  # per kept row
         self.positive: list[np.ndarray] = []  # per kept row
 
@@ -108,14 +117,18 @@ class _LabelBatches:
             out = candidate & ~in_vocab
             known = pc.is_in(label, value_set=pa.array(sorted(self.all_ids), pa.string()))
             known = known.to_numpy(zero_copy_only=False)
+            not_trainable = out & known
             for reason, mask in (
-                ("not a trainable class", out & known),
+                (NOT_TRAINABLE, not_trainable),
                 ("unknown class id", out & ~known),
             ):
                 self.skips.add_all(reason, _examples(mask, image, label), int(mask.sum()))
+        else:
+            not_trainable = np.zeros(len(candidate), dtype=bool)
         keep = candidate & in_vocab
         self.image_ids.append(image.filter(pa.array(has_image)))
         self.kept.append(keep[has_image])
+        self.not_trainable.append(not_trainable[has_image])
         self.classes.append(column.to_numpy(zero_copy_only=False)[keep].astype(np.int64))
         self.positive.append(is_pos[keep])
 
@@ -146,8 +159,13 @@ def read_openimages(
     all_ids = pa.chunked_array(batches.image_ids, pa.string())
     unique_ids = pc.unique(all_ids)  # images in order of first appearance
     codes = pc.index_in(all_ids, value_set=unique_ids).to_numpy().astype(np.int64)
+    n_images = len(unique_ids)
+    # Images with a label row left out by --trainable: without labels, they are skipped for that.
+    had_not_trainable = np.zeros(n_images, dtype=bool)
+    if batches.not_trainable:
+        had_not_trainable[codes[np.concatenate(batches.not_trainable)]] = True
     codes = codes[np.concatenate(batches.kept)] if batches.kept else codes
-    n_images, n_classes = len(unique_ids), len(vocab)
+    n_classes = len(vocab)
     classes_col = np.concatenate(batches.classes) if batches.classes else codes
     positive = np.concatenate(batches.positive) if batches.positive else codes.astype(bool)
 
@@ -180,10 +198,12 @@ def read_openimages(
     rows_per_image = np.bincount(img, minlength=n_images)  # one kept label row per pair
     known = rows_per_image > 0
     image_skips = SkipLog()
-    no_labels = np.flatnonzero(~known)
-    image_skips.add_all(
-        "no known labels", [unique_ids[int(i)].as_py() for i in no_labels[:5]], len(no_labels)
-    )
+    for reason, mask in (
+        ("no known labels", ~known & ~had_not_trainable),
+        (NO_TRAINABLE_LABELS, ~known & had_not_trainable),
+    ):
+        skipped = np.flatnonzero(mask)
+        image_skips.add_all(reason, [unique_ids[int(i)].as_py() for i in skipped[:5]], len(skipped))
     keep = pa.array(known)
     ids = unique_ids.filter(keep)
     rotation = _rotations(rotation_csv, ids) if rotation_csv else None

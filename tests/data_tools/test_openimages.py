@@ -73,7 +73,7 @@ EXPECTED = {
 
 # With --trainable: vocabulary Car 0, Duck 1, Fiat 2, Lemon 3, Person 4, Dog 5 (the trainable
 # file's order); Cat and Flower rows are "not a trainable class". Images 6, 14 and 31 have only
-# Cat/Flower labels, 28 only Tree's: no known labels.
+# Cat/Flower labels: "no trainable labels" (left out as asked); 28 only Tree's: no known labels.
 EXPECTED_TRAINABLE = {
     1: ([1], [4]),
     2: ([0, 2], [5]),
@@ -175,7 +175,10 @@ def test_trainable_restricts_the_vocabulary(oi):
     # 15 Cat/Flower rows with a valid Confidence (image 11's Cat row has 0.5: bad Confidence).
     assert dict(catalog.label_row_skips.counts) == {**LABEL_ROW_SKIPS, "not a trainable class": 15}
     assert catalog.label_rows_read == LABEL_ROWS
-    assert dict(catalog.image_skips.counts) == {"no known labels": 4}
+    assert catalog.image_skips.to_dict() == {
+        "no known labels": {"count": 1, "examples": [image_id(28)]},
+        "no trainable labels": {"count": 3, "examples": [image_id(k) for k in (6, 14, 31)]},
+    }
     assert catalog.images_read == 31
     assert catalog.images_read == catalog.table.num_rows + catalog.image_skips.total
 

@@ -385,7 +385,8 @@ def test_partitions_then_merge_equal_one_run(oi, ref, tmp_path, capsys):
     assert shard(oi, out, "--partition", "0/3") == 0
     assert shard(oi, out, "--partition", "1/3") == 0
     assert not (out / "train.manifest.parquet").exists()
-    written = sorted(p.name for p in out.glob("train-*.tar"))
+    assert not list(out.glob("train-*.tar"))  # staged: nothing is published before the merge
+    written = sorted(p.name for p in (out / "_parts" / "train").glob("train-*.tar"))
     assert written == [n for j, n in enumerate(shard_names()) if j % 3 in (0, 1)]
     capsys.readouterr()
 
@@ -402,6 +403,7 @@ def test_partitions_then_merge_equal_one_run(oi, ref, tmp_path, capsys):
     assert digests(result_files(out)) == digests(result_files(ref))
     assert timm_info(out) == timm_info(ref)
     assert temporaries(out) == []
+    assert not list((out / "_parts" / "train").glob("*.tar"))  # all moved into place
 
 
 def test_merge_of_nothing_fails_clearly(tmp_path, capsys):
@@ -480,8 +482,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, after):
     else:
         pytest.skip("every run finished before it could be killed: nothing to resume")
     assert not (out / "train.manifest.parquet").exists()
-    # Shards whose part file exists are complete: the re-run must keep them, not rewrite them.
-    kept = {p.name[: -len(".json")]: (out / p.name[: -len(".json")]).stat().st_ino for p in parts}
+    # Shards whose part file exists are complete (staged until the merge publishes them): the
+    # re-run must keep them, not rewrite them.
+    kept = {p.name[: -len(".json")]: p.with_suffix("").stat().st_ino for p in parts}
 
     assert main(["shard", *args]) == 0  # the same command again
     reference = tmp_path / "reference"
@@ -505,7 +508,7 @@ def test_damaged_shards_and_parts_are_rewritten(oi, ref, tmp_path):
     (out / "train-000005.tar").unlink()  # gone
     (out / "_parts" / "train" / "train-000006.tar.json").write_text("{")  # damaged part file
     (out / "_parts" / "train" / "train-000007.tar.json").unlink()  # no part file
-    (out / ".train-000002.tar.tmp-12345").write_bytes(b"left by a killed run")
+    (out / "_parts" / "train" / ".train-000002.tar.tmp-12345").write_bytes(b"left by a kill")
 
     assert shard(oi, out) == 0
     assert digests(result_files(out)) == digests(result_files(ref))
@@ -575,22 +578,108 @@ def test_a_temporary_of_another_split_does_not_stop_a_run(oi, tmp_path):
 # ---------------------------------------------------------------- --strict, --select
 
 
-def test_strict(oi, oi_clean, tmp_path, capsys):
-    assert shard(oi, tmp_path / "a", "--strict") == 1
-    err = capsys.readouterr().err
-    assert "--strict: 13 item(s) were skipped" in err  # 4 images + 9 label rows
-    assert (tmp_path / "a" / "train.report.json").is_file()  # written all the same
+def published(out: Path) -> list[str]:
+    """What a split's publication puts in the dataset folder."""
+    return sorted(p.name for p in out.glob("*") if p.name != "_parts")
+
+
+def test_strict_refuses_label_problems_before_writing_anything(oi, oi_clean, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert shard(oi, out, "--strict") == 1
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert not out.exists()  # not even classes.json: no image was read
+    # Images apart from label rows, each reason with its count and an example.
+    err = captured.err.splitlines()
+    assert err[:5] == [
+        f"mlc shard: --strict: refused before writing any shard to {out}; skipped:",
+        "train: 1 image(s) and 9 label row(s) skipped",
+        "  images skipped: 1",
+        f"    {'no known labels':<38}{1:>7}   e.g. {image_id(28)}",
+        "  label rows skipped: 9",
+    ]
+    assert {line[4:42].strip(): int(line[42:49]) for line in err[5:]} == LABEL_ROW_SKIPS
+    assert all(" e.g. " in line for line in err[5:])
+
     assert shard(oi_clean, tmp_path / "b", "--strict") == 0
     report = json.loads((tmp_path / "b" / "train.report.json").read_text())
     assert (report["written"], report["skipped"], report["label_rows_skipped"]) == (27, 0, 0)
     assert sorted(r["id"] for r in manifest(tmp_path / "b")) == sorted(oi_clean.written_ids)
 
 
-def test_strict_counts_label_rows_alone(oi_clean, tmp_path):
+def test_strict_counts_label_rows_alone(oi_clean, tmp_path, capsys):
     """A dataset whose images are all written but one label row was skipped: still exit 1."""
     data = make_openimages(tmp_path / "data", clean=True)
     data.labels.write_text(data.labels.read_text() + f"{image_id(1)},verification,/m/0xx,1\n")
     assert shard(data, tmp_path / "out", "--strict") == 1
+    err = capsys.readouterr().err
+    assert "train: 0 image(s) and 1 label row(s) skipped\n" in err
+    assert "images skipped" not in err and "  label rows skipped: 1\n" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_publishes_nothing_when_images_are_broken_and_resumes_once_fixed(tmp_path, capsys):
+    data = make_openimages(tmp_path / "data", clean=True)
+    good = {k: (data.images / f"{image_id(k)}.jpg").read_bytes() for k in (3, 5)}
+    (data.images / f"{image_id(3)}.jpg").write_bytes(good[3][: len(good[3]) // 2])
+    (data.images / f"{image_id(5)}.jpg").unlink()
+    out = tmp_path / "out"
+    assert shard(data, out, "--strict") == 1
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert published(out) == ["classes.json"]  # no shard, manifest, stats or report
+    err = captured.err.splitlines()
+    assert err[0] == (
+        f"mlc shard: --strict: nothing published in {out} (the shards written wait in "
+        f"{out / '_parts'} for a re-run); skipped:"
+    )
+    assert err[1:4] == [
+        "train: 2 image(s) and 0 label row(s) skipped",
+        "  images skipped: 2",
+        f"    {'corrupt image':<38}{1:>7}   e.g. {image_id(3)}: truncated JPEG (no end marker)",
+    ]
+    assert err[4].startswith(f"    {'missing file':<38}{1:>7}   e.g. {image_id(5)}: ")
+    assert len(err) == 5  # no label rows
+    staged = {p.name: p.stat().st_ino for p in (out / "_parts" / "train").glob("*.tar")}
+    assert len(staged) == N_SHARDS - 1  # 27 images in shards of 4
+
+    # Fixed: the same command publishes, rewriting only the shards that skipped an image.
+    for k, data_bytes in good.items():
+        (data.images / f"{image_id(k)}.jpg").write_bytes(data_bytes)
+    assert shard(data, out, "--strict") == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    reference = tmp_path / "reference"
+    assert shard(data, reference) == 0
+    assert digests(result_files(out)) == digests(result_files(reference))
+    kept = [name for name in staged if (out / name).stat().st_ino == staged[name]]
+    assert len(kept) == len(staged) - 2  # the two shards with a skipped image were rewritten
+
+
+def test_strict_accepts_what_select_and_trainable_leave_out(oi_clean, tmp_path):
+    out = tmp_path / "out"
+    args = ["--strict", "--trainable", oi_clean.trainable, "--select", "densest:5"]
+    assert shard(oi_clean, out, *args) == 0
+    report = json.loads((out / "train.report.json").read_text())
+    assert set(report["image_skips"]) == {"no trainable labels", "not selected (densest:5)"}
+    assert set(report["label_row_skips"]) == {"not a trainable class"}
+    assert report["written"] == 5
+
+
+def test_strict_with_partitions_and_merge(tmp_path, capsys):
+    data = make_openimages(tmp_path / "data", clean=True)
+    (data.images / f"{image_id(3)}.jpg").write_bytes(b"broken")
+    out = tmp_path / "out"
+    codes = [shard(data, out, "--strict", "--partition", f"{i}/2") for i in range(2)]
+    assert sorted(codes) == [0, 1]  # the partition whose shards hold image 3 fails
+    capsys.readouterr()
+    merge = ["shard", "merge", "--out", str(out), "--split", "train"]
+    assert main([*merge, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mlc shard: --strict: nothing published in {out}; skipped:\n")
+    assert "train: 1 image(s) and 0 label row(s) skipped" in err
+    assert published(out) == ["classes.json"]
+    assert main(merge) == 0  # without --strict: published, the skip reported
+    assert len(manifest(out)) == 26
 
 
 @pytest.mark.parametrize("n", [4, 5, 7])
