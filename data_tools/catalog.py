@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +20,9 @@ import pyarrow.compute as pc
 
 # One row per image. ``locator`` is what the loader needs to get the bytes (a path relative to
 # the source's root, or a recipe for generated images); ``rotation`` (degrees, counter-clockwise)
-# is applied when an image is re-encoded.
+# is applied when an image is re-encoded; ``label_rows`` is the number of the source's label rows
+# that this image's labels come from (read and not skipped; 0 for generated data), so that the
+# report counts as used only the label rows of the images written.
 CATALOG_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -28,10 +30,27 @@ CATALOG_SCHEMA = pa.schema(
         ("positives", pa.list_(pa.int32())),
         ("negatives", pa.list_(pa.int32())),
         ("rotation", pa.int16()),
+        ("label_rows", pa.int32()),
     ]
 )
 
 EXAMPLES_PER_REASON = 5
+
+# Skip reasons for what the command was asked to leave out: label rows of classes outside
+# --trainable, images with only such labels, candidates below a --select. They are counted and
+# reported like every skip, but they are not problems of the input: --strict accepts them.
+NOT_TRAINABLE = "not a trainable class"
+NO_TRAINABLE_LABELS = "no trainable labels"
+
+
+def not_selected(select: str) -> str:
+    """The skip reason of the candidates ranked below ``--select`` (e.g. "densest:N")."""
+    return f"not selected ({select})"
+
+
+def requested(reason: str) -> bool:
+    """Whether a skip reason is one the command asked for (see NOT_TRAINABLE)."""
+    return reason in (NOT_TRAINABLE, NO_TRAINABLE_LABELS) or reason.startswith("not selected (")
 
 
 class Skip(Exception):  # noqa: N818 (a control-flow signal, not an error of the program)
@@ -73,6 +92,14 @@ class SkipLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def problems(self) -> SkipLog:
+        """The skips that are problems of the input: all but the requested ones."""
+        log = SkipLog()
+        for reason, count in self.counts.items():
+            if not requested(reason):
+                log.add_all(reason, self.examples.get(reason, []), count)
+        return log
+
     def to_dict(self) -> dict:
         return {
             reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
@@ -111,6 +138,8 @@ class Catalog:
     label_rows_read: int = 0
     label_row_skips: SkipLog = field(default_factory=SkipLog)
     source: str = ""  # what was read, for the report
+    # Options that shaped the catalog (a source's --trainable, --select), for the report.
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.annotation not in ("partial", "full"):
@@ -124,8 +153,9 @@ class Catalog:
             self.table = self.table.cast(CATALOG_SCHEMA)
 
 
-def catalog_table(ids, locators, positives, negatives, rotation=None) -> pa.Table:
-    """Build a CATALOG_SCHEMA table from columns (lists, numpy or arrow arrays)."""
+def catalog_table(ids, locators, positives, negatives, rotation=None, label_rows=None) -> pa.Table:
+    """Build a CATALOG_SCHEMA table from columns (lists, numpy or arrow arrays); rotation and
+    label_rows default to 0."""
     n = len(ids)
     return pa.table(
         {
@@ -134,6 +164,7 @@ def catalog_table(ids, locators, positives, negatives, rotation=None) -> pa.Tabl
             "positives": pa.array(positives, pa.list_(pa.int32())),
             "negatives": pa.array(negatives, pa.list_(pa.int32())),
             "rotation": pa.array([0] * n if rotation is None else rotation, pa.int16()),
+            "label_rows": pa.array([0] * n if label_rows is None else label_rows, pa.int32()),
         },
         schema=CATALOG_SCHEMA,
     )
@@ -160,28 +191,19 @@ class FileLoader:
             raise Skip("unreadable file", f"{path}: {e.strerror or e}") from None
 
 
-def select_densest(catalog: Catalog, n: int, seed: int = 0) -> Catalog:
-    """Keep the n images with the most known labels (positives + verified negatives), ties
-    broken by a seeded hash of the id: a FastEval14k-style densely annotated evaluation set.
-    The others are counted as skipped, reason "not selected (densest:n)"."""
+def densest_order(catalog: Catalog, seed: int = 0) -> np.ndarray:
+    """The catalog's rows by decreasing number of known labels (positives + verified
+    negatives), ties broken by a seeded hash of the id: the ranking of ``--select densest:N``
+    (a FastEval14k-style densely annotated evaluation set)."""
     table = catalog.table
-    if n >= table.num_rows:
-        return catalog
     known = pc.list_value_length(table["positives"]).to_numpy(
         zero_copy_only=False
     ) + pc.list_value_length(table["negatives"]).to_numpy(zero_copy_only=False)
-    ids = table["id"].to_pylist()
     tie = np.array(
         [
             int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest())
-            for i in ids
+            for i in table["id"].to_pylist()
         ],
         dtype=np.uint64,
     )
-    order = np.lexsort((tie, -known))
-    chosen = np.sort(order[:n])
-    dropped = order[n:]
-    skips = SkipLog()
-    skips.merge(catalog.image_skips)
-    skips.add_all(f"not selected (densest:{n})", [ids[i] for i in dropped[:5]], len(dropped))
-    return replace(catalog, table=table.take(pa.array(chosen)), image_skips=skips)
+    return np.lexsort((tie, -known))

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_tools.catalog import Catalog, select_densest
-from data_tools.merge import format_report, merge_split
-from data_tools.writer import ShardOptions, write_split
+from data_tools.catalog import Catalog, SkipLog
+from data_tools.merge import StrictFailure, format_report, merge_split, strict_problems
+from data_tools.select import select_densest
+from data_tools.writer import PARTS_DIR, ShardOptions, write_split
 
 HELP = "turn labelled images into WebDataset shards with a manifest and class stats"
 
@@ -56,9 +57,15 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
         "--select",
         type=_densest,
         metavar="densest:N",
-        help="keep the N images with the most known labels (a FastEval14k-style evaluation set)",
+        help="keep the N images with the most known labels that can be written (a broken one "
+        "is replaced by the next densest): a FastEval14k-style evaluation set",
     )
-    p.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="publish nothing and exit 1 if any image or label row was skipped (other than "
+        "those --select or --trainable leave out)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -102,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("merge", help="combine the partitions of a split")
     p.add_argument("--out", required=True)
     p.add_argument("--split", required=True)
+    p.add_argument("--strict", action="store_true", help="as for the partitions: see above")
 
 
 def _catalogs(args: argparse.Namespace) -> list[tuple[str, Catalog]]:
@@ -150,9 +158,19 @@ def _catalogs(args: argparse.Namespace) -> list[tuple[str, Catalog]]:
     ]
 
 
+def _refuse(verdict: str, problems: list[str]) -> int:
+    """--strict's verdict, then what was skipped, images apart from label rows; exit code 1."""
+    print(f"mlc shard: --strict: {verdict}; skipped:", file=sys.stderr)
+    print("\n".join(problems), file=sys.stderr)
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
     if args.format == "merge":
-        report = merge_split(args.out, args.split)
+        try:
+            report = merge_split(args.out, args.split, strict=args.strict)
+        except StrictFailure as e:
+            return _refuse(f"nothing published in {args.out}", [str(e)])
         print(format_report(report))
         return 0
     options = ShardOptions(
@@ -163,27 +181,56 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     index, count = args.partition
-    skipped = 0
+    splits = []
     for split, catalog in _catalogs(args):
         if args.select:
-            catalog = select_densest(catalog, args.select, args.seed)
-        skips = write_split(
-            catalog, args.out, split, options, args.partition, args.workers, not args.quiet
+            catalog = select_densest(
+                catalog,
+                args.select,
+                options,
+                args.out,
+                split,
+                args.workers,
+                not args.quiet,
+                recheck=args.strict,
+            )
+        splits.append((split, catalog))
+    if args.strict:  # what reading the labels (and --select) found: refused before any shard
+        found = [strict_problems(s, c.image_skips, c.label_row_skips) for s, c in splits]
+        if any(found):
+            verdict = f"refused before writing any shard to {args.out}"
+            return _refuse(verdict, [p for p in found if p])
+    skips = {}
+    for split, catalog in splits:
+        skips[split] = write_split(
+            catalog,
+            args.out,
+            split,
+            options,
+            args.partition,
+            args.workers,
+            not args.quiet,
+            retry_skipped=args.strict,
         )
-        if count > 1:
-            skipped += skips.total + catalog.image_skips.total + catalog.label_row_skips.total
+    if args.strict:  # what writing the images found: the shards stay staged, unpublished
+        found = [strict_problems(split, log, SkipLog()) for split, log in skips.items()]
+        if any(found):
+            verdict = (
+                f"nothing published in {args.out} (the shards written wait in "
+                f"{Path(args.out) / PARTS_DIR} for a re-run)"
+            )
+            return _refuse(verdict, [p for p in found if p])
+    if count > 1:
+        for split, log in skips.items():
             print(
-                f"{split}: partition {index}/{count} done ({skips.total} images skipped in its "
+                f"{split}: partition {index}/{count} done ({log.total} images skipped in its "
                 f"shards). When all {count} partitions are done: "
                 f"mlc shard merge --out {args.out} --split {split}"
+                + (" --strict" if args.strict else "")
             )
-            continue
-        report = merge_split(args.out, split)
-        print(format_report(report))
-        skipped += report["skipped"] + report["label_rows_skipped"]
+        return 0
+    for split in skips:
+        print(format_report(merge_split(args.out, split)))
     print(f"wrote {Path(args.out)}")
     sys.stdout.flush()
-    if args.strict and skipped:
-        print(f"mlc shard: --strict: {skipped} item(s) were skipped", file=sys.stderr)
-        return 1
     return 0

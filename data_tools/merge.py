@@ -1,12 +1,16 @@
-"""Combine a split's shard parts into its manifest, stats and report, and the readers' files.
+"""Publish a split: move its shards into place, and combine their parts into its manifest,
+stats and report, and the readers' files.
 
 Runs at the end of an unpartitioned `mlc shard`, or as `mlc shard merge` once every partition
 has finished. Everything it writes is derived from the part files, so it can be rerun any time.
+With ``strict`` it publishes nothing when anything but what the command asked to leave out was
+skipped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_tools.catalog import SkipLog
-from data_tools.writer import manifest_table, read_parts
+from data_tools.writer import ShardError, manifest_table, read_parts, staged_shard
 from mlc.format import (
     CLASSES_FILE,
     FORMAT_VERSION,
@@ -24,7 +28,11 @@ from mlc.format import (
     report_name,
     stats_name,
 )
-from mlc.io import atomic_write_parquet, atomic_write_text
+from mlc.io import atomic_write_parquet, atomic_write_text, fsync_dir
+
+
+class StrictFailure(Exception):  # noqa: N818 (an outcome the command reports, with exit code 1)
+    """--strict found problems; nothing was published. The message lists them."""
 
 
 def _class_counts(lists: pa.ChunkedArray | pa.Array, num_classes: int) -> np.ndarray:
@@ -38,15 +46,50 @@ def _update_json(path: Path, update) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def merge_split(out: str | Path, split: str) -> dict:
-    """Write <split>.manifest.parquet, .stats.json, .report.json; update sizes.json and
-    _info.json; return the report."""
+def strict_problems(split: str, image_skips: SkipLog, label_row_skips: SkipLog) -> str | None:
+    """What --strict refuses in a split, images apart from label rows, with the reasons and an
+    example of each; None when only what the command asked for was left out."""
+    images, rows = image_skips.problems(), label_row_skips.problems()
+    if not images.total and not rows.total:
+        return None
+    width = max(len(str(images.total)), len(str(rows.total)), 7)
+    lines = [f"{split}: {images.total} image(s) and {rows.total} label row(s) skipped"]
+    for what, log in (("images", images), ("label rows", rows)):
+        if log.total:
+            lines.append(f"  {what} skipped: {log.total}")
+            lines += _reason_lines(log.to_dict(), width)
+    return "\n".join(lines)
+
+
+def _publish(out: Path, split: str, shards: list[str]) -> None:
+    """Move the split's staged shards into the dataset folder (those of an earlier publication
+    that a re-run kept are there already)."""
+    missing = [
+        name
+        for name in shards
+        if not staged_shard(out, split, name).is_file() and not (out / name).is_file()
+    ]
+    if missing:
+        raise ShardError(
+            f"{out / missing[0]} is missing ({len(missing)} shard(s) in all): run the same "
+            "command again to write it"
+        )
+    for name in shards:
+        staged = staged_shard(out, split, name)
+        if staged.is_file():
+            os.replace(staged, out / name)
+    fsync_dir(out)
+
+
+def merge_split(out: str | Path, split: str, strict: bool = False) -> dict:
+    """Publish the split's shards; write <split>.manifest.parquet, .stats.json, .report.json;
+    update sizes.json and _info.json; return the report. With ``strict``, raise StrictFailure
+    before anything is published if any image or label row was skipped as a problem."""
     out = Path(out)
     plan, parts = read_parts(out, split)
     classes = json.loads((out / CLASSES_FILE).read_text())
     class_ids = [c["id"] for c in classes["classes"]]
     manifest = manifest_table(parts)
-    atomic_write_parquet(out / manifest_name(split), manifest)
 
     written = manifest.num_rows
     positives = _class_counts(manifest["positives"], len(class_ids))
@@ -67,11 +110,15 @@ def merge_split(out: str | Path, split: str) -> dict:
         "positive_counts": dict(zip(class_ids, positives.tolist(), strict=True)),
         "negative_counts": dict(zip(class_ids, negatives.tolist(), strict=True)),
     }
-    atomic_write_text(out / stats_name(split), json.dumps(stats, indent=1) + "\n")
 
     image_skips = SkipLog.from_dict(plan["image_skips"])
     for part in parts:
         image_skips.merge(SkipLog.from_dict(part["skips"]))
+    label_row_skips = SkipLog.from_dict(plan["label_row_skips"])
+    label_rows_skipped = label_row_skips.total
+    label_rows_used = sum(p["label_rows"] for p in parts)  # by the images written
+    # read and not skipped, but of images that were (broken, not selected, ...)
+    of_skipped_images = plan["label_rows_read"] - label_rows_skipped - label_rows_used
     report = {
         "split": split,
         "source": plan["source"],
@@ -81,15 +128,34 @@ def merge_split(out: str | Path, split: str) -> dict:
         "skipped": image_skips.total,
         "image_skips": image_skips.to_dict(),
         "label_rows_read": plan["label_rows_read"],
-        "label_rows_skipped": SkipLog.from_dict(plan["label_row_skips"]).total,
+        "label_rows_used": label_rows_used,
+        "label_rows_of_skipped_images": of_skipped_images,
+        "label_rows_skipped": label_rows_skipped,
         "label_row_skips": plan["label_row_skips"],
         "options": plan["options"],
     }
+    select = plan["options"].get("select")
+    if select:  # densest:N; fewer are written when fewer candidates can be
+        requested = int(select.split(":")[1])
+        report["selection"] = {"requested": requested, "short": max(0, requested - written)}
     if plan["images_read"] != written + image_skips.total:
         raise AssertionError(  # a bug in a source or the writer, never the user's input
             f"{split}: {plan['images_read']} images read != {written} written + "
             f"{image_skips.total} skipped"
         )
+    if of_skipped_images < 0:
+        raise AssertionError(  # the same
+            f"{split}: {label_rows_used} label rows used + {label_rows_skipped} skipped > "
+            f"{plan['label_rows_read']} read"
+        )
+    if strict:
+        problems = strict_problems(split, image_skips, label_row_skips)
+        if problems:
+            raise StrictFailure(problems)
+
+    _publish(out, split, shards)
+    atomic_write_parquet(out / manifest_name(split), manifest)
+    atomic_write_text(out / stats_name(split), json.dumps(stats, indent=1) + "\n")
     atomic_write_text(out / report_name(split), json.dumps(report, indent=1) + "\n")
 
     _update_json(out / OPENCLIP_SIZES_FILE, lambda d: d.update(zip(shards, lengths, strict=True)))
@@ -115,16 +181,27 @@ def format_report(report: dict) -> str:
         f"  written {report['written']:>{width + 32}} in {report['shards']} shards",
         f"  skipped {report['skipped']:>{width + 32}}",
     ]
-    for reason, entry in report["image_skips"].items():
-        example = f"   e.g. {entry['examples'][0]}" if entry["examples"] else ""
-        lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
+    lines += _reason_lines(report["image_skips"], width)
+    short = report.get("selection", {}).get("short")
+    if short:
+        lines.append(
+            f"  --select {report['options']['select']}: {short} fewer images than asked "
+            "(not enough candidates that can be written)"
+        )
     if report["label_rows_read"]:
         lines.append(
-            f"  label rows: {report['label_rows_read']} read, "
-            f"{report['label_rows_read'] - report['label_rows_skipped']} used, "
+            f"  label rows: {report['label_rows_read']} read = {report['label_rows_used']} used "
+            f"+ {report['label_rows_of_skipped_images']} of skipped images + "
             f"{report['label_rows_skipped']} skipped"
         )
-        for reason, entry in report["label_row_skips"].items():
-            example = f"   e.g. {entry['examples'][0]}" if entry["examples"] else ""
-            lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
+        lines += _reason_lines(report["label_row_skips"], width)
     return "\n".join(lines)
+
+
+def _reason_lines(skips: dict, width: int) -> list[str]:
+    """One line per reason of a SkipLog.to_dict(): the count and the first example."""
+    lines = []
+    for reason, entry in skips.items():
+        example = f"   e.g. {entry['examples'][0]}" if entry["examples"] else ""
+        lines.append(f"    {reason:<38}{entry['count']:>{width}}{example}")
+    return lines

@@ -3,10 +3,12 @@
 The plan is fixed before any image is read: the catalog's rows are shuffled with the seed and
 cut into shards of ``shard_size`` rows, so shard j always holds the same candidates whatever the
 number of workers or partitions (partition i of P writes the shards j with j % P == i). A shard
-is written to a temporary name and renamed; then its part file
-(``_parts/<split>/<shard>.json``: its manifest rows, skips and CRC-32) is written the same way.
-A shard whose part file is present and whose checksum matches is complete: a re-run keeps it.
-``merge_split`` turns the part files into the split's manifest, stats and report.
+is written to a temporary name and renamed, inside the split's bookkeeping folder
+``_parts/<split>/``; then its part file (``_parts/<split>/<shard>.json``: its manifest rows,
+skips and CRC-32) is written the same way. A shard whose part file is present and whose checksum
+matches is complete: a re-run keeps it. ``merge_split`` publishes the split: it moves the shards
+into the dataset folder and turns the part files into the split's manifest, stats and report,
+so a split whose run failed, or was refused by --strict, leaves nothing under the final names.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.catalog import Catalog, Skip, SkipLog
-from data_tools.images import VERIFY_MODES, prepare_image
+from data_tools.images import VERIFY_MODES, PreparedImage, prepare_image
 from mlc.format import (
     CLASSES_FILE,
     FORMAT_VERSION,
@@ -115,35 +117,46 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _parts_dir(out: str | Path, split: str) -> Path:
+def parts_dir(out: str | Path, split: str) -> Path:
+    """The split's bookkeeping folder: plan, part files, selection."""
     return Path(out) / PARTS_DIR / split
 
 
+def prepare_row(loader, row: dict, options: ShardOptions) -> PreparedImage:
+    """The image of a catalog row as its shard stores it; raises Skip when it cannot be."""
+    data = loader.load(row["locator"])
+    return prepare_image(
+        data, options.max_side, options.quality, row["rotation"] or 0, options.verify
+    )
+
+
+def skip_example(row: dict, skip: Skip) -> str:
+    """How a skipped image is named in the report: its id and what was wrong."""
+    return f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
+
+
+def staged_shard(out: str | Path, split: str, name: str) -> Path:
+    """Where a shard is written, until merge_split publishes it as ``out / name``."""
+    return parts_dir(out, split) / name
+
+
 def write_shard(task: ShardTask) -> dict:
-    """Write one shard and its part file; return the part (manifest columns, skips)."""
+    """Write one shard (staged) and its part file; return the part (manifest columns, skips)."""
     out = Path(task.out)
     name = shard_name(task.split, task.index)
     columns = {field: [] for field in MANIFEST_SCHEMA.names}
     skips = SkipLog()
+    label_rows = 0  # of the images written
     # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
     # and write_split flushes all its shards to disk before it returns (see _flush).
-    with atomic_writer(out / name, durable=False) as f:
+    with atomic_writer(staged_shard(out, task.split, name), durable=False) as f:
         checked = _ChecksumFile(f)
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
                 try:
-                    data = task.loader.load(row["locator"])
-                    image = prepare_image(
-                        data,
-                        task.options.max_side,
-                        task.options.quality,
-                        row["rotation"] or 0,
-                        task.options.verify,
-                    )
+                    image = prepare_row(task.loader, row, task.options)
                 except Skip as skip:
-                    skips.add(
-                        skip.reason, f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
-                    )
+                    skips.add(skip.reason, skip_example(row, skip))
                     continue
                 key = sample_key(task.first_position + offset)
                 record = {
@@ -161,6 +174,7 @@ def write_shard(task: ShardTask) -> dict:
                 _add_member(tar, f"{key}.json", encode_sample_json(record))
                 for field, value in record.items():
                     columns[field].append(value)
+                label_rows += row["label_rows"]
     part = {
         "fingerprint": task.fingerprint,
         "shard": name,
@@ -168,8 +182,9 @@ def write_shard(task: ShardTask) -> dict:
         "crc32": checked.crc,
         "manifest": columns,
         "skips": skips.to_dict(),
+        "label_rows": label_rows,
     }
-    atomic_write_text(_parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
+    atomic_write_text(parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
     return part
 
 
@@ -183,9 +198,12 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict | None:
-    """The part of a shard already written with this plan, checked; None if it must be written."""
-    part_file = _parts_dir(out, split) / f"{name}.json"
+def _complete_part(
+    out: Path, split: str, name: str, fingerprint: str, retry_skipped: bool
+) -> dict | None:
+    """The part of a shard already written with this plan, staged or published, checked; None
+    if it must be written (also when ``retry_skipped`` and it skipped an image)."""
+    part_file = parts_dir(out, split) / f"{name}.json"
     if not part_file.is_file():
         return None
     try:
@@ -197,20 +215,23 @@ def _complete_part(out: Path, split: str, name: str, fingerprint: str) -> dict |
             f"{out / name} was written from other inputs or options than this run's (its part "
             f"file {part_file} does not match). Use a new output folder, or delete the old one."
         )
-    tar = out / name
+    staged = staged_shard(out, split, name)
+    tar = staged if staged.is_file() else out / name
     if (
         not tar.is_file()
         or tar.stat().st_size != part["tar_bytes"]
         or _crc32(tar) != part.get("crc32")
     ):
         return None  # damaged or missing since: rewrite
+    if retry_skipped and part["skips"]:
+        return None  # the images may have been fixed since
     return part
 
 
 def _check_plan(out: Path, split: str, plan: dict) -> None:
     """Every run and partition of a split has the same plan; a different one is refused before
     anything in the folder changes."""
-    path = _parts_dir(out, split) / PLAN_FILE
+    path = parts_dir(out, split) / PLAN_FILE
     if path.is_file():
         try:
             existing = json.loads(path.read_text())
@@ -255,18 +276,21 @@ def write_split(
     partition: tuple[int, int] = (0, 1),
     workers: int = 1,
     progress: bool = True,
+    retry_skipped: bool = False,
 ) -> SkipLog:
     """Write this partition's shards of the split (skipping complete ones); return its skips.
 
-    The catalog-level skips and counts go to the split's plan file, which every partition
-    writes identically; merge_split reads it.
+    The shards are staged in the split's bookkeeping folder until merge_split publishes them.
+    ``retry_skipped`` (--strict) writes again a complete shard that skipped an image. The
+    catalog-level skips and counts go to the split's plan file, which every partition writes
+    identically; merge_split reads it.
     """
     index, count = partition
     if not 0 <= index < count:
         raise ValueError(f"partition must be i/P with 0 <= i < P, got {index}/{count}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _parts_dir(out, split).mkdir(parents=True, exist_ok=True)
+    parts_dir(out, split).mkdir(parents=True, exist_ok=True)
     _check_classes(out, catalog)
     rows = shuffled_rows(catalog, options.seed)
     n_shards = -(-rows.num_rows // options.shard_size)
@@ -274,7 +298,8 @@ def write_split(
         "format_version": FORMAT_VERSION,
         "split": split,
         "shards": n_shards,
-        "options": asdict(options),
+        # the writer's options, then those that shaped the catalog (--select, --trainable, ...)
+        "options": {**asdict(options), "select": None, **catalog.options},
         "source": catalog.source,
         "annotation": catalog.annotation,
         "images_read": catalog.images_read,
@@ -285,13 +310,12 @@ def write_split(
         "images_from": repr(catalog.loader),
     }
     _check_plan(out, split, plan)
-    # Temporaries of shards and part files left by a killed run of this partition.
+    # Temporaries of shards and part files, left by a killed run of this partition.
     stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar(\.json)?\.tmp-\d+$")
-    for folder in (out, _parts_dir(out, split)):
-        for stale in folder.glob(f".{split}-*.tmp-*"):
-            match = stale_name.match(stale.name)
-            if match and int(match.group(1)) % count == index:
-                stale.unlink(missing_ok=True)
+    for stale in parts_dir(out, split).glob(f".{split}-*.tar*.tmp-*"):
+        match = stale_name.match(stale.name)
+        if match and int(match.group(1)) % count == index:
+            stale.unlink(missing_ok=True)
 
     skips = SkipLog()
     todo = []
@@ -300,7 +324,7 @@ def write_split(
         first = j * options.shard_size
         shard_rows = rows.slice(first, options.shard_size).to_pylist()
         fingerprint = _fingerprint(split, j, first, shard_rows, options, plan["images_from"])
-        part = _complete_part(out, split, shard_name(split, j), fingerprint)
+        part = _complete_part(out, split, shard_name(split, j), fingerprint, retry_skipped)
         if part is not None:
             skips.merge(SkipLog.from_dict(part["skips"]))
             done_samples += len(shard_rows)
@@ -333,7 +357,7 @@ def write_split(
         finally:
             if pool is not None:
                 pool.terminate()
-    _flush(out / shard_name(split, t.index) for t in todo)
+    _flush(staged_shard(out, split, shard_name(split, t.index)) for t in todo)
     return skips
 
 
@@ -353,7 +377,7 @@ def _flush(paths) -> None:
 
 
 def read_plan(out: str | Path, split: str) -> dict:
-    path = _parts_dir(out, split) / PLAN_FILE
+    path = parts_dir(out, split) / PLAN_FILE
     if not path.is_file():
         raise ShardError(f"{path} not found: no shards of split {split!r} were written in {out}")
     return json.loads(path.read_text())
@@ -364,7 +388,7 @@ def read_parts(out: str | Path, split: str) -> tuple[dict, list[dict]]:
     plan = read_plan(out, split)
     parts, missing = [], []
     for j in range(plan["shards"]):
-        path = _parts_dir(out, split) / f"{shard_name(split, j)}.json"
+        path = parts_dir(out, split) / f"{shard_name(split, j)}.json"
         if path.is_file():
             parts.append(json.loads(path.read_text()))
         else:

@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "CSVs and tables with a negatives column, negative otherwise",
     )
     g.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse label rows whose class id neither the predictions nor --classes know "
+        "(exit 2, naming the file and line) instead of skipping and counting them",
+    )
+    g.add_argument(
         "--example",
         action="store_true",
         help="write a small OpenImages-format example into OUTPUT/example and evaluate it",
@@ -130,6 +136,8 @@ def _from_checkpoint(args: argparse.Namespace):
         raise UsageError("--checkpoint needs --data (an `mlc shard` folder)")
     if args.labels or args.example:
         raise UsageError("--checkpoint takes its labels from --data; drop --labels")
+    if args.strict:
+        raise UsageError("--strict is about --labels files; drop it with --checkpoint")
     ok = False
     try:
         report = evaluate_checkpoint(
@@ -182,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             unlisted=args.unlisted,
             bootstrap=args.bootstrap,
             seed=args.seed,
+            strict=args.strict,
         )
     print(format_summary(report))
     for path in write_report(report, args.output, plots=not args.no_plots):

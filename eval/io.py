@@ -15,7 +15,7 @@ File formats (docs/eval.md has the full description):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from mlc.io import Classes, InputFileError, check_unique_ids, existing_file
 
 CLASS_IDS_METADATA = b"mlc.class_ids"
+EXAMPLES = 5  # skipped label rows named in the summary
 OPENIMAGES_LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
 
 
@@ -49,6 +50,10 @@ class Labels:
     neg_cols: np.ndarray
     unlisted: int  # 0 = negative (fully annotated), -1 = unknown (OpenImages-style)
     skipped_other_classes: int  # label rows for classes the predictions do not score
+    # Label rows whose class id neither the predictions nor --classes know: skipped, as
+    # `mlc shard` skips them, with the first few named ("<file> line N: class id '...'").
+    skipped_unknown_classes: int = 0
+    unknown_class_examples: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- helpers
@@ -93,21 +98,28 @@ def _require_columns(table: pa.Table, path: Path, required: list[str]) -> None:
         raise InputFileError(f"{path}: missing column(s) {missing}; found {table.column_names}")
 
 
-def _line_namer(path: Path, header_lines: int):
-    """Record index -> "line N" of the file. The CSV and JSON readers skip blank lines, so they
-    are counted back in, by a scan that only runs when an error is reported."""
-
-    def name(record: int) -> str:
-        records = -1
+def _line_names(path: Path, header_lines: int, records) -> list[str]:
+    """Record indices -> "line N" of the file, in one scan up to the last of them. The CSV and
+    JSON readers skip blank lines, so they are counted back in; the scan only runs when rows
+    are reported."""
+    wanted = {int(r) for r in records}
+    found: dict[int, str] = {}
+    if wanted:
+        last, record = max(wanted), -1
         with path.open("rb") as f:
             for number, line in enumerate(f, start=1):
                 if number > header_lines and line.strip():
-                    records += 1
-                    if records == record:
-                        return f"line {number}"
-        return f"record {record + 1}"
+                    record += 1
+                    if record in wanted:
+                        found[record] = f"line {number}"
+                    if record >= last:
+                        break
+    return [found.get(int(r), f"record {int(r) + 1}") for r in records]
 
-    return name
+
+def _line_namer(path: Path, header_lines: int):
+    """Record index -> "line N" of the file (see _line_names)."""
+    return lambda record: _line_names(path, header_lines, [record])[0]
 
 
 # ---------------------------------------------------------------- predictions
@@ -174,28 +186,60 @@ def read_predictions(path: str | Path) -> Predictions:
 # ---------------------------------------------------------------- labels
 
 
+@dataclass
+class _ClassColumns:
+    cols: np.ndarray  # vocabulary column of each id (meaningless where dropped)
+    drop: np.ndarray  # ids not used: not scored by the predictions
+    unscored: int  # ids --classes knows but the predictions do not score
+    unknown: int  # ids found nowhere
+    examples: list[str]  # the first unknown ones: "<file> line N: class id '...'"
+
+
 def _class_columns(
-    ids: pa.Array, vocabulary: Classes, known_ids: set[str], path: Path, row_name, parents
-) -> tuple[np.ndarray, np.ndarray]:
-    """Map class ids to vocabulary columns; drop (and return the mask of) ids the predictions do
-    not score but the class list knows; raise on ids nobody knows."""
+    ids: pa.Array,
+    vocabulary: Classes,
+    known_ids: set[str],
+    path: Path,
+    row_names,
+    parents,
+    strict: bool,
+    column: str = "",
+) -> _ClassColumns:
+    """Map class ids to vocabulary columns. Ids the predictions do not score are dropped:
+    counted as unscored when the class list knows them, else as unknown, with examples, or,
+    with ``strict``, an error naming the first one's row. ``row_names`` maps row indices to
+    their names ("line N", "row N") in one call."""
     cols = pc.index_in(ids, value_set=pa.array(vocabulary.ids, pa.string()))
     missing = cols.is_null().to_numpy(zero_copy_only=False)
+    unknown: list[int] = []
     if missing.any():
         missing_ids = ids.filter(pa.array(missing)).to_pylist()
         unknown = [
-            i
+            int(i)
             for i, cid in zip(np.flatnonzero(missing), missing_ids, strict=True)
             if cid not in known_ids
         ]
-        if unknown:
-            first = unknown[0]
-            raise InputFileError(
-                f"{path}: {row_name(parents[first])} has unknown class id {ids[first].as_py()!r} "
-                f"({len(unknown)} label(s) with ids in neither the predictions' classes nor "
-                "--classes)"
-            )
-    return cols.to_numpy(zero_copy_only=False), missing
+    shown = unknown[:1] if strict else unknown[:EXAMPLES]
+    names = row_names([parents[i] for i in shown])
+    where = f" in {column}" if column else ""
+    examples = [
+        f"{path} {name}: class id {ids[i].as_py()!r}{where}"
+        for i, name in zip(shown, names, strict=True)
+    ]
+    if strict and unknown:
+        first = unknown[0]
+        raise InputFileError(
+            f"{path}: {names[0]} has unknown class id {ids[first].as_py()!r}{where} "
+            f"({len(unknown)} label(s) with ids in neither the predictions' classes nor "
+            "--classes; without --strict they are skipped and counted)"
+        )
+    return _ClassColumns(
+        cols.to_numpy(zero_copy_only=False),
+        missing,
+        int(missing.sum()) - len(unknown),
+        len(unknown),
+        examples,
+    )
 
 
 def read_labels(
@@ -203,23 +247,30 @@ def read_labels(
     vocabulary: Classes,
     known_ids: set[str] | None = None,
     unlisted: str = "auto",
+    strict: bool = False,
 ) -> Labels:
     """Labels from an OpenImages human image-labels CSV or a key/positives/negatives table.
 
-    ``vocabulary`` is the predictions' class order. Labels of classes in ``known_ids`` (the
-    --classes list) but not in ``vocabulary`` are skipped and counted; any other id is an error.
+    ``vocabulary`` is the predictions' class order. Label rows (list values, in a table) of
+    classes in ``known_ids`` (the --classes list) but not in ``vocabulary`` are skipped and
+    counted; so are those with an id found nowhere (counted apart, with the first few named),
+    as `mlc shard` skips them, unless ``strict``: then they are an error naming the first one.
     ``unlisted``: what a pair with no label row means: "unknown", "negative", or "auto" (unknown
     for OpenImages CSVs and tables with a ``negatives`` column, negative otherwise).
     """
     path = existing_file(path)
     known_ids = set(vocabulary.ids) | (known_ids or set())
     if path.suffix.lower() == ".csv":
-        return _read_openimages_labels(path, vocabulary, known_ids, unlisted)
+        return _read_openimages_labels(path, vocabulary, known_ids, unlisted, strict)
     table = _read_table(path)
     _require_columns(table, path, ["key", "positives"])
     keys = table["key"].combine_chunks().cast(pa.string())
     is_parquet = path.suffix.lower() == ".parquet"
-    row_name = (lambda i: f"row {i}") if is_parquet else _line_namer(path, 0)
+    if is_parquet:
+        row_names = lambda rows: [f"row {int(i)}" for i in rows]  # noqa: E731
+    else:
+        row_names = lambda rows: _line_names(path, 0, rows)  # noqa: E731
+    row_name = lambda i: row_names([i])[0]  # noqa: E731
     if keys.null_count:
         raise InputFileError(
             f"{path}: {row_name(_first_null(keys))} has no key ({keys.null_count} such row(s))"
@@ -227,7 +278,7 @@ def read_labels(
     _duplicate_keys(keys, path, row_name)
     has_negatives = "negatives" in table.column_names
     pairs = []
-    skipped = 0
+    unscored, unknown, examples = 0, 0, []
     for column in ["positives", "negatives"] if has_negatives else ["positives"]:
         col = table[column].combine_chunks()
         if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
@@ -236,13 +287,24 @@ def read_labels(
             )
         parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
         ids = col.flatten().cast(pa.string())
-        cols, drop = _class_columns(ids, vocabulary, known_ids, path, row_name, parents)
-        skipped += int(drop.sum())
-        pairs.append((parents[~drop], cols[~drop].astype(np.int64)))
+        found = _class_columns(ids, vocabulary, known_ids, path, row_names, parents, strict, column)
+        unscored += found.unscored
+        unknown += found.unknown
+        examples += found.examples[: EXAMPLES - len(examples)]
+        keep = ~found.drop
+        pairs.append((parents[keep], found.cols[keep].astype(np.int64)))
     neg_rows, neg_cols = pairs[1] if has_negatives else (np.zeros(0, np.int64),) * 2
     mode = unlisted if unlisted != "auto" else ("unknown" if has_negatives else "negative")
     return Labels(
-        keys, pairs[0][0], pairs[0][1], neg_rows, neg_cols, _unlisted_value(mode), skipped
+        keys,
+        pairs[0][0],
+        pairs[0][1],
+        neg_rows,
+        neg_cols,
+        _unlisted_value(mode),
+        unscored,
+        unknown,
+        examples,
     )
 
 
@@ -253,7 +315,7 @@ def _unlisted_value(mode: str) -> int:
 
 
 def _read_openimages_labels(
-    path: Path, vocabulary: Classes, known_ids: set[str], unlisted: str
+    path: Path, vocabulary: Classes, known_ids: set[str], unlisted: str, strict: bool
 ) -> Labels:
     with path.open(encoding="utf-8", errors="replace") as f:
         header = f.readline().strip().split(",")
@@ -294,21 +356,31 @@ def _read_openimages_labels(
         )
     label_names = table["LabelName"].combine_chunks()
     rows_all = np.arange(len(label_names))
-    cols, drop = _class_columns(label_names, vocabulary, known_ids, path, line, rows_all)
+    found = _class_columns(
+        label_names,
+        vocabulary,
+        known_ids,
+        path,
+        lambda rows: _line_names(path, 1, rows),
+        rows_all,
+        strict,
+    )
     encoded = pc.dictionary_encode(image_ids)
     image_rows = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    keep = ~drop
+    keep = ~found.drop
     positive = is_positive & keep
     negative = is_negative & keep
     mode = "unknown" if unlisted == "auto" else unlisted
     return Labels(
         encoded.dictionary,
         image_rows[positive],
-        cols[positive].astype(np.int64),
+        found.cols[positive].astype(np.int64),
         image_rows[negative],
-        cols[negative].astype(np.int64),
+        found.cols[negative].astype(np.int64),
         _unlisted_value(mode),
-        int(drop.sum()),
+        found.unscored,
+        found.unknown,
+        found.examples,
     )
 
 

@@ -167,13 +167,15 @@ def evaluate_files(
     unlisted: str = "auto",
     bootstrap: int = DEFAULT_REPLICATES,
     seed: int = 0,
+    strict: bool = False,
 ) -> Report:
-    """Everything `mlc eval` computes, as a Report (nothing is written)."""
+    """Everything `mlc eval` computes, as a Report (nothing is written). Label rows with class
+    ids found nowhere are skipped and counted, or with ``strict`` refused (InputFileError)."""
     class_list = read_classes(classes) if classes else None
     preds = read_predictions(predictions)
     vocab = _vocabulary(preds.class_ids, class_list, preds.scores.shape[1], predictions)
     known = set(class_list.ids) if class_list else set()
-    label_set = read_labels(labels, vocab, known, unlisted)
+    label_set = read_labels(labels, vocab, known, unlisted, strict)
     data = align(preds, label_set, predictions, labels, allow_missing)
     weight_spec = read_weights(weights, vocab)
     summary = {
@@ -187,6 +189,8 @@ def evaluate_files(
         "predictions_without_labels": data.predictions_without_labels,
         "labels_without_predictions": data.labels_without_predictions,
         "label_rows_for_unscored_classes": label_set.skipped_other_classes,
+        "label_rows_unknown_class": label_set.skipped_unknown_classes,
+        "label_rows_unknown_class_examples": label_set.unknown_class_examples,
         "positive_negative_conflicts": data.conflicts,
     }
     if mode not in ("class", "image"):
@@ -253,6 +257,28 @@ def _interval(s: dict, key: str) -> str:
     return f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
 
 
+def skip_notes(s: dict, examples: int = 1) -> list[str]:
+    """One sentence per kind of input the evaluation left out (counts > 0), with up to
+    ``examples`` of the skipped label rows whose class ids are unknown."""
+    texts = {
+        "predictions_without_labels": "predicted images without labels were skipped",
+        "labels_without_predictions": "labelled images without predictions were skipped",
+        "label_rows_for_unscored_classes": "label rows for classes the predictions do not score "
+        "were skipped",
+        "label_rows_unknown_class": "label rows with class ids in neither the predictions' "
+        "classes nor --classes were skipped (--strict refuses them)",
+        "positive_negative_conflicts": "(image, class) pairs were both positive and negative: "
+        "counted as positive",
+    }
+    notes = []
+    for key, text in texts.items():
+        if not s.get(key):
+            continue
+        shown = s.get(f"{key}_examples", [])[:examples]
+        notes.append(f"{s[key]} {text}" + (f", e.g. {'; '.join(shown)}" if shown else ""))
+    return notes
+
+
 def format_summary(report: Report) -> str:
     s, k = report.summary, report.summary["k"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
@@ -283,14 +309,6 @@ def format_summary(report: Report) -> str:
         ]
         if s["mode"] == "image":
             lines.insert(0, lines.pop(3))
-    notes = {
-        "predictions_without_labels": "predicted images without labels were skipped",
-        "labels_without_predictions": "labelled images without predictions were skipped",
-        "label_rows_for_unscored_classes": "label rows for classes the predictions do not score "
-        "were skipped",
-        "positive_negative_conflicts": "(image, class) pairs were both positive and negative: "
-        "counted as positive",
-    }
-    lines += [f"note: {s[key]} {text}" for key, text in notes.items() if s.get(key)]
+    lines += [f"note: {text}" for text in skip_notes(s, examples=1)]
     lines += [f"note: {text}" for text in s.get("notes", [])]
     return "\n".join(lines)

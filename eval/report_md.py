@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.report import skip_notes
 from mlc.io import atomic_write_text
 from mlc.plots import bar_chart, histogram, scatter_chart, write_png
 
@@ -117,6 +118,9 @@ def _markdown(report, plots: bool) -> str:
         ]
     for note in s.get("notes", []):
         lines += ["", f"Note: {note}"]
+    skipped = skip_notes(s, examples=5)
+    if skipped:
+        lines += ["", "## Skipped inputs", ""] + [f"- {note}" for note in skipped]
     defined = np.flatnonzero(~np.isnan(r.ap) & (r.weights > 0))
     if len(defined):
         total = r.weights[defined].sum()

@@ -26,7 +26,8 @@ def read_coco(instances_json, image_root) -> Catalog:
     - ``images_read`` = the entries of ``images``; ``label_rows_read`` = the annotations. An
       annotation of an image id not in ``images`` is skipped ("unknown image id", checked first),
       one of a category id not in ``categories`` too ("unknown class id"); annotations of an image
-      that was itself skipped are dropped with it and not counted again.
+      that was itself skipped are dropped with it and not counted again. An image's
+      ``label_rows`` are its annotations that were not skipped.
 
     Raises ValueError naming the file and the key for a file that is not JSON, a missing
     top-level key, an entry without a required key, or a repeated category id.
@@ -124,7 +125,11 @@ def read_coco(instances_json, image_root) -> Catalog:
     ids = pa.array([str(image_ids[i]) for i in rows], pa.string())
     locators = pa.array([file_names[i] for i in rows], pa.string())
     table = catalog_table(
-        ids, locators, lists_from_pairs(keys, n_classes, k), lists_from_pairs(keys[:0], 1, k)
+        ids,
+        locators,
+        lists_from_pairs(keys, n_classes, k),
+        lists_from_pairs(keys[:0], 1, k),
+        label_rows=np.bincount(row[good], minlength=k),  # annotations per image
     )
     return Catalog(
         class_ids=class_ids,

@@ -18,7 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from data_tools.catalog import Catalog, FileLoader, SkipLog, catalog_table
+from data_tools.catalog import (
+    EXAMPLES_PER_REASON,
+    NO_TRAINABLE_LABELS,
+    NOT_TRAINABLE,
+    Catalog,
+    FileLoader,
+    SkipLog,
+    catalog_table,
+)
 from mlc.io import read_classes
 
 LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
@@ -55,6 +63,7 @@ class _LabelBatches:
         self.rows_read = 0
         self.image_ids: list[pa.Array] = []  # every row with an ImageID (kept or not)
         self.kept: list[np.ndarray] = []  # per such row: is the label used
+        self.not_trainable: list[np.ndarray] = []  # per such row: left out by --trainable
         self.classes: list[np.ndarray] = []  # per kept row
         self.positive: list[np.ndarray] = []  # per kept row
 
@@ -108,14 +117,18 @@ class _LabelBatches:
             out = candidate & ~in_vocab
             known = pc.is_in(label, value_set=pa.array(sorted(self.all_ids), pa.string()))
             known = known.to_numpy(zero_copy_only=False)
+            not_trainable = out & known
             for reason, mask in (
-                ("not a trainable class", out & known),
+                (NOT_TRAINABLE, not_trainable),
                 ("unknown class id", out & ~known),
             ):
                 self.skips.add_all(reason, _examples(mask, image, label), int(mask.sum()))
+        else:
+            not_trainable = np.zeros(len(candidate), dtype=bool)
         keep = candidate & in_vocab
         self.image_ids.append(image.filter(pa.array(has_image)))
         self.kept.append(keep[has_image])
+        self.not_trainable.append(not_trainable[has_image])
         self.classes.append(column.to_numpy(zero_copy_only=False)[keep].astype(np.int64))
         self.positive.append(is_pos[keep])
 
@@ -146,8 +159,13 @@ def read_openimages(
     all_ids = pa.chunked_array(batches.image_ids, pa.string())
     unique_ids = pc.unique(all_ids)  # images in order of first appearance
     codes = pc.index_in(all_ids, value_set=unique_ids).to_numpy().astype(np.int64)
+    n_images = len(unique_ids)
+    # Images with a label row left out by --trainable: without labels, they are skipped for that.
+    had_not_trainable = np.zeros(n_images, dtype=bool)
+    if batches.not_trainable:
+        had_not_trainable[codes[np.concatenate(batches.not_trainable)]] = True
     codes = codes[np.concatenate(batches.kept)] if batches.kept else codes
-    n_images, n_classes = len(unique_ids), len(vocab)
+    n_classes = len(vocab)
     classes_col = np.concatenate(batches.classes) if batches.classes else codes
     positive = np.concatenate(batches.positive) if batches.positive else codes.astype(bool)
 
@@ -160,20 +178,32 @@ def read_openimages(
     kept_positive = positive[np.searchsorted(pairs, pairs, "left")]  # the label each pair keeps
     conflict = ~first & ~positive & kept_positive
     duplicate = ~first & ~conflict
+
+    def pair_examples(mask: np.ndarray) -> list[str]:
+        return [
+            f"{unique_ids[int(pairs[i] // n_classes)].as_py()} {vocab[int(pairs[i] % n_classes)]}"
+            for i in np.flatnonzero(mask)[:EXAMPLES_PER_REASON]
+        ]
+
     skips = batches.skips
-    skips.add_all("positive and negative (kept positive)", [], int(conflict.sum()))
-    skips.add_all("duplicate (image, class) row", [], int(duplicate.sum()))
+    skips.add_all(
+        "positive and negative (kept positive)", pair_examples(conflict), int(conflict.sum())
+    )
+    skips.add_all("duplicate (image, class) row", pair_examples(duplicate), int(duplicate.sum()))
     pairs, positive = pairs[first], positive[first]
     img, cls = pairs // n_classes, pairs % n_classes
     pos_lists = _group_by_image(img[positive], cls[positive], n_images)
     neg_lists = _group_by_image(img[~positive], cls[~positive], n_images)
 
-    known = np.bincount(img, minlength=n_images) > 0
+    rows_per_image = np.bincount(img, minlength=n_images)  # one kept label row per pair
+    known = rows_per_image > 0
     image_skips = SkipLog()
-    no_labels = np.flatnonzero(~known)
-    image_skips.add_all(
-        "no known labels", [unique_ids[int(i)].as_py() for i in no_labels[:5]], len(no_labels)
-    )
+    for reason, mask in (
+        ("no known labels", ~known & ~had_not_trainable),
+        (NO_TRAINABLE_LABELS, ~known & had_not_trainable),
+    ):
+        skipped = np.flatnonzero(mask)
+        image_skips.add_all(reason, [unique_ids[int(i)].as_py() for i in skipped[:5]], len(skipped))
     keep = pa.array(known)
     ids = unique_ids.filter(keep)
     rotation = _rotations(rotation_csv, ids) if rotation_csv else None
@@ -183,6 +213,7 @@ def read_openimages(
         pos_lists.filter(keep),
         neg_lists.filter(keep),
         rotation,
+        rows_per_image[known],
     )
     return Catalog(
         class_ids=list(vocab),
@@ -195,6 +226,10 @@ def read_openimages(
         label_rows_read=batches.rows_read,
         label_row_skips=skips,
         source=f"OpenImages labels {', '.join(str(p) for p in label_csvs)}",
+        options={
+            "trainable": str(trainable) if trainable else None,
+            "rotation": str(rotation_csv) if rotation_csv else None,
+        },
     )
 
 

@@ -82,7 +82,8 @@ def read_table_source(
       counted again in label_row_skips. label_row_skips: "malformed line", "unknown class id"
       (the value is dropped), "ambiguous class name", "positive and negative (kept positive)"
       (one per (image, class) pair listed on both sides; the negative is dropped). Repeats of a
-      label within a row are merged silently.
+      label within a row are merged silently (counted as used). The catalog's ``label_rows`` are
+      each row's values that were not skipped.
     Examples name the image id, or "data row N" (N-th well-formed data row, from 1) for rows
     without one.
 
@@ -170,9 +171,15 @@ def read_table_source(
             return _index_in(values, ids_array), np.zeros(len(values), dtype=bool)
 
     n_classes = max(len(class_ids), 1)
-    pos_keys = _pair_keys(pos_parent, pos_values, to_index, n_classes, label_skips, kept_ids, "")
-    neg_keys = _pair_keys(
+    pos_keys, pos_known = _pair_keys(
+        pos_parent, pos_values, to_index, n_classes, label_skips, kept_ids, ""
+    )
+    neg_keys, neg_known = _pair_keys(
         neg_parent, neg_values, to_index, n_classes, label_skips, kept_ids, ", negative"
+    )
+    # Per kept row, its label values that are not skipped (repeats within a row included).
+    label_rows = np.bincount(pos_parent[pos_known], minlength=k) + np.bincount(
+        neg_parent[neg_known], minlength=k
     )
     both = np.isin(neg_keys, pos_keys, assume_unique=True)
     if both.any():
@@ -185,6 +192,7 @@ def read_table_source(
             ],
             int(both.sum()),
         )
+        label_rows -= np.bincount(neg_keys[both] // n_classes, minlength=k)
         neg_keys = neg_keys[~both]
 
     positives = lists_from_pairs(pos_keys, n_classes, k)
@@ -202,7 +210,9 @@ def read_table_source(
             [repr(kept_ids[int(i)].as_py()) for i in bad[:EXAMPLES_PER_REASON]],
             len(bad),
         )
-    out = catalog_table(kept_ids, kept_locators, positives, negatives).filter(pa.array(~unknown))
+    out = catalog_table(
+        kept_ids, kept_locators, positives, negatives, label_rows=label_rows
+    ).filter(pa.array(~unknown))
     return Catalog(
         class_ids=class_ids,
         class_names=class_names,
@@ -473,7 +483,8 @@ def _class_matcher(class_ids: list[str], class_names: list[str]):
 
 
 def _pair_keys(parents, values, to_index, n_classes, skips: SkipLog, ids: pa.Array, side: str):
-    """(row, value) pairs -> sorted unique keys row * n_classes + class; unknown values skipped."""
+    """(row, value) pairs -> sorted unique keys row * n_classes + class, and the mask of the
+    values used; unknown values skipped."""
     index, ambiguous = to_index(values)
     for reason, mask in (
         ("ambiguous class name", ambiguous),
@@ -490,4 +501,4 @@ def _pair_keys(parents, values, to_index, n_classes, skips: SkipLog, ids: pa.Arr
                 len(bad),
             )
     known = index >= 0
-    return sorted_unique(parents[known] * n_classes + index[known])
+    return sorted_unique(parents[known] * n_classes + index[known]), known

@@ -73,7 +73,7 @@ EXPECTED = {
 
 # With --trainable: vocabulary Car 0, Duck 1, Fiat 2, Lemon 3, Person 4, Dog 5 (the trainable
 # file's order); Cat and Flower rows are "not a trainable class". Images 6, 14 and 31 have only
-# Cat/Flower labels, 28 only Tree's: no known labels.
+# Cat/Flower labels: "no trainable labels" (left out as asked); 28 only Tree's: no known labels.
 EXPECTED_TRAINABLE = {
     1: ([1], [4]),
     2: ([0, 2], [5]),
@@ -152,6 +152,17 @@ def test_label_row_and_image_skips_are_counted(oi):
     assert f"{image_id(10)} /m/0notaclass" in examples["unknown class id"]
     assert len(examples["malformed line"]) == 2
     assert examples["malformed line"][0].startswith("image-labels.csv line 13: ")
+    # Every reason has examples, duplicate and conflicting rows too.
+    assert set(examples) == set(LABEL_ROW_SKIPS)
+    assert examples["positive and negative (kept positive)"] == [f"{image_id(12)} /m/0k4j"]
+    assert examples["duplicate (image, class) row"] == [
+        f"{image_id(13)} /m/01c_0l",
+        f"{image_id(13)} /m/03hgsf0",
+    ]
+    # The catalog's label_rows: one kept label row per (image, class) pair.
+    ids, label_rows = catalog.table["id"].to_pylist(), catalog.table["label_rows"].to_pylist()
+    rows = dict(zip(ids, label_rows, strict=True))
+    assert rows == {image_id(k): len(p) + len(n) for k, (p, n) in EXPECTED.items()}
 
 
 def test_trainable_restricts_the_vocabulary(oi):
@@ -164,7 +175,10 @@ def test_trainable_restricts_the_vocabulary(oi):
     # 15 Cat/Flower rows with a valid Confidence (image 11's Cat row has 0.5: bad Confidence).
     assert dict(catalog.label_row_skips.counts) == {**LABEL_ROW_SKIPS, "not a trainable class": 15}
     assert catalog.label_rows_read == LABEL_ROWS
-    assert dict(catalog.image_skips.counts) == {"no known labels": 4}
+    assert catalog.image_skips.to_dict() == {
+        "no known labels": {"count": 1, "examples": [image_id(28)]},
+        "no trainable labels": {"count": 3, "examples": [image_id(k) for k in (6, 14, 31)]},
+    }
     assert catalog.images_read == 31
     assert catalog.images_read == catalog.table.num_rows + catalog.image_skips.total
 

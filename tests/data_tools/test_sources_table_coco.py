@@ -271,6 +271,15 @@ def test_every_skip_reason_is_counted_with_an_example(tmp_path):
     assert skips.examples["positive and negative (kept positive)"] == ["'cat' (image 'b.jpg')"]
     # label values of well-formed rows (2+1+1+3+1+1+0) plus one per malformed line
     assert catalog.label_rows_read == 9 + 1
+    # Per image, its values not skipped: b.jpg's zebra and its negative cat are skipped. The
+    # values of the rows skipped as images (2, with c.jpg's skipped zebra) are in none.
+    label_rows = catalog.table["label_rows"].to_pylist()
+    assert dict(zip(catalog.table["id"].to_pylist(), label_rows, strict=True)) == {
+        "a.jpg": 2,
+        "b.jpg": 1,
+        "e.jpg": 1,
+    }
+    assert catalog.label_rows_read == sum(label_rows) + skips.total + 2
 
 
 def test_malformed_lines_with_an_id_column(tmp_path):
@@ -395,6 +404,7 @@ def test_coco(tmp_path):
     }
     assert catalog.images_read == 3 and catalog.image_skips.total == 0
     assert catalog.label_rows_read == 6
+    assert catalog.table["label_rows"].to_pylist() == [3, 1, 0]  # annotations used per image
     assert catalog.label_row_skips.to_dict() == {
         "unknown class id": {"count": 1, "examples": ["annotation id 104: category_id 2"]},
         "unknown image id": {"count": 1, "examples": ["annotation id 105: image_id 99"]},

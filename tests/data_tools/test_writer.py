@@ -26,8 +26,9 @@ from PIL import Image
 
 from data_tools.catalog import Catalog, FileLoader, Skip, catalog_table
 from data_tools.merge import merge_split
+from data_tools.select import select_densest
 from data_tools.sources.openimages import read_openimages
-from data_tools.writer import ShardOptions, write_split
+from data_tools.writer import ShardError, ShardOptions, write_split
 from mlc.cli import main
 from mlc.format import SAMPLE_FIELDS
 
@@ -41,7 +42,7 @@ from .conftest import (
     make_openimages,
     noise_image,
 )
-from .test_openimages import EXPECTED, LABEL_ROW_SKIPS
+from .test_openimages import EXPECTED, EXPECTED_TRAINABLE, LABEL_ROW_SKIPS
 
 REPO = Path(__file__).resolve().parents[2]
 SHARD_SIZE = 4  # 30 catalog rows -> 8 shards
@@ -233,14 +234,39 @@ def test_report_reconciles_and_counts_every_skip(oi, ref):
     assert rows == LABEL_ROW_SKIPS
     assert report["label_rows_read"] == 75
     assert report["label_rows_skipped"] == sum(LABEL_ROW_SKIPS.values())
+    # Used: the labels of the 27 images written (one row each), counted from the hand-written
+    # catalog; the 4 rows of the missing and corrupt images 25-27 are not among them.
+    assert report["label_rows_used"] == 62
+    assert report["label_rows_of_skipped_images"] == 4
     assert report["options"] == {
         "shard_size": SHARD_SIZE,
         "max_side": None,
         "quality": 90,
         "verify": "decode",
         "seed": 0,
+        "select": None,
+        "trainable": None,
+        "rotation": str(oi.rotation),
     }
     assert str(oi.labels) in report["source"]
+
+
+def test_report_counts_only_label_rows_of_written_images_as_used(oi, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert shard(oi, out, "--trainable", oi.trainable, "--select", "densest:5") == 0
+    report = json.loads((out / "train.report.json").read_text())
+    assert report["options"]["trainable"] == str(oi.trainable)
+    assert report["options"]["select"] == "densest:5"
+    written = [int(r["id"], 16) for r in manifest(out)]
+    used = sum(len(p) + len(n) for k, (p, n) in EXPECTED_TRAINABLE.items() if k in written)
+    assert report["label_rows_used"] == used
+    skipped = report["label_rows_skipped"]
+    assert report["label_rows_of_skipped_images"] == 75 - skipped - used > 0
+    printed = capsys.readouterr().out
+    assert (
+        f"label rows: 75 read = {used} used + {75 - skipped - used} of skipped images + "
+        f"{skipped} skipped"
+    ) in printed
 
 
 def test_max_side_end_to_end(oi, tmp_path):
@@ -359,7 +385,8 @@ def test_partitions_then_merge_equal_one_run(oi, ref, tmp_path, capsys):
     assert shard(oi, out, "--partition", "0/3") == 0
     assert shard(oi, out, "--partition", "1/3") == 0
     assert not (out / "train.manifest.parquet").exists()
-    written = sorted(p.name for p in out.glob("train-*.tar"))
+    assert not list(out.glob("train-*.tar"))  # staged: nothing is published before the merge
+    written = sorted(p.name for p in (out / "_parts" / "train").glob("train-*.tar"))
     assert written == [n for j, n in enumerate(shard_names()) if j % 3 in (0, 1)]
     capsys.readouterr()
 
@@ -376,6 +403,7 @@ def test_partitions_then_merge_equal_one_run(oi, ref, tmp_path, capsys):
     assert digests(result_files(out)) == digests(result_files(ref))
     assert timm_info(out) == timm_info(ref)
     assert temporaries(out) == []
+    assert not list((out / "_parts" / "train").glob("*.tar"))  # all moved into place
 
 
 def test_merge_of_nothing_fails_clearly(tmp_path, capsys):
@@ -454,8 +482,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, after):
     else:
         pytest.skip("every run finished before it could be killed: nothing to resume")
     assert not (out / "train.manifest.parquet").exists()
-    # Shards whose part file exists are complete: the re-run must keep them, not rewrite them.
-    kept = {p.name[: -len(".json")]: (out / p.name[: -len(".json")]).stat().st_ino for p in parts}
+    # Shards whose part file exists are complete (staged until the merge publishes them): the
+    # re-run must keep them, not rewrite them.
+    kept = {p.name[: -len(".json")]: p.with_suffix("").stat().st_ino for p in parts}
 
     assert main(["shard", *args]) == 0  # the same command again
     reference = tmp_path / "reference"
@@ -479,7 +508,7 @@ def test_damaged_shards_and_parts_are_rewritten(oi, ref, tmp_path):
     (out / "train-000005.tar").unlink()  # gone
     (out / "_parts" / "train" / "train-000006.tar.json").write_text("{")  # damaged part file
     (out / "_parts" / "train" / "train-000007.tar.json").unlink()  # no part file
-    (out / ".train-000002.tar.tmp-12345").write_bytes(b"left by a killed run")
+    (out / "_parts" / "train" / ".train-000002.tar.tmp-12345").write_bytes(b"left by a kill")
 
     assert shard(oi, out) == 0
     assert digests(result_files(out)) == digests(result_files(ref))
@@ -549,22 +578,108 @@ def test_a_temporary_of_another_split_does_not_stop_a_run(oi, tmp_path):
 # ---------------------------------------------------------------- --strict, --select
 
 
-def test_strict(oi, oi_clean, tmp_path, capsys):
-    assert shard(oi, tmp_path / "a", "--strict") == 1
-    err = capsys.readouterr().err
-    assert "--strict: 13 item(s) were skipped" in err  # 4 images + 9 label rows
-    assert (tmp_path / "a" / "train.report.json").is_file()  # written all the same
+def published(out: Path) -> list[str]:
+    """What a split's publication puts in the dataset folder."""
+    return sorted(p.name for p in out.glob("*") if p.name != "_parts")
+
+
+def test_strict_refuses_label_problems_before_writing_anything(oi, oi_clean, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert shard(oi, out, "--strict") == 1
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert not out.exists()  # not even classes.json: no image was read
+    # Images apart from label rows, each reason with its count and an example.
+    err = captured.err.splitlines()
+    assert err[:5] == [
+        f"mlc shard: --strict: refused before writing any shard to {out}; skipped:",
+        "train: 1 image(s) and 9 label row(s) skipped",
+        "  images skipped: 1",
+        f"    {'no known labels':<38}{1:>7}   e.g. {image_id(28)}",
+        "  label rows skipped: 9",
+    ]
+    assert {line[4:42].strip(): int(line[42:49]) for line in err[5:]} == LABEL_ROW_SKIPS
+    assert all(" e.g. " in line for line in err[5:])
+
     assert shard(oi_clean, tmp_path / "b", "--strict") == 0
     report = json.loads((tmp_path / "b" / "train.report.json").read_text())
     assert (report["written"], report["skipped"], report["label_rows_skipped"]) == (27, 0, 0)
     assert sorted(r["id"] for r in manifest(tmp_path / "b")) == sorted(oi_clean.written_ids)
 
 
-def test_strict_counts_label_rows_alone(oi_clean, tmp_path):
+def test_strict_counts_label_rows_alone(oi_clean, tmp_path, capsys):
     """A dataset whose images are all written but one label row was skipped: still exit 1."""
     data = make_openimages(tmp_path / "data", clean=True)
     data.labels.write_text(data.labels.read_text() + f"{image_id(1)},verification,/m/0xx,1\n")
     assert shard(data, tmp_path / "out", "--strict") == 1
+    err = capsys.readouterr().err
+    assert "train: 0 image(s) and 1 label row(s) skipped\n" in err
+    assert "images skipped" not in err and "  label rows skipped: 1\n" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_publishes_nothing_when_images_are_broken_and_resumes_once_fixed(tmp_path, capsys):
+    data = make_openimages(tmp_path / "data", clean=True)
+    good = {k: (data.images / f"{image_id(k)}.jpg").read_bytes() for k in (3, 5)}
+    (data.images / f"{image_id(3)}.jpg").write_bytes(good[3][: len(good[3]) // 2])
+    (data.images / f"{image_id(5)}.jpg").unlink()
+    out = tmp_path / "out"
+    assert shard(data, out, "--strict") == 1
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert published(out) == ["classes.json"]  # no shard, manifest, stats or report
+    err = captured.err.splitlines()
+    assert err[0] == (
+        f"mlc shard: --strict: nothing published in {out} (the shards written wait in "
+        f"{out / '_parts'} for a re-run); skipped:"
+    )
+    assert err[1:4] == [
+        "train: 2 image(s) and 0 label row(s) skipped",
+        "  images skipped: 2",
+        f"    {'corrupt image':<38}{1:>7}   e.g. {image_id(3)}: truncated JPEG (no end marker)",
+    ]
+    assert err[4].startswith(f"    {'missing file':<38}{1:>7}   e.g. {image_id(5)}: ")
+    assert len(err) == 5  # no label rows
+    staged = {p.name: p.stat().st_ino for p in (out / "_parts" / "train").glob("*.tar")}
+    assert len(staged) == N_SHARDS - 1  # 27 images in shards of 4
+
+    # Fixed: the same command publishes, rewriting only the shards that skipped an image.
+    for k, data_bytes in good.items():
+        (data.images / f"{image_id(k)}.jpg").write_bytes(data_bytes)
+    assert shard(data, out, "--strict") == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    reference = tmp_path / "reference"
+    assert shard(data, reference) == 0
+    assert digests(result_files(out)) == digests(result_files(reference))
+    kept = [name for name in staged if (out / name).stat().st_ino == staged[name]]
+    assert len(kept) == len(staged) - 2  # the two shards with a skipped image were rewritten
+
+
+def test_strict_accepts_what_select_and_trainable_leave_out(oi_clean, tmp_path):
+    out = tmp_path / "out"
+    args = ["--strict", "--trainable", oi_clean.trainable, "--select", "densest:5"]
+    assert shard(oi_clean, out, *args) == 0
+    report = json.loads((out / "train.report.json").read_text())
+    assert set(report["image_skips"]) == {"no trainable labels", "not selected (densest:5)"}
+    assert set(report["label_row_skips"]) == {"not a trainable class"}
+    assert report["written"] == 5
+
+
+def test_strict_with_partitions_and_merge(tmp_path, capsys):
+    data = make_openimages(tmp_path / "data", clean=True)
+    (data.images / f"{image_id(3)}.jpg").write_bytes(b"broken")
+    out = tmp_path / "out"
+    codes = [shard(data, out, "--strict", "--partition", f"{i}/2") for i in range(2)]
+    assert sorted(codes) == [0, 1]  # the partition whose shards hold image 3 fails
+    capsys.readouterr()
+    merge = ["shard", "merge", "--out", str(out), "--split", "train"]
+    assert main([*merge, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mlc shard: --strict: nothing published in {out}; skipped:\n")
+    assert "train: 1 image(s) and 0 label row(s) skipped" in err
+    assert published(out) == ["classes.json"]
+    assert main(merge) == 0  # without --strict: published, the skip reported
+    assert len(manifest(out)) == 26
 
 
 @pytest.mark.parametrize("n", [4, 5, 7])
@@ -592,7 +707,111 @@ def test_select_densest(oi, tmp_path, n):
 def test_select_more_than_there_are(oi, ref, tmp_path):
     out = tmp_path / "out"
     assert shard(oi, out, "--select", "densest:1000") == 0
-    assert digests(result_files(out)) == digests(result_files(ref))
+    files, expected = result_files(out), result_files(ref)
+    report, expected_report = (json.loads(f.pop("train.report.json")) for f in (files, expected))
+    assert digests(files) == digests(expected)
+    assert report.pop("options") == {**expected_report.pop("options"), "select": "densest:1000"}
+    assert report.pop("selection") == {"requested": 1000, "short": 1000 - 27}
+    assert report == expected_report
+
+
+def broken_densest(root: Path):
+    """The clean dataset with its two densest images broken: image 15 (8 known labels) corrupt,
+    16 (6) missing. The next densest are 17 (5 known labels), 4 (4), then 2, 8 and 24 (3 each,
+    in an order the seed's tie-break decides)."""
+    data = make_openimages(root, clean=True)
+    (data.images / f"{image_id(15)}.jpg").write_bytes(b"not an image")
+    (data.images / f"{image_id(16)}.jpg").unlink()
+    return data
+
+
+def test_select_densest_replaces_broken_images_by_the_next_densest(tmp_path, capsys):
+    data = broken_densest(tmp_path / "data")
+    out = tmp_path / "out"
+    assert shard(data, out, "--select", "densest:3") == 0
+    selected = {int(r["id"], 16) for r in manifest(out)}
+    assert len(selected) == 3
+    assert {17, 4} < selected < {17, 4, 2, 8, 24}
+    report = json.loads((out / "train.report.json").read_text())
+    assert (report["images_read"], report["written"], report["skipped"]) == (27, 3, 24)
+    assert report["image_skips"] == {
+        "corrupt image": {
+            "count": 1,
+            "examples": [f"{image_id(15)}: not a recognised image format"],
+        },
+        "missing file": {
+            "count": 1,
+            "examples": [f"{image_id(16)}: {data.images / image_id(16)}.jpg"],
+        },
+        "not selected (densest:3)": {
+            "count": 22,
+            "examples": report["image_skips"]["not selected (densest:3)"]["examples"],
+        },
+    }
+    assert report["selection"] == {"requested": 3, "short": 0}
+    # The same selection and bytes with more workers, and with partitions then a merge.
+    select = ["--select", "densest:3"]
+    for extra in (["--workers", 3], ["--partition", "0/2"]):
+        assert shard(data, tmp_path / extra[0], *select, *extra) == 0
+    assert shard(data, tmp_path / "--partition", *select, "--partition", "1/2") == 0
+    assert main(["shard", "merge", "--out", str(tmp_path / "--partition"), "--split", "train"]) == 0
+    for other in ("--workers", "--partition"):
+        assert digests(result_files(tmp_path / other)) == digests(result_files(out))
+
+
+def test_select_densest_says_when_fewer_can_be_written(oi, tmp_path, capsys):
+    """30 candidates of which 3 are broken: densest:29 writes the 27 others, and says so."""
+    out = tmp_path / "out"
+    assert shard(oi, out, "--select", "densest:29") == 0
+    assert len(manifest(out)) == 27
+    report = json.loads((out / "train.report.json").read_text())
+    assert report["selection"] == {"requested": 29, "short": 2}
+    assert {reason: e["count"] for reason, e in report["image_skips"].items()} == IMAGE_SKIPS
+    printed = capsys.readouterr().out
+    assert "--select densest:29: 2 fewer images than asked" in printed
+
+
+class _CountingLoader(_MemoryLoader):
+    loads = 0
+
+    def load(self, locator: str) -> bytes:
+        type(self).loads += 1
+        return super().load(locator)
+
+
+def test_select_checks_in_rank_order_and_saves_the_outcomes(tmp_path):
+    # Known labels: a 4, b 3 (broken), c 2 (broken), d 2, e 1, f 0.
+    table = catalog_table(
+        ["a", "b", "c", "d", "e", "f"],
+        ["1", "bad-2", "bad-3", "4", "5", "6"],
+        [[0, 1], [0, 1, 2], [1, 2], [0], [2], []],
+        [[2, 3], [], [], [1], [], []],
+    )
+    catalog = Catalog(
+        ["w", "x", "y", "z"], ["W", "X", "Y", "Z"], table, _CountingLoader(), "partial", 6
+    )
+    options = ShardOptions(shard_size=2)
+    out = tmp_path / "out"
+    _CountingLoader.loads = 0
+    selected = select_densest(catalog, 2, options, out, "val", progress=False)
+    assert selected.table["id"].to_pylist() == ["a", "d"]
+    assert _CountingLoader.loads == 4  # a, b, c (round 1: a b; round 2: c), d: not e or f
+    assert selected.image_skips.to_dict() == {
+        "unreadable file": {"count": 2, "examples": ["b: bad-2", "c: bad-3"]},
+        "not selected (densest:2)": {"count": 2, "examples": ["e", "f"]},
+    }
+    assert selected.options == {"select": "densest:2"}
+    # A re-run (or another partition) uses the saved outcomes: no image is read again.
+    again = select_densest(catalog, 2, options, out, "val", workers=2, progress=False)
+    assert _CountingLoader.loads == 4
+    assert again.table.equals(selected.table)
+    assert again.image_skips.to_dict() == selected.image_skips.to_dict()
+    # recheck (--strict) reads the broken ones again, in case they were fixed.
+    select_densest(catalog, 2, options, out, "val", progress=False, recheck=True)
+    assert _CountingLoader.loads == 8
+    # Other options into the same folder: refused.
+    with pytest.raises(ShardError, match="selection made from other inputs or options"):
+        select_densest(catalog, 2, ShardOptions(shard_size=2, max_side=4), out, "val")
 
 
 # ---------------------------------------------------------------- python -m mlc.cli

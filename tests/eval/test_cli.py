@@ -333,14 +333,53 @@ def test_example_matches_the_metric_on_its_own_files(tmp_path, capsys):
 
 def test_bad_input_exits_2_with_message_on_stderr(files, tmp_path, capsys):
     labels = tmp_path / "bad.csv"
-    labels.write_text("ImageID,Source,LabelName,Confidence\ni1,verification,/m/0zzzz,1\n")
+    labels.write_text("ImageID,Source,LabelName,Confidence\ni1,verification,/m/0zzzz,2\n")
     out = tmp_path / "out"
     argv = ["eval", "--predictions", files["predictions"], "--labels", str(labels)]
     assert main([*argv, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mlc eval: error: ")
-    assert "bad.csv: line 2 has unknown class id '/m/0zzzz'" in err
+    assert "bad.csv: line 2 has Confidence '2'" in err
     assert not out.exists()  # nothing written
+
+
+def test_unknown_class_rows_are_skipped_counted_and_reported(files, tmp_path, capsys):
+    """Label rows with a class id found nowhere: skipped and counted as `mlc shard` does, named
+    in summary.json, the printed summary and report.md; --strict refuses them (exit 2)."""
+    labels = tmp_path / "unknown.csv"
+    rows = Path(files["labels"]).read_text().splitlines()
+    rows.insert(3, "i1,verification,/m/0zzzz,1")  # line 4
+    rows.append("i4,verification,/m/0yyyy,0")  # line 19
+    labels.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    summary = run_eval(files, out, "--k", "2", "--weights", files["weights"], labels=labels)
+    assert summary["label_rows_unknown_class"] == 2
+    examples = [
+        f"{labels} line 4: class id '/m/0zzzz'",
+        f"{labels} line 19: class id '/m/0yyyy'",
+    ]
+    assert summary["label_rows_unknown_class_examples"] == examples
+    assert summary["label_rows_for_unscored_classes"] == 1  # T, as before
+    assert F(summary["weighted_map_at_k"]).limit_denominator(1000) == WEIGHTED  # unchanged
+    printed = capsys.readouterr().out
+    assert (
+        "note: 2 label rows with class ids in neither the predictions' classes nor --classes "
+        f"were skipped (--strict refuses them), e.g. {examples[0]}\n"
+    ) in printed
+    report = (out / "report.md").read_text()
+    assert "## Skipped inputs" in report
+    assert f"e.g. {examples[0]}; {examples[1]}" in report
+
+    strict = tmp_path / "strict"
+    argv = ["eval", "--predictions", files["predictions"], "--labels", str(labels)]
+    argv += ["--classes", files["classes"], "--output", str(strict), "--strict"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"mlc eval: error: {labels}: line 4 has unknown class id '/m/0zzzz' (2 label(s)"
+    )
+    assert err.count("\n") == 1  # one line
+    assert not strict.exists()
 
 
 def test_missing_keys_exit_2_and_allow_missing_evaluates(files, tmp_path, capsys):

@@ -134,20 +134,37 @@ def test_allow_missing_evaluates_the_intersection_and_reports_counts(one_sided):
 
 
 # ---------------------------------------------------------------- unknown class ids
+#
+# Label rows whose class id neither the predictions nor --classes know are skipped and counted,
+# with the first few named (file, line, id), as `mlc shard` skips them; strict=True refuses
+# them with an error naming the first one's line.
 
 
-def test_unknown_class_in_openimages_csv_names_the_line(tmp_path):
+def test_unknown_class_in_openimages_csv_is_skipped_and_named(tmp_path):
     path = write_text(
         tmp_path / "human-imagelabels.csv",
-        OI_HEADER + "a,verification,x,1\nb,verification,y,0\nb,verification,/m/nope,1\n",
+        OI_HEADER
+        + "a,verification,x,1\nb,verification,y,0\nb,verification,/m/nope,1\n\n"
+        + "a,verification,/m/gone,0\nb,verification,z,1\n",
     )
+    labels = read_labels(path, XYZ)
+    assert labels.skipped_unknown_classes == 2
+    assert labels.unknown_class_examples == [
+        f"{path} line 4: class id '/m/nope'",
+        f"{path} line 6: class id '/m/gone'",  # line 5 is blank
+    ]
+    assert labels.skipped_other_classes == 0
+    # The other rows are read as without the unknown ones.
+    assert (labels.pos_rows.tolist(), labels.pos_cols.tolist()) == ([0, 1], [0, 2])
+    assert (labels.neg_rows.tolist(), labels.neg_cols.tolist()) == ([1], [1])
     with pytest.raises(
-        InputFileError, match=parts("human-imagelabels.csv", "line 4", "unknown class id '/m/nope'")
+        InputFileError,
+        match=parts("human-imagelabels.csv", "line 4", "unknown class id '/m/nope'", "2 label"),
     ):
-        read_labels(path, XYZ)
+        read_labels(path, XYZ, strict=True)
 
 
-def test_unknown_class_in_jsonl_table_names_the_line(tmp_path):
+def test_unknown_class_in_jsonl_table_is_skipped_and_named(tmp_path):
     path = write_jsonl(
         tmp_path / "labels.jsonl",
         [
@@ -156,17 +173,35 @@ def test_unknown_class_in_jsonl_table_names_the_line(tmp_path):
             {"key": "c", "positives": [], "negatives": ["z", "w"]},
         ],
     )
+    labels = read_labels(path, XYZ)
+    assert labels.skipped_unknown_classes == 1
+    assert labels.unknown_class_examples == [f"{path} line 3: class id 'w' in negatives"]
+    assert (labels.neg_rows.tolist(), labels.neg_cols.tolist()) == ([1, 2], [0, 2])
     with pytest.raises(
         InputFileError, match=parts("labels.jsonl", "line 3", "unknown class id 'w'")
     ):
-        read_labels(path, XYZ)
+        read_labels(path, XYZ, strict=True)
 
 
-def test_unknown_class_in_parquet_table_names_the_row(tmp_path):
+def test_unknown_class_in_parquet_table_is_skipped_and_named(tmp_path):
     path = tmp_path / "labels.parquet"
     pq.write_table(pa.table({"key": ["a", "b"], "positives": [["x"], ["y", "q"]]}), path)
+    labels = read_labels(path, XYZ)
+    assert labels.skipped_unknown_classes == 1
+    assert labels.unknown_class_examples == [f"{path} row 1: class id 'q' in positives"]
+    assert (labels.pos_rows.tolist(), labels.pos_cols.tolist()) == ([0, 1], [0, 1])
     with pytest.raises(InputFileError, match=parts("labels.parquet", "row 1", "'q'")):
-        read_labels(path, XYZ)
+        read_labels(path, XYZ, strict=True)
+
+
+def test_unknown_class_examples_are_capped_and_counted(tmp_path):
+    rows = "".join(f"a,verification,/m/u{i},1\n" for i in range(8))
+    path = write_text(tmp_path / "labels.csv", OI_HEADER + "a,verification,x,1\n" + rows)
+    labels = read_labels(path, XYZ)
+    assert labels.skipped_unknown_classes == 8
+    assert labels.unknown_class_examples == [
+        f"{path} line {i + 3}: class id '/m/u{i}'" for i in range(5)
+    ]
 
 
 # ---------------------------------------------------------------- scores
@@ -298,9 +333,17 @@ def test_label_rows_for_unscored_classes_are_skipped_and_counted(tmp_path):
     )
     table_summary = evaluate_files(preds, table_labels, classes=classes, k=2).summary
     assert table_summary["label_rows_for_unscored_classes"] == 3
-    # Without --classes, the same rows name classes found nowhere: an error, with the line.
+    # Without --classes, the same rows name classes found nowhere: skipped and counted apart,
+    # or with strict an error, with the line.
+    unknown = evaluate_files(preds, csv_labels, k=2).summary
+    assert unknown["label_rows_for_unscored_classes"] == 0
+    assert unknown["label_rows_unknown_class"] == 3
+    assert unknown["label_rows_unknown_class_examples"] == [
+        f"{csv_labels} line {n}: class id {c!r}" for n, c in ((3, "z"), (6, "t"), (8, "z"))
+    ]
+    assert unknown["weighted_map_at_k"] == 1.0
     with pytest.raises(InputFileError, match=parts("labels.csv", "line 3", "unknown class id 'z'")):
-        evaluate_files(preds, csv_labels)
+        evaluate_files(preds, csv_labels, strict=True)
 
 
 def test_positive_negative_conflict_counts_as_positive(tmp_path):
@@ -457,8 +500,9 @@ def test_line_numbers_after_a_blank_line(tmp_path, fmt):
             '{"key": "a", "positives": ["x"]}\n\n{"key": "b", "positives": ["q"]}\n',
         )
         expected = "line 3"
+    assert read_labels(path, XYZ).unknown_class_examples[0].startswith(f"{path} {expected}: ")
     with pytest.raises(InputFileError, match=parts(f"labels.{fmt}", expected, "'q'")):
-        read_labels(path, XYZ)
+        read_labels(path, XYZ, strict=True)
 
 
 def test_duplicate_class_ids_in_metadata_are_an_error(tmp_path):
