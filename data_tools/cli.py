@@ -10,6 +10,7 @@ from data_tools.catalog import Catalog, SkipLog
 from data_tools.merge import StrictFailure, format_report, merge_split, strict_problems
 from data_tools.select import select_densest
 from data_tools.writer import PARTS_DIR, ShardOptions, write_split
+from mlc.config import HelpFormatter
 
 HELP = "turn labelled images into WebDataset shards with a manifest and class stats"
 
@@ -32,7 +33,9 @@ def _densest(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
-    p.add_argument("--out", required=True, help="dataset folder (shards, manifest, stats)")
+    p.add_argument(
+        "--out", "--output", required=True, help="dataset folder (shards, manifest, stats)"
+    )
     if split:
         p.add_argument("--split", default="train", help="split name (default train)")
     p.add_argument("--workers", type=int, default=1, help="processes (output is the same)")
@@ -41,7 +44,8 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
         type=_partition,
         default=(0, 1),
         metavar="i/P",
-        help="write only shards j with j %% P == i; run `mlc shard merge` after all P",
+        help="write only shards j with j %% P == i; run `mlc shard merge` after all P "
+        "(default: 0/1, all shards)",
     )
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--max-side", type=int, help="re-encode so the longer side is at most this")
@@ -72,7 +76,11 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
-    p = sub.add_parser("openimages", help="OpenImages class descriptions + image-labels CSVs")
+    p = sub.add_parser(
+        "openimages",
+        formatter_class=HelpFormatter,
+        help="OpenImages class descriptions + image-labels CSVs",
+    )
     p.add_argument("--classes", required=True, help="class-descriptions CSV (no header)")
     p.add_argument("--labels", required=True, nargs="+", help="human image-labels CSV(s)")
     p.add_argument("--images", required=True, help="folder of <ImageID>.jpg")
@@ -80,35 +88,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation", help="CSV with ImageID and Rotation columns")
     _common(p)
 
-    p = sub.add_parser("table", help="CSV/TSV/Parquet/JSONL: image path + labels")
-    p.add_argument("--table", required=True)
+    p = sub.add_parser(
+        "table", formatter_class=HelpFormatter, help="CSV/TSV/Parquet/JSONL: image path + labels"
+    )
+    p.add_argument(
+        "--table", required=True, help="the table: CSV, TSV, Parquet or JSONL, one row per image"
+    )
     p.add_argument("--root", required=True, help="folder the image paths are relative to")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--labels-column", default="labels")
+    p.add_argument("--image-column", default="image", help="column of the image paths")
+    p.add_argument(
+        "--labels-column",
+        default="labels",
+        help="column of the positive labels: a list, or text split by --delimiter",
+    )
     p.add_argument("--negatives-column", help="verified negatives (makes unlisted pairs unknown)")
     p.add_argument("--id-column", help="image id column (default: the image path)")
     p.add_argument("--delimiter", help="separator of labels in a text column (default |)")
     p.add_argument("--classes", help="class list (ids or names); default: the labels seen")
     _common(p)
 
-    p = sub.add_parser("coco", help="COCO instances JSON: labels = categories present")
+    p = sub.add_parser(
+        "coco",
+        formatter_class=HelpFormatter,
+        help="COCO instances JSON: labels = categories present",
+    )
     p.add_argument("--instances", required=True, help="instances_*.json")
     p.add_argument("--images", required=True, help="folder of the images' file_name")
     _common(p)
 
-    p = sub.add_parser("fashion-mnist", help="multi-label mosaics of Fashion-MNIST (built in)")
+    p = sub.add_parser(
+        "fashion-mnist",
+        formatter_class=HelpFormatter,
+        help="multi-label mosaics of Fashion-MNIST (built in)",
+    )
     p.add_argument("--root", help="folder of the IDX files (default: Debian's package)")
     p.add_argument("--train-count", type=int, default=60_000, help="mosaics in split train")
     p.add_argument("--test-count", type=int, default=10_000, help="mosaics in split test")
     p.add_argument("--grid", type=int, default=2, help="grid x grid cells of 28x28")
-    p.add_argument("--min-items", type=int, default=1)
+    p.add_argument("--min-items", type=int, default=1, help="fewest items in a mosaic")
     p.add_argument("--max-items", type=int, help="default grid*grid")
     p.add_argument("--prior-alpha", type=float, default=1.0, help="long-tail exponent")
     _common(p, split=False)
 
-    p = sub.add_parser("merge", help="combine the partitions of a split")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", required=True)
+    p = sub.add_parser(
+        "merge", formatter_class=HelpFormatter, help="combine the partitions of a split"
+    )
+    p.add_argument(
+        "--out", "--output", required=True, help="the dataset folder the partitions wrote"
+    )
+    p.add_argument("--split", required=True, help="the split to merge")
     p.add_argument("--strict", action="store_true", help="as for the partitions: see above")
 
 

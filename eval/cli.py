@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='"common" (the class ids both share) or a JSON list of class ids / object '
         '{"data id": "model id"}: evaluate a subset, or data whose ids differ',
     )
-    g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward (256)")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
     g.add_argument(
         "--workers",
         type=nonnegative_int,
@@ -91,8 +91,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Default: the training split's counts with --checkpoint, positives with files",
     )
     g.add_argument("--k", type=positive_int, default=100, help="rank cut-off K (default 100)")
-    g.add_argument("--mode", choices=["class", "image"], default="class")
-    g.add_argument("--output", default="runs/eval", help="report folder (default runs/eval)")
+    g.add_argument(
+        "--mode",
+        choices=["class", "image"],
+        default="class",
+        help="class: class-wise AP@K, the paper's MAP@100; image: also per-image AP@K",
+    )
+    g.add_argument("--out", "--output", dest="output", default="runs/eval", help="report folder")
     g.add_argument(
         "--bootstrap",
         type=nonnegative_int,

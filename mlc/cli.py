@@ -51,6 +51,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlc.config import HelpFormatter
+
     parser = argparse.ArgumentParser(prog="mlc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mlc {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help=module.HELP,
                 description=module.HELP,
                 epilog=getattr(module, "EPILOG", None),
-                formatter_class=argparse.RawDescriptionHelpFormatter,
+                formatter_class=HelpFormatter,
             )
         )
     return parser

@@ -12,6 +12,7 @@ what is valid; config files are input from elsewhere, so nothing in them is exec
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import importlib.resources
@@ -386,6 +387,20 @@ def to_dict(config: Config) -> dict:
     return data
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (unless its text already says it), and keeps the
+    line breaks of descriptions and epilogs."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == []:
+            return text
+        if default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class UsageError(ValueError):
     """Options of a command that do not go together; `mlc` prints it on one line, exit 2."""
 
@@ -401,8 +416,6 @@ def nonnegative_int(text: str) -> int:
 
 
 def _int_at_least(text: str, low: int) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:

@@ -158,7 +158,7 @@ def _duration(seconds: float) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--out", "--output", default="runs/demo", help="output folder")
     p.add_argument(
         "--source",
         choices=["auto", "fashion-mnist", "shapes"],

@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set train.samples=200000 (repeatable)",
     )
     p.add_argument(
+        "--out",
+        "--output",
+        metavar="DIR",
+        help="the run folder: the same as --set train.out=DIR",
+    )
+    p.add_argument(
         "--resume",
         metavar="auto|PATH",
         help="auto: the newest valid checkpoint in train.out; or a checkpoint file",
@@ -48,9 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config (file + --set) as YAML and exit",
     )
-    p.add_argument(
-        "--list-configs", action="store_true", help="list the shipped configs and exit"
-    )
+    p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         for name, path in shipped_configs().items():
             print(f"{name:16} {path}")
         return 0
-    config = load_config(args.config, args.set)
+    overrides = [*args.set, *([f"train.out={args.out}"] if args.out else [])]
+    config = load_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(config), end="")
         return 0

@@ -1,0 +1,47 @@
+"""The `mlc` command's conventions: every option documented, one output flag, --version."""
+
+import argparse
+
+import pytest
+
+from mlc.cli import SUBCOMMANDS, build_parser, main
+
+
+def parsers(parser: argparse.ArgumentParser, name: str = "mlc"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from parsers(child, f"{name} {sub}")
+
+
+def test_every_option_of_every_command_has_help():
+    undocumented = [
+        f"{name} {action.option_strings[0]}"
+        for name, parser in parsers(build_parser())
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert undocumented == []
+
+
+def test_commands_that_write_a_folder_take_out_and_output():
+    by_name = dict(parsers(build_parser()))
+    for name in ["mlc shard table", "mlc shard merge", "mlc eval", "mlc demo", "mlc train"]:
+        flags = {flag for a in by_name[name]._actions for flag in a.option_strings}
+        assert {"--out", "--output"} <= flags, name
+    assert set(SUBCOMMANDS) <= {name.split()[1] for name in by_name if name.count(" ") == 1}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("mlc 0.")
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "images per forward (default: 256)" in text
+    assert "report folder (default: runs/eval)" in text
