@@ -21,7 +21,6 @@ SUBCOMMANDS = {
     "eval": "eval.cli",
     "demo": "mlc.demo",
 }
-MAIN_PID = os.getpid()
 
 
 class Stopped(BaseException):
@@ -34,10 +33,18 @@ class Stopped(BaseException):
 
 
 def _stopped(signum, _frame):
-    if os.getpid() != MAIN_PID:  # a forked worker (e.g. of a terminated pool): die as usual
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
     raise Stopped(signum)
+
+
+def _default_in_child() -> None:
+    """A process forked while ``_stopped`` is the handler (a shard writer's pool worker) dies
+    on SIGTERM at once, as before: a Python handler only runs between bytecodes, so a worker
+    blocked in a lock would never run it and a pool's terminate() would wait forever."""
+    if signal.getsignal(signal.SIGTERM) is _stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_in_child)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

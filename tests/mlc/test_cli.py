@@ -45,3 +45,22 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "images per forward (default: 256)" in text
     assert "report folder (default: runs/eval)" in text
+
+
+def test_a_process_forked_during_startup_dies_on_sigterm_as_usual():
+    """Pool workers forked while mlc's early SIGTERM handler is set must not inherit it: a
+    Python handler never runs in a worker blocked in a lock, so terminate() would hang."""
+    import os
+    import signal
+
+    from mlc.cli import _stopped
+
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its SIGTERM disposition is the default again
+            os._exit(0 if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.waitstatus_to_exitcode(status) == 0
