@@ -25,7 +25,8 @@ from eval.metrics import (
     top_k_columns,
 )
 
-_FIELDS = ("values", "labels", "tie_count", "tie_positives", "positives", "known")
+# The tensors of state_dict() (besides num_classes, k and images), in TopK field order.
+STATE_FIELDS = ("values", "labels", "tie_count", "tie_positives", "positives", "known")
 
 
 class MAPAccumulator:
@@ -69,15 +70,21 @@ class MAPAccumulator:
         """Plain tensors, for torch.save or torch.distributed's all_gather_object."""
         state = {"num_classes": self.num_classes, "k": self.k, "images": self.images}
         if self._top is not None:
-            state.update({f: getattr(self._top, f) for f in _FIELDS})
+            state.update({f: getattr(self._top, f) for f in STATE_FIELDS})
         return state
+
+    def empty_state(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The tensors of state_dict() before any image, for scores of ``dtype`` (fixed-shape
+        states, such as the defaults of eval.torchmetric.MAPAtK)."""
+        top = self._empty(dtype)
+        return {f: getattr(top, f) for f in STATE_FIELDS}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> MAPAccumulator:
         acc = cls(int(state["num_classes"]), int(state["k"]))
         acc.images = int(state["images"])
         if "values" in state:
-            acc._top = TopK(*(torch.as_tensor(state[f]) for f in _FIELDS))
+            acc._top = TopK(*(torch.as_tensor(state[f]) for f in STATE_FIELDS))
             if acc._top.values.shape != (acc.num_classes, acc.k):
                 raise MetricInputError(
                     f"state values have shape {tuple(acc._top.values.shape)}, expected "

@@ -50,11 +50,12 @@ os.register_at_fork(after_in_child=_default_in_child)
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input, files or folders: one line naming the file and the fix,
     not a traceback (MLC_DEBUG=1 shows it). InputFileError, ConfigError and MetricInputError
-    are ValueErrors."""
+    are ValueErrors; MissingExtraError names the extra that installs a missing package."""
     from data_tools.writer import ShardError
+    from mlc.extras import MissingExtraError
     from mlc.train.loop import TrainingError
 
-    return (ValueError, OSError, ShardError, TrainingError)
+    return (ValueError, OSError, ShardError, TrainingError, MissingExtraError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,9 @@ class TrainConfig:
     eval_k: int = 100
     eval_max_samples: int = 0  # 0 = the whole validation split
     mode: str = "sync"  # sync (one process or DDP) | async (parameter servers, section ps)
+    # TensorBoard scalars in <out>/tensorboard: auto (when the tensorboard package is installed;
+    # otherwise a note says it is off) | true (needed: stop without it) | false
+    tensorboard: bool | str = "auto"
 
 
 @dataclass
@@ -345,6 +348,10 @@ def check(config: Config) -> None:
             raise ConfigError(f"train.{key} must be >= 1")
     if not 0 <= config.train.ema_decay < 1:
         raise ConfigError("train.ema_decay must be in [0, 1)")
+    if not isinstance(config.train.tensorboard, bool) and config.train.tensorboard != "auto":
+        raise ConfigError(
+            f"train.tensorboard must be auto, true or false, got {config.train.tensorboard!r}"
+        )
     if config.train.mode not in ("sync", "async"):
         raise ConfigError(f"train.mode must be sync or async, got {config.train.mode!r}")
     if config.train.mode == "async":

@@ -1,5 +1,6 @@
 """Where shards are and how to open them: local paths, file://, http(s)://, s3:// / gs:// (and
-any other fsspec protocol), and ``pipe:`` commands.
+any other fsspec protocol: s3:// needs the s3 extra, gs:// the gcs extra), and ``pipe:``
+commands.
 
 A ``pipe:`` URL runs a shell command, so it is refused unless the caller allows it explicitly
 (``allow_pipe=True``, the ``data.allow_pipe`` config key): shard lists and configs may come from
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from mlc.extras import check_protocol
 from mlc.format import OPENCLIP_SIZES_FILE, stats_name
 
 
@@ -52,8 +54,14 @@ def dataset_shards(dataset: str | Path, split: str) -> list[Shard]:
 
 def url_shards(spec: str | list[str], sizes: dict[str, int] | None = None) -> list[Shard]:
     """Shards given by URL. Sample counts come from ``sizes`` (URL or file name -> samples) or,
-    for local and file:// shards, from the sizes.json beside them (OpenCLIP's size file)."""
+    for local and file:// shards, from the sizes.json beside them (OpenCLIP's size file).
+    A protocol whose package is missing (s3:// without s3fs, ...) is an error here, once, not
+    a skipped shard in every worker."""
     urls = expand(spec)
+    first_of_protocol = {url.split("://", 1)[0]: url for url in reversed(urls)}
+    for url in first_of_protocol.values():
+        if _through_fsspec(url):
+            check_protocol(url)
     sizes = dict(sizes or {})
     folders: dict[str, dict] = {}
     shards, missing = [], []
@@ -88,13 +96,17 @@ def open_url(url: str, allow_pipe: bool = False):
         return _PipeStream(url[len("pipe:") :])
     if url.startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (scheme checked above)
-    if "://" in url and not url.startswith("file://"):
-        try:
-            import fsspec
-        except ImportError:
-            raise ShardOpenError(f"{url}: install fsspec (and s3fs/gcsfs) to read it") from None
+    if _through_fsspec(url):
+        import fsspec  # imported here: it takes a moment, and local shards do not need it
+
+        check_protocol(url)
         return fsspec.open(url, "rb").open()
     return open(url.removeprefix("file://"), "rb")
+
+
+def _through_fsspec(url: str) -> bool:
+    """s3://, gs:// and any other protocol but file://, http(s):// and pipe:."""
+    return "://" in url and not url.startswith(("file://", "http://", "https://", "pipe:"))
 
 
 class _PipeStream:

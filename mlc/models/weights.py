@@ -2,7 +2,7 @@
 
 Keras: ``xception_weights_tf_dim_ordering_tf_kernels.h5`` (what ``keras.applications.Xception
 (weights="imagenet")`` downloads; docs/models.md says where to get it). Reading it needs h5py
-(``pip install h5py``). timm: the state dict of ``timm.create_model("legacy_xception",
+(``pip install 'mlc[weights]'``). timm: the state dict of ``timm.create_model("legacy_xception",
 pretrained=True)``, saved with ``torch.save(model.state_dict(), path)``.
 
 Both directions exist for both formats (``export_*``), so a round trip can be tested without the
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlc.extras import require
 from mlc.models.xception import SeparableConv, Xception
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -279,10 +280,7 @@ def read_keras_h5(path: str | Path) -> dict[str, list[np.ndarray]]:
     Keras 2's save_weights and by model.save("NAME.h5"), the layout of Keras' own application
     weights. A file that is missing, not HDF5, truncated or damaged, or in Keras 3's
     .weights.h5 layout is a WeightImportError that says which."""
-    try:
-        import h5py
-    except ImportError:
-        raise WeightImportError("reading Keras .h5 weights needs h5py: pip install h5py") from None
+    h5py = require("h5py", "reading Keras .h5 weights", "h5py", "weights")
     path = Path(path)
     if not path.is_file():
         raise WeightImportError(f"{path}: no such file")

@@ -1,4 +1,5 @@
-"""What the operator sees after the fact: a JSONL metrics log, and TensorBoard if installed."""
+"""What the operator sees after the fact: a JSONL metrics log, and TensorBoard scalars
+(train.tensorboard: auto, true or false; the tensorboard package is the tensorboard extra)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,38 @@ import json
 import time
 from pathlib import Path
 
+from mlc.extras import MissingExtraError, require
 from mlc.plots import line_chart, write_png
+
+
+def summary_writer_class(setting: bool | str, say=print):
+    """TensorBoard's SummaryWriter, or None, for the ``train.tensorboard`` setting: True needs
+    it (MissingExtraError, one line, without the tensorboard package); "auto" uses it when the
+    package is installed and otherwise says once, through ``say``, that it is off and why;
+    False: None, silently. Called at the start of a job, on every process."""
+    if setting is False:
+        return None
+    try:
+        module = require(
+            "torch.utils.tensorboard", "TensorBoard logging", "tensorboard", "tensorboard"
+        )
+    except MissingExtraError as e:
+        if setting is True:
+            raise MissingExtraError(f"train.tensorboard=true: {e}") from e.__cause__
+        say(
+            f"note: TensorBoard logging is off for this run. {e} (train.tensorboard=false: off "
+            "without this note)"
+        )
+        return None
+    return module.SummaryWriter
 
 
 class MetricsLog:
     """Appends one JSON object per record to <out>/metrics.jsonl (kind: train, val, summary);
-    mirrors numeric fields to TensorBoard when the tensorboard package is there."""
+    mirrors numeric fields to TensorBoard under <out>/tensorboard when given ``writer``, the
+    SummaryWriter class (summary_writer_class)."""
 
-    def __init__(self, out: str | Path, enabled: bool = True):
+    def __init__(self, out: str | Path, enabled: bool = True, writer=None):
         self.enabled = enabled
         self.file = None
         self.board = None
@@ -21,12 +46,8 @@ class MetricsLog:
             return
         Path(out).mkdir(parents=True, exist_ok=True)
         self.file = open(Path(out) / "metrics.jsonl", "a")  # noqa: SIM115 (held for the run)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(Path(out) / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self.board = None
+        if writer is not None:
+            self.board = writer(str(Path(out) / "tensorboard"))
 
     def write(self, record: dict, kind: str = "train") -> None:
         if not self.enabled:

@@ -25,7 +25,13 @@ from mlc.data import ShardLoader, normalize
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.models import build_model
 from mlc.train.checkpoint import find_resume, save_checkpoint, write_run_config
-from mlc.train.logs import MetricsLog, format_duration, format_metric, write_curves
+from mlc.train.logs import (
+    MetricsLog,
+    format_duration,
+    format_metric,
+    summary_writer_class,
+    write_curves,
+)
 from mlc.train.optim import learning_rate, make_optimizer, masked_bce
 from mlc.train.validate import validate
 
@@ -261,6 +267,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
     rank, world, device = dist.setup()
     t = config.train
     say = log if rank == 0 else (lambda *a, **k: None)
+    board = summary_writer_class(t.tensorboard, say)  # before any work: a missing package
     torch.manual_seed(t.seed + rank)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -277,7 +284,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
             return finished_summary(run)
     if rank == 0:
         write_run_config(t.out, config)
-    metrics = MetricsLog(t.out, enabled=rank == 0)
+    metrics = MetricsLog(t.out, enabled=rank == 0, writer=board)
     with stop_signals() as stop:
         try:
             return loop(run, reference, metrics, stop, say)

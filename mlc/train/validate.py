@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.metrics import full_ap, weighted_mean
-from eval.streaming import MAPAccumulator
+from eval.torchmetric import MAPAtK
 from mlc.config import Config
 from mlc.data import ShardLoader, normalize
 from mlc.dist import all_gather
@@ -28,12 +28,16 @@ def validate(
     device: torch.device,
 ) -> dict:
     """fwMAP@K weighted by the training split's positive counts, plain MAP@K, and full mAP when
-    the scores fit in memory; every rank scores its share, the accumulators merge exactly."""
+    the scores fit in memory; every rank scores its share into an eval.MAPAtK, whose states
+    torchmetrics gathers and merges exactly."""
     d, t = config.data, config.train
     settings = dataclasses.replace(d, mode="eval")
     loader = ShardLoader.from_dataset(d.dataset, d.val_split, settings, rank=rank, world_size=world)
     model.eval()
-    accumulator = MAPAccumulator(len(class_ids), k=t.eval_k)
+    weights = reference if reference.sum() > 0 else "uniform"
+    # On the CPU, where its code runs; synced over the default process group when world > 1
+    # (the async mode's validation runs alone beside an RPC group).
+    metric = MAPAtK(len(class_ids), k=t.eval_k, weights=weights, sync_on_compute=world > 1)
     kept_scores, kept_labels, seen = [], [], 0
     loss_sum, loss_count = 0.0, 0  # the loss over every known label of the split
     for batch in loader:
@@ -42,7 +46,7 @@ def validate(
             continue
         logits = model(normalize(batch.images.to(device))).float().cpu()
         labels = torch.where(batch.mask.bool(), batch.targets.long(), -1)
-        accumulator.update(logits, labels)
+        metric.update(logits, labels)
         known = batch.mask.bool()
         losses = F.binary_cross_entropy_with_logits(logits, batch.targets.float(), reduction="none")
         loss_sum += float(losses[known].double().sum())
@@ -53,12 +57,10 @@ def validate(
         seen += len(batch.keys)
         if t.eval_max_samples and seen >= t.eval_max_samples // world:
             break
-    states = all_gather(accumulator.state_dict(), world)
-    total = MAPAccumulator.from_state_dict(states[0])
-    for state in states[1:]:
-        total.merge(MAPAccumulator.from_state_dict(state))
-    weights = reference if reference.sum() > 0 else "uniform"
-    result = total.compute(weights)
+    if world > 1 and device.type != "cpu":
+        metric = metric.to(device)  # NCCL gathers device tensors
+    total = metric.accumulator()  # every rank's images, merged exactly
+    result = total.compute(metric.weights)
     full_map = None
     parts = all_gather((kept_scores, kept_labels, seen, loss_sum, loss_count), world)
     if all(sum(len(s) for s in p[0]) == p[2] for p in parts):

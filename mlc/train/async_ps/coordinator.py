@@ -23,7 +23,13 @@ from mlc.train.async_ps.cut import check_resumable, checkpoint_state, gathered_s
 from mlc.train.async_ps.group import ServerGroup
 from mlc.train.async_ps.liveness import WorkerWatch
 from mlc.train.checkpoint import find_resume, save_checkpoint
-from mlc.train.logs import MetricsLog, format_duration, format_metric, write_curves
+from mlc.train.logs import (
+    MetricsLog,
+    format_duration,
+    format_metric,
+    summary_writer_class,
+    write_curves,
+)
 from mlc.train.loop import TrainingError
 from mlc.train.optim import learning_rate
 from mlc.train.validate import validate
@@ -61,7 +67,9 @@ class Coordinator:
 
     def run(self, resume: str | None) -> dict:
         """The whole job from server 0's side; returns the summary."""
-        self.metrics = MetricsLog(self.out)
+        # The launcher has said whether TensorBoard logging is on (and stopped if it cannot be).
+        writer = summary_writer_class(self.config.train.tensorboard, say=lambda *_: None)
+        self.metrics = MetricsLog(self.out, writer=writer)
         self.workers = WorkerWatch(self.config, self.metrics, self.say)
         try:
             self.start(resume)

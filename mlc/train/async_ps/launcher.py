@@ -23,6 +23,7 @@ from pathlib import Path
 from mlc.dist import free_port
 from mlc.train.async_ps import node
 from mlc.train.checkpoint import list_checkpoints, write_run_config
+from mlc.train.logs import summary_writer_class
 from mlc.train.loop import TrainingError
 
 POLL = 0.1  # seconds
@@ -38,8 +39,9 @@ def local_roles(ps) -> list[tuple[str, int]]:
 def launch(config, resume: str | None = None, log=print) -> dict:
     """Run this machine's part of the async job; returns the summary (on node 0) or {}."""
     ps, out = config.ps, Path(config.train.out)
-    if ps.node_rank == 0:
+    if ps.node_rank == 0:  # node 0's server 0 logs: say now whether TensorBoard can be on
         write_run_config(out, config)
+        summary_writer_class(config.train.tensorboard, log)
     port = ps.port or free_port()
     context = mp.get_context("spawn")  # a fork would copy torch's threads and locks
     messages = context.SimpleQueue()  # put() writes at once: children end with os._exit
