@@ -26,8 +26,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mlc.io import Classes, InputFileError, check_unique_ids, existing_file
+from mlc.predictions import CLASS_IDS_METADATA
 
-CLASS_IDS_METADATA = b"mlc.class_ids"
+__all__ = ["CLASS_IDS_METADATA", "read_labels", "read_predictions", "read_weights"]
 OPENIMAGES_LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
 
 

@@ -43,11 +43,12 @@ def _stopped(signum, _frame):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input, files or folders: one line naming the file and the fix,
     not a traceback (MLC_DEBUG=1 shows it). InputFileError, ConfigError and MetricInputError
-    are ValueErrors."""
+    are ValueErrors; MissingExtra names the optional package to install."""
     from data_tools.writer import ShardError
+    from mlc.io import MissingExtra
     from mlc.train.loop import TrainingError
 
-    return (ValueError, OSError, ShardError, TrainingError)
+    return (ValueError, OSError, ShardError, TrainingError, MissingExtra)
 
 
 def build_parser() -> argparse.ArgumentParser:

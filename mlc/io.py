@@ -1,4 +1,5 @@
-"""Files every layer writes and reads: atomic writes, state files, class lists, 8-bit images.
+"""Files every layer writes and reads: atomic writes, state files, class lists, 8-bit images,
+and the optional packages some formats need (``optional_import``).
 
 Every file mlc publishes (shards, part files, manifests, reports, checkpoints) is written to a
 temporary name in its own folder, fsynced and renamed, so a reader or a crash sees the whole
@@ -25,6 +26,24 @@ from PIL import Image
 
 class InputFileError(ValueError):
     """A file that cannot be used as given; the message names the file and the row or key."""
+
+
+class MissingExtra(ImportError):
+    """An optional package is not installed; the message names the extra that installs it
+    (`mlc` prints it on one line, exit 2)."""
+
+
+def optional_import(module: str, extra: str, purpose: str):
+    """``import module``, or MissingExtra naming ``pip install 'mlc[extra]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtra(
+            f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+            f"pip install 'mlc[{extra}]'"
+        ) from e
 
 
 # ---------------------------------------------------------------- atomic writes
