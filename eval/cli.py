@@ -19,7 +19,7 @@ HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("from a checkpoint")
-    g.add_argument("--checkpoint", help="an `mlc train` checkpoint (.pt)")
+    g.add_argument("--checkpoint", help="an `mlc train` checkpoint (.pt) or an `mlc export` folder")
     g.add_argument("--data", help="an `mlc shard` dataset folder to score")
     g.add_argument("--split", default="test", help="split of --data (default test)")
     g.add_argument(

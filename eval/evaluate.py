@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from eval.bootstrap import PoissonBootstrap
 from eval.classmap import ClassMatch, match_classes, read_class_map
-from eval.io import CLASS_IDS_METADATA, read_weights
+from eval.io import read_weights
 from eval.metrics import full_ap, image_ap_at_k
 from eval.report import (
     DEFAULT_REPLICATES,
@@ -41,10 +37,11 @@ from eval.report import (
 from eval.streaming import MAPAccumulator
 from mlc import dist as mlc_dist
 from mlc.config import Config
-from mlc.data import ShardLoader, normalize
+from mlc.data import ShardLoader
 from mlc.format import CLASSES_FILE, stats_name
+from mlc.inference import batch_logits, eval_loader_config, load_model, prepare_for_inference
 from mlc.io import Classes, InputFileError
-from mlc.models import load_checkpoint_model
+from mlc.predictions import PredictionsWriter
 
 FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
 EVAL_BATCH = 256
@@ -114,61 +111,6 @@ def _exact_add(partials: list[float], values: np.ndarray) -> None:
                 i += 1
             x = hi
         partials[i:] = [x]
-
-
-# ---------------------------------------------------------------- predictions file
-
-
-class ScoresWriter:
-    """Streams key, scores (logits) and labels to Parquet, in the schema `mlc eval
-    --predictions` reads; the same file serves as --labels. Each process writes a part; rank 0
-    joins them and renames the result into place (no half-written file)."""
-
-    def __init__(self, path: Path, class_ids: list[str], partial: bool, rank: int, world: int):
-        self.path, self.rank, self.world = Path(path), rank, world
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.ids = pa.array(class_ids, pa.string())
-        self.partial = partial  # partial annotation: store verified negatives too
-        fields_ = [
-            ("key", pa.string()),
-            ("scores", pa.list_(pa.float32(), len(class_ids))),
-            ("positives", pa.list_(pa.string())),
-        ] + ([("negatives", pa.list_(pa.string()))] if partial else [])
-        metadata = {CLASS_IDS_METADATA: json.dumps(class_ids).encode()}
-        self.schema = pa.schema(fields_, metadata=metadata)
-        self.writer = pq.ParquetWriter(self._part(rank), self.schema)
-
-    def _part(self, rank: int) -> Path:
-        return self.path.with_name(f".{self.path.name}.part{rank}-of-{self.world}.tmp")
-
-    def _lists(self, mask: np.ndarray) -> pa.Array:
-        rows, cols = np.nonzero(mask)
-        offsets = np.zeros(mask.shape[0] + 1, dtype=np.int32)
-        np.cumsum(np.bincount(rows, minlength=mask.shape[0]), out=offsets[1:])
-        return pa.ListArray.from_arrays(pa.array(offsets), self.ids.take(pa.array(cols)))
-
-    def write(self, keys: list[str], scores: torch.Tensor, labels: torch.Tensor) -> None:
-        lab = labels.numpy()
-        columns = [
-            pa.array(keys, pa.string()),
-            pa.FixedSizeListArray.from_arrays(pa.array(scores.numpy().ravel()), scores.shape[1]),
-            self._lists(lab == 1),
-        ] + ([self._lists(lab == 0)] if self.partial else [])
-        self.writer.write_batch(pa.record_batch(columns, schema=self.schema))
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def finish(self) -> None:
-        """Rank 0, after every part is closed: join the parts, rename into place."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with pq.ParquetWriter(tmp, self.schema) as out:
-            for rank in range(self.world):
-                part = pq.ParquetFile(self._part(rank))
-                for group in range(part.num_row_groups):
-                    out.write_table(part.read_row_group(group))
-                self._part(rank).unlink()
-        os.replace(tmp, self.path)
 
 
 # ---------------------------------------------------------------- the pass
@@ -244,14 +186,6 @@ class _RankState:
         }
 
 
-def _model_for_inference(model, fold: bool, device: torch.device):
-    if fold:
-        from mlc.models.fuse import fold_batch_norm
-
-        model = fold_batch_norm(model)
-    return model.to(device).eval()
-
-
 def _score_pass(model, loader, match, device, state, writer, progress, total, desc):
     """One pass of the eval loader: the valid rows (eval padding dropped), forward, labels in
     {1, 0, -1}, the evaluated columns, then the accumulators and the scores file."""
@@ -271,7 +205,7 @@ def _score_pass(model, loader, match, device, state, writer, progress, total, de
             batch = batch.valid_rows()  # eval padding (docs/loader.md)
             if not batch.keys:
                 continue
-            logits = model(normalize(batch.images.to(device, non_blocking=True))).float().cpu()
+            logits = batch_logits(model, batch.images, device)
             labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
             if not match.identity:
                 logits, labels = logits[:, model_cols], labels[:, data_cols]
@@ -303,7 +237,8 @@ def evaluate_checkpoint(
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
     rank, world, device = mlc_dist.setup()
     data = Path(data)
-    model, config, model_ids, info = load_checkpoint_model(checkpoint)
+    loaded = load_model(checkpoint)
+    config, model_ids, info = loaded.config, loaded.class_ids, loaded.info
     data_ids, data_names, annotation = _data_classes(data)
     mapping = read_class_map(class_map) if class_map else None
     match = match_classes(
@@ -311,17 +246,12 @@ def evaluate_checkpoint(
         data_ids,
         data_names,
         mapping,
-        f"checkpoint {checkpoint}",
+        f"{info['kind']} {checkpoint}",
         f"{data / CLASSES_FILE}",
         f"--class-map {class_map}",
     )
     weight_values, weight_source, reference, notes = _weights(weights, config, data, match)
-    loader_settings = replace(
-        config.data,
-        mode="eval",
-        batch_size=batch_size,
-        num_workers=config.data.num_workers if workers is None else workers,
-    )
+    loader_settings = eval_loader_config(config, batch_size, workers)
     loader = ShardLoader.from_dataset(data, split, loader_settings, rank=rank, world_size=world)
     total = sum(s.samples for s in loader.shards)
     classes = len(match.ids)
@@ -329,11 +259,11 @@ def evaluate_checkpoint(
     keep_full = classes * total <= full_ap_limit
     state = _RankState(classes, k, replicates, seed, keep_full, mode == "image")
     writer = (
-        ScoresWriter(Path(predictions), match.ids, annotation == "partial", rank, world)
+        PredictionsWriter(predictions, match.ids, match.ids, annotation == "partial", rank, world)
         if predictions
         else None
     )
-    model = _model_for_inference(model, fold, device)
+    model = prepare_for_inference(loaded.model, fold, device)
     if world > 1:
         dist.barrier()  # the pass is timed from a common start ...
     start = time.perf_counter()

@@ -26,9 +26,10 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mlc.io import Classes, InputFileError, check_unique_ids, existing_file
+from mlc.predictions import CLASS_IDS_METADATA
 
-CLASS_IDS_METADATA = b"mlc.class_ids"
 EXAMPLES = 5  # skipped label rows named in the summary
+__all__ = ["CLASS_IDS_METADATA", "read_labels", "read_predictions", "read_weights"]
 OPENIMAGES_LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
 
 

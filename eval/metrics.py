@@ -14,6 +14,7 @@ share :func:`ap_from_top_k`, which is why they agree exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,7 +283,10 @@ class ImageAP:
 
     @property
     def mean(self) -> float:
-        return weighted_mean(self.ap, np.ones_like(self.ap))
+        """The mean over images with a defined AP, of their correctly rounded sum (math.fsum):
+        the figure `mlc eval --checkpoint` gets from its exact running sum, bit for bit."""
+        defined = self.ap[~np.isnan(self.ap)]
+        return math.fsum(defined.tolist()) / len(defined) if len(defined) else float("nan")
 
 
 def class_result(top: TopK, weights="positives") -> ClassAP:

@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "train": "mlc.train.cli",
     "eval": "eval.cli",
     "demo": "mlc.demo",
+    "predict": "mlc.predict_cli",
+    "export": "mlc.export",
 }
 
 

@@ -1,4 +1,4 @@
-"""Files every layer writes and reads: atomic writes, state files, class lists, 8-bit images.
+"""Files every layer writes and reads: atomic writes, state files, class lists, 8-bit images,
 
 Every file mlc publishes (shards, part files, manifests, reports, checkpoints) is written to a
 temporary name in its own folder, fsynced and renamed, so a reader or a crash sees the whole

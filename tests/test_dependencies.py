@@ -107,5 +107,6 @@ def test_every_missing_optional_package_names_an_extra_that_has_it():
     for package, extra in PROTOCOL_EXTRAS.values():
         assert package in extras[extra]
     assert {"tensorboard", "s3", "gcs", "onnx", "ray", "weights"} <= set(extras)
-    assert extras["onnx"] == {"onnx", "onnxruntime", "onnxscript"}
+    assert extras["onnx"] == {"safetensors", "onnx", "onnxruntime", "onnxscript"}
+    assert extras["export"] == {"safetensors"}
     assert extras["all"] == set(extras) - {"all", "test"}  # every extra but the tests'

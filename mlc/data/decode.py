@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mlc.io import to_8bit
 
@@ -152,6 +152,8 @@ def _open(data: bytes) -> Image.Image:
             return im
     try:
         return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names the BytesIO object, not the image
+        raise DecodeError("not an image format PIL can read") from None
     except Exception as e:  # noqa: BLE001 (PIL raises many types)
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
@@ -307,3 +309,12 @@ def decode_eval(
 ) -> np.ndarray:
     """resize_eval's crop as HxWxC pixels."""
     return as_array(resize_eval(data, size, crop_fraction, channels), channels)
+
+
+def decode_eval_image(
+    im: Image.Image, size: int, crop_fraction: float = 0.875, channels: int = 3
+) -> np.ndarray:
+    """decode_eval's crop of an image that is already decoded (a loaded PIL image: a JPEG is not
+    decoded again at a reduced scale), as HxWxC pixels."""
+    box = center_crop_box(*im.size, crop_fraction)
+    return as_array(_resize_box(im, box, size, channels)[0], channels)

@@ -232,9 +232,7 @@ class Xception(nn.Module):
         self.init_head_bias(prior)
 
 
-def create_model(
-    name: str, num_classes: int = 1000, in_channels: int = 3, **overrides
-) -> Xception:
+def create_model(name: str, num_classes: int = 1000, in_channels: int = 3, **overrides) -> Xception:
     """A preset ("xception", "xception-small", "xception-tiny") with ModelConfig overrides."""
     return Xception(ModelConfig(name=name, **overrides), num_classes, in_channels)
 
