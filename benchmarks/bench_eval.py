@@ -22,7 +22,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from benchmarks import harness
@@ -43,9 +42,9 @@ def build_model(config, classes: int):
 def eval_loader(config, data: str, split: str):
     """mlc eval's loader of ``split`` for ``config``, in this process (num_workers=0)."""
     from mlc.data import ShardLoader
+    from mlc.inference import eval_loader_config
 
-    settings = replace(config.data, mode="eval", num_workers=0, batch_size=BATCH)
-    return ShardLoader.from_dataset(data, split, settings)
+    return ShardLoader.from_dataset(data, split, eval_loader_config(config, BATCH, workers=0))
 
 
 def make_checkpoint(data: str, path: Path, image_size: int) -> None:
@@ -68,15 +67,15 @@ def bare_model(checkpoint: str, threads: int = 0):
     process with the allocator settings the `mlc` command applies first."""
     import torch
 
-    from eval.evaluate import load_model
+    from mlc.inference import load_model
     from mlc.models.fuse import fold_batch_norm
     from mlc.runtime import keep_freed_memory
 
     keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
-    model, config, _, _ = load_model(checkpoint)
-    model = fold_batch_norm(model).eval()
+    loaded = load_model(checkpoint)
+    model, config = fold_batch_norm(loaded.model).eval(), loaded.config
     d = config.data
     shape = (BATCH, d.channels, d.image_size, d.image_size)
     batches = [
@@ -123,11 +122,11 @@ def run_bare_cold(checkpoint: str, images: int) -> dict:
 
 
 def run_loader(checkpoint: str, data: str, split: str) -> dict:
-    from eval.evaluate import load_model
+    from mlc.inference import load_model
     from mlc.runtime import keep_freed_memory
 
     keep_freed_memory()
-    _, config, _, _ = load_model(checkpoint)
+    config = load_model(checkpoint).config
     loader = eval_loader(config, data, split)
     images, t0 = 0, time.perf_counter()
     for batch in loader:
