@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from mlc.train.loop import train
 
     config = load_config(args.config, args.set)
+    if config.train.mode == "async":  # refuse an unsupported torch before touching train.out
+        from mlc.train.async_ps import check_torch
+
+        check_torch()
     # One process per job checks (and with --restart deletes): rank 0, or the async mode's
     # node 0 (the other machines' launchers share the folder).
     first = os.environ.get("RANK", "0") == "0" and config.ps.node_rank == 0

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlc.dist import free_port
 from mlc.train.async_ps import node
+from mlc.train.async_ps.torch_support import check_torch
 from mlc.train.checkpoint import list_checkpoints
 from mlc.train.loop import TrainingError
 
@@ -36,7 +37,9 @@ def local_roles(ps) -> list[tuple[str, int]]:
 
 
 def launch(config, resume: str | None = None, log=print) -> dict:
-    """Run this machine's part of the async job; returns the summary (on node 0) or {}."""
+    """Run this machine's part of the async job; returns the summary (on node 0) or {}.
+    TorchVersionError (before any process starts) for a torch it does not support."""
+    check_torch()
     ps, out = config.ps, Path(config.train.out)
     port = ps.port or free_port()
     context = mp.get_context("spawn")  # a fork would copy torch's threads and locks

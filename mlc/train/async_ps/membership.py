@@ -23,6 +23,9 @@ At the end of a job where every process is alive and done, all leave together
 (``leave_together``): torch's graceful shutdown of a dynamic group would have each process,
 one at a time, tell the others and close its connections while they still run, and each of
 them would log every closed connection.
+
+All of this depends on torch internals: torch_support.py says which releases it is checked
+against, and the launcher refuses the others.
 """
 
 from __future__ import annotations
