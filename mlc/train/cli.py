@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
+    if config.train.mode == "async":  # refuse an unsupported torch before touching train.out
+        from mlc.train.async_ps import check_torch
+
+        check_torch()
     # One process per job checks (and with --restart deletes): rank 0, or the async mode's
     # node 0 (the other machines' launchers share the folder).
     first = os.environ.get("RANK", "0") == "0" and config.ps.node_rank == 0

@@ -15,10 +15,13 @@
     group.py        server 0's calls to every server: counters, the consistent cut, stop, ping
     cut.py          a cut as a checkpoint (the gathered model), a checkpoint back as servers'
                     states on resume
+    torch_support.py  the torch releases this mode runs on (it uses torch.distributed.rpc
+                    internals), checked before any process starts
 
 docs/async.md describes the design, the guarantees and the failure behaviour.
 """
 
 from mlc.train.async_ps.launcher import launch
+from mlc.train.async_ps.torch_support import TorchVersionError, check_torch
 
-__all__ = ["launch"]
+__all__ = ["TorchVersionError", "check_torch", "launch"]

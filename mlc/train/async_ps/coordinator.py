@@ -64,6 +64,7 @@ class Coordinator:
         self.out = Path(config.train.out)
         self.servers = ServerGroup(len(plan), config.ps.rpc_timeout)
         self.best, self.last_checkpoint = -math.inf, None
+        self.workers: WorkerWatch | None = None  # from run() on
 
     def run(self, resume: str | None) -> dict:
         """The whole job from server 0's side; returns the summary."""
@@ -82,9 +83,23 @@ class Coordinator:
         finally:
             self.metrics.close()
 
-    def finish_servers(self) -> None:
-        """Tell the other servers the job is over (they exit); a dead one is passed over."""
-        self.servers.finish_others()
+    def finish(self, ended: bool) -> bool:
+        """Tell every other process that the job is over (each leaves the RPC group and exits);
+        ``ended``: run() returned. True when all processes, this one too, leave the group
+        together: the run ended, every worker slot's process is done, none was lost or failed,
+        and every process got the message. Otherwise each leaves on its own (a dead process
+        would never join the others)."""
+        record = protocol.WORKERS
+        lost = self.workers.lost if self.workers is not None else set()
+        together = (
+            ended
+            and not lost
+            and not record.not_done(self.config.ps.workers, set())
+            and record.first_failure() is None
+        )
+        names = [name for w, name in sorted(record.current_names().items()) if w not in lost]
+        answered = self.servers.finish_others(names, together)
+        return together and answered
 
     # ------------------------------------------------------------------ start and resume
 

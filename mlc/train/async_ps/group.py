@@ -8,8 +8,6 @@ pings of the other servers and the end of the job. A server that does not answer
 
 from __future__ import annotations
 
-import contextlib
-
 from mlc.train.async_ps import protocol
 from mlc.train.async_ps.protocol import PeerLost
 
@@ -61,8 +59,19 @@ class ServerGroup:
         for s in range(1, len(self.names)):
             self.call(s, protocol.ping, timeout=min(10.0, self.rpc_timeout))
 
-    def finish_others(self) -> None:
-        """Tell the other servers the job is over (they exit); a dead one is passed over."""
-        for name in self.names[1:]:
-            with contextlib.suppress(RuntimeError):
-                protocol.call(name, protocol.finish, timeout=min(10.0, self.rpc_timeout))
+    def finish_others(self, workers: list[str], together: bool) -> bool:
+        """Tell the other servers and the ``workers`` (RPC names) that the job is over, all at
+        once; each leaves the RPC group and exits (``together``: all processes at once). True
+        if every one of them answered; one that does not is passed over."""
+        timeout = min(10.0, self.rpc_timeout)
+        futures = [
+            protocol.send(name, protocol.finish, together, timeout=timeout)
+            for name in [*self.names[1:], *workers]
+        ]
+        answered = True
+        for future in futures:
+            try:
+                future.wait()
+            except RuntimeError:
+                answered = False
+        return answered

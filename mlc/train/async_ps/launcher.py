@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlc.dist import free_port
 from mlc.train.async_ps import node
+from mlc.train.async_ps.torch_support import check_torch
 from mlc.train.checkpoint import list_checkpoints, write_run_config
 from mlc.train.logs import summary_writer_class
 from mlc.train.loop import TrainingError
@@ -37,7 +38,9 @@ def local_roles(ps) -> list[tuple[str, int]]:
 
 
 def launch(config, resume: str | None = None, log=print) -> dict:
-    """Run this machine's part of the async job; returns the summary (on node 0) or {}."""
+    """Run this machine's part of the async job; returns the summary (on node 0) or {}.
+    TorchVersionError (before any process starts) for a torch it does not support."""
+    check_torch()
     ps, out = config.ps, Path(config.train.out)
     if ps.node_rank == 0:  # node 0's server 0 logs: say now whether TensorBoard can be on
         write_run_config(out, config)

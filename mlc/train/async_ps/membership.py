@@ -18,6 +18,14 @@ rejoin under the same name and id: incarnation k of worker j is ``worker<j>_r<k>
 A process killed while it held the token (during its own join) would leave it held: the
 replacement of a worker releases the token of its predecessors before it joins
 (``release_tokens``). CPU only: no device maps are exchanged (the job sets none).
+
+At the end of a job where every process is alive and done, all leave together
+(``leave_together``): torch's graceful shutdown of a dynamic group would have each process,
+one at a time, tell the others and close its connections while they still run, and each of
+them would log every closed connection.
+
+All of this depends on torch internals: torch_support.py says which releases it is checked
+against, and the launcher refuses the others.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from datetime import timedelta
 TOKEN = "RpcGroupManagementToken"  # torch.distributed.rpc._utils
 MEMBERS = "_ALL_WORKER_INFOS"  # torch/csrc/distributed/rpc/agent_utils.cpp
 PREFIX = "rpc_prefix_0"  # init_rpc's PrefixStore for the first init in a process
+LEAVING = "mlc_leaving"  # the job's own key: members at the leave barrier (leave_together)
+GO = "mlc_leave_go"  # set once every member is there
 
 _call_timeout = 120.0  # seconds for one join call: set by install()
 forgotten: list[str] = []  # members this process found gone while it joined
@@ -112,3 +122,25 @@ def wait_for(names: list[str], timeout: float) -> None:
         if time.time() > deadline:
             raise TimeoutError(f"{', '.join(missing)} did not join within {timeout:.0f}s")
         time.sleep(0.05)
+
+
+def leave_together(members: int, timeout: float) -> None:
+    """Leave the dynamic group at once with all ``members`` (every one calls this), so that no
+    agent sees a connection close while it is not shutting down (TensorPipe logs each one).
+
+    The agent's join (in a dynamic group torch's ``leaveGroup``: it waits until this process has
+    no call in flight, takes its name off the store's member list and marks the agent as
+    shutting down, closing nothing) and then a barrier in the rendezvous store: only when every
+    member is marked does any of them close its connections. The list is edited without the
+    group's token: the job is over, no one joins any more, and a stale entry harms no one.
+    RuntimeError or a store timeout (``timeout``) if a member does not come."""
+    from torch.distributed import rpc
+    from torch.distributed.rpc import api
+
+    agent = api._get_current_rpc_agent()
+    store = agent.store
+    agent.join(shutdown=True)
+    if store.add(LEAVING, 1) == members:
+        store.set(GO, "")
+    store.wait([GO], timedelta(seconds=timeout))
+    rpc.shutdown(graceful=False)

@@ -17,6 +17,7 @@ import traceback
 
 PARENT_POLL = 0.5  # seconds
 PEER_LOST = 3  # exit code: another process of the job stopped answering
+LEFT = "mlc_left"  # rendezvous store key: processes that left the RPC group together
 
 
 def rank_of(role: str, index: int, servers: int) -> int:
@@ -46,11 +47,12 @@ def main(role: str, index: int, config, resume, port: int, messages, restart: in
     name = membership.worker_name(index, restart) if role == "worker" else f"{role}{index}"
     try:
         _join(rpc, name, role, index, restart, ps, port)
+        together = False
         try:
-            _run(role, index, config, resume, stop_signal, restart)
+            together = _run(role, index, config, resume, stop_signal, restart)
             code = 0
         finally:
-            _shutdown(rpc, ps.stop_timeout)
+            _leave(rpc, name, ps, together, host=(role, index) == ("server", 0))
     except (TrainingError, ConfigError, ValueError, OSError) as e:
         code = 2
         _report(messages, role, index, f"{name}: {e}")
@@ -112,7 +114,9 @@ def _join(rpc, name: str, role: str, index: int, restart: int, ps, port: int) ->
         )
 
 
-def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -> None:
+def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -> bool:
+    """This process's part of the job, until the job is over; True if all processes leave the
+    RPC group together (server 0 says so: every one of them is alive and done)."""
     import torch
 
     from mlc.models import build_model
@@ -132,21 +136,23 @@ def _run(role: str, index: int, config, resume, stop_signal, restart: int = 0) -
     if role == "worker":
         del model
         run_worker(index, config, plan, len(class_ids), restart)
-        return
+        return _wait_until_finished(ps.rpc_timeout)  # it has left: the job goes on without it
     protocol.serve(Server(index, config, plan[index], model))
     if index > 0:
-        _serve_until_finished(ps.rpc_timeout)
-        return
+        return _wait_until_finished(ps.rpc_timeout)  # its RPC threads do the work
     job = coordinator.Coordinator(config, plan, model, class_ids, reference, stop_signal)
+    ended = False
     try:
         job.run(resume)
+        ended = True
     finally:
-        job.finish_servers()
+        together = job.finish(ended)
+    return together
 
 
-def _serve_until_finished(rpc_timeout: float) -> None:
-    """A server other than 0 (its RPC threads do the work): until the coordinator says the job
-    is over, or PeerLost when it stops answering."""
+def _wait_until_finished(rpc_timeout: float) -> bool:
+    """Until the coordinator says the job is over (protocol.finish), or PeerLost when it stops
+    answering; whether all processes leave the RPC group together."""
     from mlc.train.async_ps import protocol
 
     while not protocol.FINISHED.wait(protocol.PING_EVERY):
@@ -154,14 +160,53 @@ def _serve_until_finished(rpc_timeout: float) -> None:
             protocol.call("server0", protocol.ping, timeout=min(10.0, rpc_timeout))
         except RuntimeError:
             raise protocol.PeerLost("server 0 (the coordinator) does not answer") from None
+    return protocol.TOGETHER.is_set()
 
 
-def _shutdown(rpc, timeout: float) -> None:
-    """Leave the RPC group without waiting for the others (graceful shutdown would wait for
-    every process, dead ones included), in a thread so that it cannot hang the exit."""
-    thread = threading.Thread(target=lambda: rpc.shutdown(graceful=False), daemon=True)
+def _leave(rpc, name: str, ps, together: bool, host: bool) -> None:
+    """Leave the RPC group, in a thread so that it cannot hang the exit (ps.stop_timeout).
+
+    TensorPipe warns about every connection that fails while its own agent is not shutting
+    down ("pipe closed", "eof"): a process that closes its connections, or exits, while the
+    others still run makes each of them print one line per connection it had with them.
+    ``together`` (every process of the job is alive and done, and each one knows): first every
+    process marks its agent as shutting down, with no call of its own in flight, and only then
+    does any of them close a connection. A static group does this in torch's graceful shutdown
+    (its join barrier); a dynamic one in membership.leave_together. Otherwise this process
+    leaves on its own at once (graceful shutdown would wait for every process, dead ones too).
+
+    ``host``: this process (server 0) runs the rendezvous store, which the others use until
+    they are out: it leaves last (each one that left counts itself in the store).
+    """
+    from mlc.train.async_ps import membership
+
+    def leave() -> None:
+        if not together:
+            rpc.shutdown(graceful=False)
+            return
+        store = rpc.api._get_current_rpc_agent().store  # kept: it outlives the agent here
+        try:
+            if ps.restart_workers:
+                membership.leave_together(ps.servers + ps.workers, ps.stop_timeout)
+            else:
+                rpc.shutdown(graceful=True, timeout=ps.stop_timeout)
+        except Exception as e:  # noqa: BLE001 (a process died at the very end: leave alone)
+            print(f"{name}: could not leave the RPC group with the others ({e})", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                rpc.shutdown(graceful=False)
+            return
+        with contextlib.suppress(Exception):  # the store is gone: nothing left to wait for
+            if not host:
+                store.add(LEFT, 1)
+                return
+            others = ps.servers + ps.workers - 1
+            deadline = time.time() + ps.stop_timeout
+            while store.add(LEFT, 0) < others and time.time() < deadline:
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=leave, daemon=True)
     thread.start()
-    thread.join(timeout)
+    thread.join(ps.stop_timeout)
 
 
 def _report(messages, role: str, index: int, text: str) -> None:

@@ -7,7 +7,7 @@ global of the callee (each process imports this module once). Other modules call
 with ``call`` (waits for the answer) or ``send`` (returns a future); both refuse a function
 that is not in ``ENDPOINTS``. Server 0 calls its own server directly (coordinator, group.py).
 
-Every server; state ``SERVER``, ``BUILT``, ``READY``, ``FINISHED``:
+Every server; state ``SERVER``, ``BUILT``, ``READY``:
 
     push(worker, pulled, grads, stats, batch, loss, loader, name) -> (version, stop)   workers
     pull() -> (version, copies of the parameters, stop)                                 workers
@@ -16,16 +16,21 @@ Every server; state ``SERVER``, ``BUILT``, ``READY``, ``FINISHED``:
     set_stop()               answer every later push with "stop"                        server 0
     stats() -> counters      for the log (the loss window restarts)                     server 0
     snapshot() -> state      what a checkpoint holds of this server                     server 0
-    finish()                 the job is over: the server's process exits                server 0
 
 Server 0 only; state ``WORKERS`` (the record of the worker processes):
 
     register(worker, name, restart) -> (data position, stop)   a worker process starts
-    leave(worker)                                              it is done (sent before it exits)
+    leave(worker)                                              it is done (then waits for finish)
     fail(worker, message)                                      its loss is not finite
 
 Every process: ``ping() -> time``. Server 0 pings the other servers and the workers, the other
-servers ping server 0, every ``PING_EVERY`` seconds; one that does not answer is gone.
+servers and the workers that are done ping server 0, every ``PING_EVERY`` seconds; one that does
+not answer is gone.
+
+Every process but server 0; state ``FINISHED``, ``TOGETHER``:
+
+    finish(together)         the job is over: leave the RPC group and exit; together:   server 0
+                             every process is alive and done, all leave at once
 
 Besides these, a joiner of the dynamic group (membership.py) calls every member with torch's
 own ``_update_group_membership``: torch's join protocol, not the job's.
@@ -56,6 +61,7 @@ SERVER: Server | None = None  # this process's parameter server (server processe
 BUILT = threading.Event()  # set once SERVER exists (calls can arrive before that)
 READY = threading.Event()  # set once SERVER holds its initial (or resumed) state
 FINISHED = threading.Event()  # set by server 0 when the job is over
+TOGETHER = threading.Event()  # set with FINISHED when all processes leave the group together
 
 
 class Workers:
@@ -176,10 +182,6 @@ def snapshot():
     return _ready().snapshot()
 
 
-def finish() -> None:
-    FINISHED.set()
-
-
 # ------------------------------------------------------------------ endpoints on server 0
 
 
@@ -204,17 +206,26 @@ def fail(worker: int, message: str) -> None:
         WORKERS.failures.append(message)
 
 
-# ------------------------------------------------------------------ endpoint on every process
+# ------------------------------------------------- endpoints on every process (finish: not 0)
 
 
 def ping() -> float:
     return time.time()
 
 
+def finish(together: bool = False) -> None:
+    """From the coordinator: the job is over. ``together``: every process of the job is alive
+    and done, so all of them leave the RPC group at once (node.py), which closes no connection
+    that another process still watches."""
+    if together:
+        TOGETHER.set()
+    FINISHED.set()
+
+
 ENDPOINTS = frozenset(
-    {push, pull, load, pause, resume, set_stop, stats, snapshot, finish}
+    {push, pull, load, pause, resume, set_stop, stats, snapshot}
     | {register, leave, fail}
-    | {ping}
+    | {ping, finish}
 )
 
 
