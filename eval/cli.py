@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 from eval.example import write_example
 from eval.report import DEFAULT_REPLICATES, evaluate_files, format_summary, write_report
 from mlc.config import UsageError, nonnegative_int, positive_int
-from mlc.dist import run_local_group, teardown
+from mlc.dist import rerun_as_local_group, teardown
 
 HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K (docs/eval.md)"
 
@@ -170,10 +169,7 @@ def _from_checkpoint(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         if args.processes > 1:
-            if "WORLD_SIZE" in os.environ:
-                raise UsageError("--processes > 1 inside torchrun: set torchrun's --nproc-per-node")
-            # The same command in each process (the last --processes wins); rank 0 reports.
-            return run_local_group([*args.argv, "--processes", "1"], args.processes)
+            return rerun_as_local_group(args.argv, args.processes)
         report = _from_checkpoint(args)
         if report is None:  # not rank 0 of a torchrun job: rank 0 reports
             return 0

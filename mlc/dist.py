@@ -70,6 +70,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rerun_as_local_group(argv: list[str], processes: int) -> int:
+    """`--processes N` of a command: the same command line in N local ranks, each with
+    ``--processes 1`` (the last one given wins); rank 0 reports."""
+    from mlc.config import UsageError
+
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--processes > 1 inside torchrun: set torchrun's --nproc-per-node")
+    return run_local_group([*argv, "--processes", "1"], processes)
+
+
 def run_local_group(argv: list[str], processes: int, poll: float = 0.1) -> int:
     """``python -m mlc.cli *argv`` as ``processes`` ranks; the first failing exit code, or 0."""
     threads = max(1, torch.get_num_threads() // processes)

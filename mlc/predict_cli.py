@@ -4,7 +4,6 @@ that `mlc eval --predictions` reads (argument parsing and printing; the work is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from mlc.config import UsageError, nonnegative_int, positive_int
@@ -159,11 +158,9 @@ def run(args: argparse.Namespace) -> int:
     if args.table and args.top_k is None and args.threshold is None:
         raise UsageError("--table needs --top-k or --threshold")
     if args.processes > 1:
-        if "WORLD_SIZE" in os.environ:
-            raise UsageError("--processes > 1 inside torchrun: set torchrun's --nproc-per-node")
-        from mlc.dist import run_local_group
+        from mlc.dist import rerun_as_local_group
 
-        return run_local_group([*args.argv, "--processes", "1"], args.processes)
+        return rerun_as_local_group(args.argv, args.processes)
     summary = _predict(args)
     if summary is None:  # not rank 0 of a torchrun job: rank 0 reports
         return 0
