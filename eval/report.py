@@ -13,6 +13,7 @@ import numpy as np
 from eval.bootstrap import PoissonBootstrap, pool_size
 from eval.io import align, read_labels, read_predictions, read_weights
 from eval.metrics import ClassAP, class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
+from mlc.data import counts
 from mlc.io import Classes, InputFileError, atomic_write_csv, atomic_write_text, read_classes
 
 CI_LEVEL = 0.95
@@ -253,6 +254,21 @@ def _interval(s: dict, key: str) -> str:
     return f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
 
 
+def data_line(s: dict) -> str | None:
+    """What the loader delivered of the split, for a pass over shards (None for files): images
+    scored of the split's, and what was lost, by shard."""
+    if "split_images" not in s:
+        return None
+    lost = {
+        "expected": s["split_images"],
+        "lost": s["lost_samples"],
+        "lost_by_shard": s["lost_by_shard"],
+        "problems": s["loader_problems"],
+    }
+    scored = f"{s['images']} of the split's {s['split_images']} images scored"
+    return f"{scored}; {counts.describe(lost)}"
+
+
 def format_summary(report: Report) -> str:
     s, k = report.summary, report.summary["k"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
@@ -293,4 +309,6 @@ def format_summary(report: Report) -> str:
     }
     lines += [f"note: {s[key]} {text}" for key, text in notes.items() if s.get(key)]
     lines += [f"note: {text}" for text in s.get("notes", [])]
+    if data_line(s):
+        lines.append(f"data: {data_line(s)}")
     return "\n".join(lines)
