@@ -34,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
     g.add_argument(
+        "--allow-lost",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="the fraction of the split's samples that may be lost (missing or damaged shards, "
+        "corrupt samples) and the rest scored; default 0: any loss is an error",
+    )
+    g.add_argument(
         "--processes",
         type=_processes,
         default=1,
@@ -114,6 +122,16 @@ def _processes(text: str) -> int:
     return int(text)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 def _example(args: argparse.Namespace) -> None:
     if args.predictions or args.labels:
         raise UsageError("--example makes its own inputs; drop --predictions/--labels")
@@ -159,6 +177,7 @@ def _from_checkpoint(args: argparse.Namespace):
             seed=args.seed,
             fold=not args.no_fold,
             progress=not args.quiet,
+            max_lost_fraction=args.allow_lost,
         )
         ok = True
         return report

@@ -37,7 +37,7 @@ from eval.report import (
 from eval.streaming import MAPAccumulator
 from mlc import dist as mlc_dist
 from mlc.config import Config
-from mlc.data import ShardLoader
+from mlc.data import ShardLoader, counts
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.inference import batch_logits, eval_loader_config, load_model, prepare_for_inference
 from mlc.io import Classes, InputFileError
@@ -91,8 +91,8 @@ def _weights(spec: str, config: Config, data: Path, match: ClassMatch):
         reference = chosen  # a weights file is the reference frequency
     if chosen.unlisted:
         notes.append(f"{chosen.unlisted} evaluated class(es) have no weight in {spec}: weight 0")
-    counts = None if reference is None else np.asarray(reference.values, dtype=float)
-    return chosen.values, chosen.source, counts, notes
+    reference_counts = None if reference is None else np.asarray(reference.values, dtype=float)
+    return chosen.values, chosen.source, reference_counts, notes
 
 
 def _exact_add(partials: list[float], values: np.ndarray) -> None:
@@ -172,7 +172,7 @@ class _RankState:
                 )
             ]
 
-    def state(self, problems) -> dict:
+    def state(self) -> dict:
         self.flush()
         return {
             "accumulator": self.accumulator.state_dict(),
@@ -182,7 +182,6 @@ class _RankState:
             "images_without_ap": self.images_without_ap,
             "full": self.full,
             "image_rows": self.image_rows,
-            "problems": dict(problems),
         }
 
 
@@ -231,8 +230,13 @@ def evaluate_checkpoint(
     full_ap_limit: int = FULL_AP_LIMIT,
     fold: bool = True,
     progress: bool = True,
+    max_lost_fraction: float = 0.0,
 ) -> Report | None:
-    """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere."""
+    """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere.
+
+    Samples of the split that the loader could not deliver (missing or damaged shards, corrupt
+    samples) are an error beyond ``max_lost_fraction`` of the split: every process raises
+    DataLossError, and nothing is written."""
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
     rank, world, device = mlc_dist.setup()
@@ -280,7 +284,14 @@ def evaluate_checkpoint(
     )
     if writer is not None:
         writer.close()
-    states = mlc_dist.gather_to_first(state.state(loader.problems), rank, world)
+    data_counts = counts.merge(mlc_dist.all_gather(loader.counts(), world))
+    try:
+        counts.check(data_counts, max_lost_fraction, f"{data} split {split}", "--allow-lost")
+    except counts.DataLossError:
+        if writer is not None:
+            writer.discard()
+        raise
+    states = mlc_dist.gather_to_first(state.state(), rank, world)
     seconds = time.perf_counter() - start  # ... until the last process's share is in
     if rank != 0:
         return None
@@ -300,6 +311,10 @@ def evaluate_checkpoint(
         model=config.model.name,
         data=str(data),
         split=split,
+        split_images=total,  # the split's stats; `images` were scored
+        lost_samples=data_counts["lost"],
+        lost_by_shard=data_counts["lost_by_shard"],
+        loader_problems=data_counts["problems"],
         weights=weight_source,
         processes=world,
         seconds=round(seconds, 3),
@@ -332,10 +347,6 @@ def _report(states, match, k, mode, weights, reference, replicates, seed) -> Rep
     image_sum = math.fsum(x for st in states for x in st["image_partials"])
     image_map = image_sum / with_ap if with_ap else float("nan")
     table = ClassTable(result, match.ids, match.names, reference, full)
-    problems: dict = {}
-    for st in states:
-        for key, count in st["problems"].items():
-            problems[key] = problems.get(key, 0) + count
     summary = {
         "k": k,
         "mode": mode,
@@ -349,7 +360,6 @@ def _report(states, match, k, mode, weights, reference, replicates, seed) -> Rep
             boot,
             weights,
         ),
-        "loader_problems": problems,
     }
     image_rows = None
     if mode == "image":

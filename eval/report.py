@@ -13,6 +13,7 @@ import numpy as np
 from eval.bootstrap import PoissonBootstrap, pool_size
 from eval.io import align, read_labels, read_predictions, read_weights
 from eval.metrics import ClassAP, class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
+from mlc.data import counts
 from mlc.io import Classes, InputFileError, atomic_write_csv, atomic_write_text, read_classes
 
 CI_LEVEL = 0.95
@@ -279,6 +280,21 @@ def skip_notes(s: dict, examples: int = 1) -> list[str]:
     return notes
 
 
+def data_line(s: dict) -> str | None:
+    """What the loader delivered of the split, for a pass over shards (None for files): images
+    scored of the split's, and what was lost, by shard."""
+    if "split_images" not in s:
+        return None
+    lost = {
+        "expected": s["split_images"],
+        "lost": s["lost_samples"],
+        "lost_by_shard": s["lost_by_shard"],
+        "problems": s["loader_problems"],
+    }
+    scored = f"{s['images']} of the split's {s['split_images']} images scored"
+    return f"{scored}; {counts.describe(lost)}"
+
+
 def format_summary(report: Report) -> str:
     s, k = report.summary, report.summary["k"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
@@ -311,4 +327,6 @@ def format_summary(report: Report) -> str:
             lines.insert(0, lines.pop(3))
     lines += [f"note: {text}" for text in skip_notes(s, examples=1)]
     lines += [f"note: {text}" for text in s.get("notes", [])]
+    if data_line(s):
+        lines.append(f"data: {data_line(s)}")
     return "\n".join(lines)

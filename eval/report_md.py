@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report import skip_notes
+from eval.report import data_line, skip_notes
 from mlc.io import atomic_write_text
 from mlc.plots import bar_chart, histogram, scatter_chart, write_png
 
@@ -93,6 +93,10 @@ def _markdown(report, plots: bool) -> str:
         f"- labels: `{data}`" + (f" (split `{s['split']}`)" if s.get("split") else ""),
         f"- weights: {s['weights']}",
         f"- K = {k}; {s['images']} images, {s['classes']} classes",
+    ]
+    if data_line(s):
+        lines.append(f"- data: {data_line(s)}")
+    lines += [
         "",
         "| metric | value | 95% CI |",
         "| --- | ---: | --- |",

@@ -64,6 +64,9 @@ class DataConfig(LoaderConfig):
     dataset: str = "runs/demo/data"  # an `mlc shard` folder
     train_split: str = "train"
     val_split: str | None = "test"
+    # Samples of a split that may be lost (missing or damaged shards, corrupt samples) before
+    # the job stops: of the training passes so far, and of each validation pass.
+    max_lost_fraction: float = 0.01
 
 
 @dataclass
@@ -337,6 +340,8 @@ def check(config: Config) -> None:
     problem = loader_problem(config.data)
     if problem:
         raise ConfigError(f"data.{problem}")
+    if not 0 <= config.data.max_lost_fraction <= 1:
+        raise ConfigError("data.max_lost_fraction must be in [0, 1]")
     if config.optim.name not in ("sgd", "rmsprop", "adamw"):
         raise ConfigError(f"optim.name must be sgd, rmsprop or adamw, got {config.optim.name!r}")
     if config.train.precision not in ("fp32", "bf16", "fp16"):

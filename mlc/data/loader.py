@@ -52,7 +52,8 @@ class ShardLoader:
     """Batches of one rank. Train mode is endless (epoch after epoch); eval mode is one pass.
 
     ``state_dict()`` is the position after the batches handed out so far; a loader given it by
-    ``load_state_dict`` continues with the very next batch (docs/loader.md).
+    ``load_state_dict`` continues with the very next batch (docs/loader.md). ``counts()`` is
+    what this rank read against the split's stats: lost samples by shard, repeats, problems.
     """
 
     def __init__(
@@ -78,13 +79,19 @@ class ShardLoader:
         self.shards, self.num_classes, self.config = shards, num_classes, config
         self.full_annotation, self.pin_memory = full_annotation, pin_memory
         self.epoch, self.batch = 0, 0
-        self.problems: Counter = Counter()  # unreadable shards, corrupt samples, ... (this rank)
+        # This rank's counts (docs/loader.md, mlc.data.counts):
+        self.problems: Counter = Counter()  # unreadable shards, corrupt samples, ... by reason
+        self.lost: Counter = Counter()  # shard URL -> samples of its stats that reached no batch
+        self.repeated = 0  # samples handed out a second time in their epoch (train)
+        self.expected = 0  # samples of the split this rank was to read in the passes begun
         self.skipped_keys: list[str] = []  # corrupt samples' keys (first 1000)
-        if config.mode == "train" and self.batches_per_epoch(0) < 1:
+        slots = self.world_size * max(1, config.num_workers)
+        if config.mode == "train" and sum(s.samples for s in shards) < slots * config.batch_size:
             raise ValueError(
                 f"{sum(s.samples for s in shards)} samples in {len(shards)} shards cannot give "
                 f"every one of {self.world_size} ranks x {max(1, config.num_workers)} workers a "
-                f"full batch of {config.batch_size}: use fewer workers or a smaller batch"
+                f"full batch of {config.batch_size} of its own: use fewer workers or a smaller "
+                "batch"
             )
 
     @classmethod
@@ -117,6 +124,16 @@ class ShardLoader:
         stream = self._stream(self.epoch if epoch is None else epoch, 0)
         return stream.batches_per_worker() * stream.workers()
 
+    def counts(self) -> dict:
+        """What this rank read against the split's stats so far (mlc.data.counts merges ranks)."""
+        return {
+            "expected": self.expected,
+            "lost": sum(self.lost.values()),
+            "lost_by_shard": dict(self.lost),
+            "repeated": self.repeated,
+            "problems": dict(self.problems),
+        }
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
 
@@ -130,6 +147,7 @@ class ShardLoader:
             # not with pin_memory, whose thread would pin a copy of a buffer, not the buffer.
             ring = BatchRing(workers) if workers and not self.pin_memory else None
             stream = self._stream(self.epoch, self.batch, ring)
+            self.expected += stream.rank_samples()
             if workers == 0 and not self.pin_memory:
                 # In this process: a DataLoader would only walk every batch's key list again
                 # (default_convert), per-sample work with nothing to show for it.
@@ -149,6 +167,8 @@ class ShardLoader:
             for raw in loader:
                 self.batch += 1
                 self.problems.update(raw["problems"])
+                self.lost.update(raw["lost"])
+                self.repeated += raw["repeated"]
                 if len(self.skipped_keys) < 1000:
                     self.skipped_keys.extend(raw["skipped"][: 1000 - len(self.skipped_keys)])
                 c = self.config

@@ -1,12 +1,13 @@
 """The streaming loader: an explicit list of stages from shard URLs to batches.
 
-    shards -> per-epoch shard shuffle -> split by node and worker (balanced by sample counts)
-      -> tar expansion -> sample shuffle buffer (raw bytes) -> skip consumed -> decode + augment
-      -> batch (a fixed number per worker)
+    shards -> per-epoch shard shuffle -> split by node and worker (equal ranges of samples)
+      -> tar expansion (counted against the stats) -> sample shuffle buffer (raw bytes)
+      -> skip consumed -> decode + augment -> batch (a fixed number per worker)
 
 Every (rank, worker) "slot" yields the same number of batches per epoch, computed from the
-shard sample counts before anything is read, so DDP ranks never wait on each other
-(docs/loader.md has the guarantees: equal counts, eval coverage and padding, resume).
+shard sample counts before anything is read, so DDP ranks never wait on each other; every
+sample of the split is read once per epoch (docs/loader.md has the guarantees: equal counts,
+coverage, padding and repeats, lost samples, resume).
 """
 
 from __future__ import annotations
@@ -40,17 +41,22 @@ IMAGE_SUFFIXES = set(IMAGE_EXTENSIONS.values())
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples ``offset, offset + stride, ...`` of one shard: the unit given to a slot. With
-    fewer shards than slots, each shard is read by ``stride`` slots, one residue class each."""
+    """Samples ``start`` to ``stop`` (in tar order) of one shard: the unit given to a slot. A shard
+    is cut into several pieces where a slot's range ends inside it."""
 
     url: str
-    samples: int
-    offset: int = 0
-    stride: int = 1
+    samples: int  # the shard's, from the split's stats
+    start: int = 0
+    stop: int = 0
 
     @property
     def size(self) -> int:
-        return max(0, math.ceil((self.samples - self.offset) / self.stride))
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        if self.start == 0 and self.stop == self.samples:
+            return self.url
+        return f"{self.url} (samples {self.start}-{self.stop - 1} of {self.samples})"
 
 
 # ---------------------------------------------------------------- stages on the shard list
@@ -65,81 +71,143 @@ def shuffle_shards(shards: list[Shard], seed: int, epoch: int, shuffle: bool) ->
 
 
 def split_shards(shards: list[Shard], slots: int) -> list[list[Piece]]:
-    """Give every slot (rank x worker) pieces of shards, balanced by sample counts: each piece
-    goes to the slot with the fewest samples so far. The plan is the same on every rank."""
-    stride = max(1, math.ceil(slots / max(1, len(shards))))
-    pieces = [Piece(s.url, s.samples, k, stride) for s in shards for k in range(stride)]
+    """Lay the shards end to end and cut the sequence into ``slots`` consecutive sample ranges
+    whose sizes differ by at most one; a shard that a cut falls into becomes two pieces (or
+    more). Every sample is in exactly one slot, whatever the shard sizes; the plan is the same
+    on every rank."""
+    total = sum(s.samples for s in shards)
+    bounds = [total * i // slots for i in range(slots + 1)]  # slot i: bounds[i] to bounds[i + 1]
     plan: list[list[Piece]] = [[] for _ in range(slots)]
-    load = [0] * slots
-    for piece in pieces:
-        slot = min(range(slots), key=lambda i: (load[i], i))
-        plan[slot].append(piece)
-        load[slot] += piece.size
+    slot, first = 0, 0  # first: the shard's first sample in the whole sequence
+    for shard in shards:
+        start, end = first, first + shard.samples
+        while start < end:
+            while bounds[slot + 1] <= start:
+                slot += 1
+            stop = min(end, bounds[slot + 1])
+            plan[slot].append(Piece(shard.url, shard.samples, start - first, stop - first))
+            start = stop
+        first = end
     return plan
 
 
-def batches_per_slot(plan: list[list[Piece]], batch_size: int, mode: str) -> int:
-    """Train: full batches the smallest slot can fill (others drop their excess this epoch).
-    Eval: batches the largest slot needs (others pad), so every sample is seen once."""
-    sizes = [sum(p.size for p in pieces) for pieces in plan]
-    if mode == "train":
-        return min(sizes) // batch_size
-    return math.ceil(max(sizes) / batch_size)
+def batches_per_slot(plan: list[list[Piece]], batch_size: int) -> int:
+    """The batches the largest slot needs; the others fill theirs up: in train mode with a
+    second look at some of their own samples (counted as repeated), in eval mode with padding
+    (valid=False). Every sample is in a batch, every slot yields the same number."""
+    return math.ceil(max(sum(p.size for p in pieces) for pieces in plan) / batch_size)
 
 
 # ---------------------------------------------------------------- stages on samples
 
 
+SAMPLE_REASONS = ("corrupt sample", "incomplete sample")  # problems that skip one sample
+
+
 @dataclass
 class Problems:
-    """What a worker skipped: counts by reason, and the keys of skipped samples since the last
-    batch (they travel to the main process with the next batch)."""
+    """What a worker skipped or lost since its last batch (it travels with the next batch):
+    counts by reason, samples lost by shard, and the keys of skipped samples.
+
+    Lost samples are the samples of the split's stats that reach no batch: the rest of a piece
+    whose shard cannot be opened, breaks off or ends early, and samples skipped as corrupt or
+    incomplete. A quiet one counts and logs nothing (a repeat pass, whose damage the first pass
+    has already reported).
+    """
 
     counts: Counter = field(default_factory=Counter)
+    lost: Counter = field(default_factory=Counter)  # shard URL -> samples
     keys: list[str] = field(default_factory=list)
+    quiet: bool = False
+    logged: int = 0  # sample messages so far, for the rate limit
 
-    def skip_sample(self, reason: str, key: str, detail: object) -> None:
+    def skip_sample(self, reason: str, key: str, shard: str, detail: object) -> None:
+        if self.quiet:
+            return
         self.counts[reason] += 1
+        self.lost[shard] += 1
         self.keys.append(key)
-        n = sum(self.counts[r] for r in SAMPLE_REASONS)
-        if n <= 10 or n % 1000 == 0:  # rate-limited log; the counts are exact
-            log.warning("%s %s skipped (%d in this worker): %s", reason, key, n, detail)
+        self.logged += 1
+        if self.logged <= 10 or self.logged % 1000 == 0:  # rate-limited log; the counts are exact
+            log.warning(
+                "%s %s of shard %s skipped (%d in this worker): %s",
+                reason,
+                key,
+                shard,
+                self.logged,
+                detail,
+            )
 
-    def skip_shard(self, url: str, error: Exception) -> None:
-        self.counts["unreadable shard"] += 1
-        log.error("skipping shard %s: %s", url, error)
+    def short_piece(self, piece: Piece, read: int, position: int, why: str, kind: str) -> None:
+        """A piece of which only ``read`` samples were there; the shard's damage is at key group
+        ``position``, and the piece holding that position counts the shard (once per pass)."""
+        if self.quiet:
+            return
+        lost = piece.size - read
+        self.lost[piece.url] += lost
+        if piece.start <= position < piece.stop:
+            self.counts[kind] += 1
+        log.error(
+            "shard %s: read %d of %d samples (%s); %d lost",
+            piece.describe(),
+            read,
+            piece.size,
+            why,
+            lost,
+        )
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.lost.clear()
+        self.keys.clear()
 
 
-SAMPLE_REASONS = ("corrupt sample", "incomplete sample")
-
-
-def expand_tars(pieces: list[Piece], config: LoaderConfig, problems: Problems):
-    """Raw samples {key, image, ext, json} of the pieces, in order."""
+def expand_tars(pieces: list[Piece], config: LoaderConfig, problems: Problems, repeat=False):
+    """Raw samples {key, image, ext, json, shard, repeat} of the pieces, in order."""
     for piece in pieces:
+        yield from read_piece(piece, config, problems, repeat)
+
+
+def read_piece(piece: Piece, config: LoaderConfig, problems: Problems, repeat: bool = False):
+    """The complete samples of a piece's range, counted against the shard's stats: what the
+    shard does not deliver (it cannot be opened, breaks off or ends early) is lost. A shard is
+    read from its start; the samples before the range are passed over, not decoded."""
+    try:
+        stream = open_with_retries(piece.url, config.retries, config.allow_pipe)
+    except ShardOpenError as e:
+        problems.short_piece(piece, 0, 0, f"cannot be opened: {e}", "unreadable shard")
+        return
+    read, position, error = 0, 0, None  # position: key groups of the shard passed so far
+    try:
+        for sample in _tar_samples(stream):
+            if position >= piece.start:
+                read += 1
+                if _complete(sample, piece.url, problems):
+                    sample["shard"], sample["repeat"] = piece.url, repeat
+                    yield sample
+            position += 1
+            if position == piece.stop:
+                break
+    except (OSError, tarfile.TarError) as e:
+        error = e
+    finally:
         try:
-            stream = open_with_retries(piece.url, config.retries, config.allow_pipe)
-        except ShardOpenError as e:
-            problems.skip_shard(piece.url, e)
-            continue
-        failed = False
-        try:
-            samples = _tar_samples(stream, piece.url, problems)
-            yield from itertools.islice(samples, piece.offset, None, piece.stride)
-        except (OSError, tarfile.TarError) as e:
-            failed = True
-            problems.skip_shard(piece.url, e)
-        finally:
-            try:
-                stream.close()  # a pipe: command's failure shows here
-            except OSError as e:
-                if not failed:
-                    problems.skip_shard(piece.url, e)
+            stream.close()  # a pipe: command's failure shows here
+        except OSError as e:
+            error = error or e
+    if read < piece.size:
+        why = str(error) if error else f"the shard ends after {position} of {piece.samples}"
+        kind = "unreadable shard" if position == 0 else "damaged shard"  # read nothing / part
+        problems.short_piece(piece, read, position, why, kind)
+    elif error:
+        log.warning("shard %s: every sample read, then: %s", piece.describe(), error)
 
 
 def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
-    """One pass over a slot's pieces, or (train) pass after pass: a slot that lost samples to
-    damaged data still fills its batches, repeating its own samples. Each pass is shuffled on
-    its own, so no sample comes back before the pass that holds it has ended."""
+    """One pass over a slot's pieces, or (train) pass after pass: the samples a slot needs
+    beyond its own (to fill its last batch, or what damaged data took) come from repeat passes.
+    Each pass is shuffled on its own, so no sample comes back before the pass that holds it has
+    ended."""
     for number in itertools.count():
         samples = iter(make_pass(number))
         first = next(samples, None)
@@ -148,25 +216,31 @@ def passes(make_pass: Callable[[int], Iterable[dict]], repeat: bool):
             yield from samples  # (not a Python loop: no per-sample interpreter step here)
         if not repeat:
             return
-        if first is None:
-            raise ShardOpenError("no readable sample in any of this worker's shards")
+        if first is None and number > 0:  # a repeat pass reads every slot's pieces
+            raise ShardOpenError("no readable sample in any of the shards")
 
 
-def _tar_samples(stream, url: str, problems: Problems) -> Iterator[dict]:
-    """Group consecutive tar members by key (the name up to the first dot)."""
+def _tar_samples(stream) -> Iterator[dict]:
+    """Group consecutive tar members by key (the name up to the first dot): every key's group,
+    complete or not, so that positions in a shard count samples as its stats do. Where the tar
+    breaks off, the group before the damage is kept if it has its image and json."""
     current: dict = {}
-    for name, data in tar_members(stream):
-        key, _, suffix = name.rpartition("/")[2].partition(".")
-        if current and key != current["key"]:
-            if _complete(current, url, problems):
+    try:
+        for name, data in tar_members(stream):
+            key, _, suffix = name.rpartition("/")[2].partition(".")
+            if current and key != current["key"]:
                 yield current
-            current = {}
-        current["key"] = key
-        if suffix == "json":
-            current["json"] = data
-        elif suffix in IMAGE_SUFFIXES:
-            current["image"], current["ext"] = data, suffix
-    if current and _complete(current, url, problems):
+                current = {}
+            current["key"] = key
+            if suffix == "json":
+                current["json"] = data
+            elif suffix in IMAGE_SUFFIXES:
+                current["image"], current["ext"] = data, suffix
+    except (OSError, tarfile.TarError):
+        if "json" in current and "image" in current:
+            yield current
+        raise
+    if current:
         yield current
 
 
@@ -174,7 +248,7 @@ def _complete(sample: dict, url: str, problems: Problems) -> bool:
     """Whether a sample has its image and json; if not, it is counted as skipped."""
     if "json" in sample and "image" in sample:
         return True
-    problems.skip_sample("incomplete sample", sample["key"], f"no image or json in {url}")
+    problems.skip_sample("incomplete sample", sample["key"], url, "no image or json")
     return False
 
 
@@ -258,9 +332,10 @@ def decode_samples(samples, config: LoaderConfig, epoch: int, num_classes: int, 
                 flip = False
                 image = resize_eval(sample["image"], size, config.crop_fraction, channels)
         except (DecodeError, ValueError) as e:
-            problems.skip_sample("corrupt sample", sample["key"], e)
+            if not sample["repeat"]:  # (a repeat pass's damage was counted in the first pass)
+                problems.skip_sample("corrupt sample", sample["key"], sample["shard"], e)
             continue
-        yield sample["key"], image, flip, labels
+        yield sample["key"], image, flip, labels, sample["repeat"]
 
 
 def batch_views(packed, batch: int, size: int, channels: int, num_classes: int):
@@ -300,25 +375,28 @@ def make_batches(
     """Exactly ``count`` batches; eval pads the last ones with invalid entries (valid=False).
 
     ``buffers(size)`` gives each batch's buffer (any content: every byte is written here) and
-    the entries of the batch's message that stand for it (mlc.data.ring reuses buffers).
+    the entries of the batch's message that stand for it (mlc.data.ring reuses buffers). A
+    batch's message carries what the worker skipped and lost since the previous one, and how
+    many of its samples are repeats.
     """
     shape = (config.batch_size, config.image_size, config.channels, num_classes)
     decoded = iter(decoded)
-    for _ in range(count):
+    for number in range(count):
         packed, message = buffers(packed_size(*shape))
         images, targets, mask, valid = batch_views(packed, *shape)
         packed[images.size :] = 0  # targets, mask, valid
         rows = BatchImages(images)
         keys = [""] * config.batch_size
         positive_rows, positive_cols, known_rows, known_cols = [], [], [], []  # set once per batch
-        filled = 0
+        filled = repeated = 0
         for i in range(config.batch_size):
             item = next(decoded, None)
             if item is None:
                 if config.mode == "train":
-                    raise AssertionError("a train slot ran dry")  # expand_tars cycles
+                    raise AssertionError("a train slot ran dry")  # passes() repeats
                 break
-            keys[i], image, flip, (positives, negatives) = item
+            keys[i], image, flip, (positives, negatives), repeat = item
+            repeated += repeat
             rows.put(i, image, flip)
             positive_rows += [i] * len(positives)
             positive_cols += positives
@@ -326,6 +404,8 @@ def make_batches(
                 known_rows += [i] * (len(positives) + len(negatives))
                 known_cols += positives + negatives
             filled = i + 1
+        if config.mode == "eval" and number == count - 1:
+            next(decoded, None)  # the end of the stream: its last shard's report rides along
         rows.finish()
         images[filled:] = 0  # eval padding
         valid[:filled] = 1
@@ -337,11 +417,12 @@ def make_batches(
         batch = {
             **message,
             "keys": keys,
-            "skipped": list(problems.keys),
-            "problems": dict(problems.counts),  # since the previous batch of this worker
+            "repeated": repeated,
+            "skipped": list(problems.keys),  # since the previous batch of this worker
+            "problems": dict(problems.counts),
+            "lost": dict(problems.lost),
         }
-        problems.keys.clear()
-        problems.counts.clear()
+        problems.clear()
         yield batch
 
 
@@ -453,7 +534,13 @@ class EpochStream(IterableDataset):
         return split_shards(shuffled, self.world_size * self.workers())
 
     def batches_per_worker(self) -> int:
-        return batches_per_slot(self.plan(), self.config.batch_size, self.config.mode)
+        return batches_per_slot(self.plan(), self.config.batch_size)
+
+    def rank_samples(self) -> int:
+        """The samples of the split this rank's slots read in the epoch (the first pass)."""
+        workers = self.workers()
+        slots = self.plan()[self.rank * workers : (self.rank + 1) * workers]
+        return sum(p.size for pieces in slots for p in pieces)
 
     def __iter__(self):
         info = get_worker_info()
@@ -466,15 +553,22 @@ class EpochStream(IterableDataset):
         logical = (worker + self.start_batch) % workers
         slot = self.rank * workers + logical
         plan = self.plan()
-        count = batches_per_slot(plan, self.config.batch_size, self.config.mode)
+        count = batches_per_slot(plan, self.config.batch_size)
         done = max(0, math.ceil((self.start_batch - logical) / workers))  # batches consumed
         c, train = self.config, self.config.mode == "train"
         problems = Problems()
 
         def one_pass(number: int):  # tar expansion -> shuffle buffer, for pass ``number``
             rng = np.random.default_rng([c.seed, self.epoch, slot, number])
-            raw = expand_tars(plan[slot], c, problems)
-            return shuffle_samples(raw, c.shuffle_buffer if train else 0, rng)
+            if number == 0:
+                raw = expand_tars(plan[slot], c, problems)
+                return shuffle_samples(raw, c.shuffle_buffer if train else 0, rng)
+            # A repeat pass (train) fills the slot's last batch, or what damage took, from its
+            # own pieces and then, should those be unreadable, the next slots'. A buffer of a
+            # batch, so that it reads little; the first pass has reported the damage.
+            pieces = [p for own in plan[slot:] + plan[:slot] for p in own]
+            raw = expand_tars(pieces, c, Problems(quiet=True), repeat=True)
+            return shuffle_samples(raw, min(c.shuffle_buffer, c.batch_size), rng)
 
         def buffers(size: int) -> tuple[np.ndarray, dict]:
             leased = self.ring.acquire(worker, size) if self.ring is not None else None

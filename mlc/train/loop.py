@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 
 from mlc import dist
 from mlc.config import Config, config_from_dict, to_dict
-from mlc.data import ShardLoader, normalize
+from mlc.data import ShardLoader, counts, normalize
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.models import build_model
 from mlc.train.checkpoint import find_resume, save_checkpoint, write_run_config
@@ -152,6 +152,19 @@ class Run:
         if self.rank == 0:
             t = self.config.train
             self.checkpoint = save_checkpoint(t.out, state, self.samples, t.keep_last, is_best)
+
+    def data_counts(self) -> dict:
+        """What the training loaders of all ranks read against the split's stats since this
+        process started (mlc.data.counts); every rank takes part."""
+        return counts.merge(dist.all_gather(self.loader.counts(), self.world))
+
+    def check_data(self, data: dict, split: str) -> None:
+        """DataLossError (on every rank, whose counts are the same) past
+        data.max_lost_fraction of the samples expected."""
+        limit = self.config.data.max_lost_fraction
+        counts.check(
+            data, limit, f"{split} split of {self.config.data.dataset}", "data.max_lost_fraction"
+        )
 
     def step_on(self, batch) -> tuple[float, float]:
         """One optimisation step on ``batch``: (the loss averaged over ranks, the lr)."""
@@ -320,12 +333,16 @@ def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) 
 
         if crossed(run.samples, run.world_batch, t.log_every) or finished:
             record = window.record(run, lr)
+            record["data"] = run.data_counts()
             metrics.write(record)
             eta = (t.samples - run.samples) / max(record["samples_per_s"], 1e-9)
+            lost = record["data"]["lost"]
             say(
                 f"{run.samples:>10} samples  loss {record['loss']:.4f}  lr {lr:.2e}  "
                 f"{record['samples_per_s']:7.1f} samples/s  ETA {format_duration(eta)}"
+                + (f"  {lost} samples lost" if lost else "")
             )
+            run.check_data(record["data"], config.data.train_split)
 
         is_best = False
         if config.data.val_split and (
@@ -340,7 +357,10 @@ def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) 
             say(
                 f"{run.samples:>10} samples  val fwMAP@{t.eval_k} {result['fwmap']:.4f}  "
                 f"MAP@{t.eval_k} {result['map']:.4f}  full mAP {format_metric(result['full_map'])}"
+                f"  ({result['images']} of {result['split_images']} images scored"
+                + (f"; {counts.describe(result['data'])})" if result["data"]["lost"] else ")")
             )
+            run.check_data(result["data"], config.data.val_split)
             if result["fwmap"] > run.best:
                 run.best, is_best = result["fwmap"], True
             run.model.train()
@@ -361,6 +381,7 @@ def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) 
             break
 
     seconds = time.time() - run_start
+    data = run.data_counts()
     summary = {
         "samples": run.samples,
         "steps": run.step,
@@ -370,12 +391,15 @@ def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) 
         "checkpoint": str(run.checkpoint) if run.checkpoint else None,
         "stopped_by": stop["signal"],
         "last_saved": last_saved,
+        "data": data,
     }
     if run.rank == 0:
         metrics.write(summary, kind="summary")
         summary["curves"] = str(write_curves(t.out))
         say(
             f"done: {run.samples} samples in {format_duration(seconds)}, best val fwMAP "
-            f"{format_metric(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}"
+            f"{format_metric(summary['best_fwmap'])}, last checkpoint {summary['checkpoint']}; "
+            f"training data: {counts.describe(data)}, {data['repeated']} repeated to fill "
+            "batches"
         )
     return summary

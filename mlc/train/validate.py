@@ -1,4 +1,5 @@
-"""The training job's validation: fwMAP@K on the validation split, scored by every rank."""
+"""The training job's validation: fwMAP@K on the validation split, scored by every rank, and
+how many of the split's images it scored."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from eval.metrics import full_ap, weighted_mean
 from eval.torchmetric import MAPAtK
 from mlc.config import Config
-from mlc.data import ShardLoader, normalize
+from mlc.data import ShardLoader, counts, normalize
 from mlc.dist import all_gather
 
 FULL_AP_SCORES = 50_000_000  # full AP needs every score in memory: only below this many
@@ -29,7 +30,9 @@ def validate(
 ) -> dict:
     """fwMAP@K weighted by the training split's positive counts, plain MAP@K, and full mAP when
     the scores fit in memory; every rank scores its share into an eval.MAPAtK, whose states
-    torchmetrics gathers and merges exactly."""
+    torchmetrics gathers and merges exactly. The record says how many images were scored of the
+    split's, and what the loader read against the split's stats (``data``: lost samples by
+    shard, problems)."""
     d, t = config.data, config.train
     settings = dataclasses.replace(d, mode="eval")
     loader = ShardLoader.from_dataset(d.dataset, d.val_split, settings, rank=rank, world_size=world)
@@ -74,5 +77,7 @@ def validate(
         "full_map": full_map,
         "loss": sum(p[3] for p in parts) / max(sum(p[4] for p in parts), 1),
         "images": total.images,
+        "split_images": sum(s.samples for s in loader.shards),
+        "data": counts.merge(all_gather(loader.counts(), world)),
         "classes_evaluated": int((result.positives > 0).sum()),
     }

@@ -5,6 +5,7 @@ labels from the manifest, and the dense metric library on the same scores."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -306,3 +307,38 @@ def test_classes_are_matched_by_id(checkpoint, mosaics, single, tmp_path, capsys
     assert "coat" not in [r[0] for r in rows]
     assert all(float(r[6]) == reference[r[0]] for r in rows)
     assert len((out / "per_image.csv").read_text().splitlines()) == 301
+
+
+def test_a_lost_shard_is_an_error_unless_allowed(
+    checkpoint, mosaics, tmp_path, capsys, monkeypatch
+):
+    """Issue 19, item 2: a shard deleted from the split stops `mlc eval` (exit 2, the shard
+    named, nothing written); with --allow-lost the rest is scored, and summary.json, the printed
+    summary and report.md say how many of the split's images were scored and what was lost."""
+    import mlc.data.urls
+
+    monkeypatch.setattr(mlc.data.urls.time, "sleep", lambda s: None)  # the retries' waits
+    data = tmp_path / "data"
+    shutil.copytree(mosaics, data)
+    stats = json.loads((data / "test.stats.json").read_text())
+    gone = data / stats["shards"][1]
+    assert stats["shard_lengths"][1] == 100
+    gone.unlink()
+
+    capsys.readouterr()
+    run_eval(checkpoint[0], data, tmp_path / "refused", "--bootstrap", "0", code=2)
+    err = capsys.readouterr().err
+    assert f"100 of 300 samples lost (33.33%: {gone} 100; unreadable shard: 1)" in err
+    assert "--allow-lost" in err
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "allowed"
+    extra = ["--bootstrap", "0", "--no-plots", "--allow-lost", "0.5"]
+    summary = run_eval(checkpoint[0], data, out, *extra)
+    printed = capsys.readouterr().out
+    assert summary["images"] == 200 and summary["split_images"] == 300
+    assert summary["lost_samples"] == 100 and summary["lost_by_shard"] == {str(gone): 100}
+    assert summary["loader_problems"] == {"unreadable shard": 1}
+    line = "200 of the split's 300 images scored; 100 of 300 samples lost (33.33%: "
+    assert f"data: {line}" in printed
+    assert f"- data: {line}" in (out / "report.md").read_text()

@@ -190,6 +190,27 @@ def two_shard_ds(tmp_path_factory) -> Dataset:
     return ds
 
 
+@pytest.fixture(scope="session")
+def uneven_ds(tmp_path_factory) -> Dataset:
+    """One large shard and three small ones (60, 5, 5, 5 samples), as in issue 19: 15 written
+    shards of 5, the first 12 packed into one (stats and manifest rewritten to match)."""
+    ds = make_dataset(tmp_path_factory.mktemp("uneven") / "ds", 75, 5, "full", seed=4)
+    stats = ds.stats()
+    names = stats["shards"]
+    big = [member for name in names[:12] for member in tar_members(ds.path / name)]
+    write_tar(ds.path / names[0], big)
+    for name in names[1:12]:
+        (ds.path / name).unlink()
+    stats["shards"] = [names[0], *names[12:]]
+    stats["shard_lengths"] = [60, 5, 5, 5]
+    (ds.path / stats_name(ds.split)).write_text(json.dumps(stats))
+    for row in ds.manifest.values():
+        if row["shard"] in names[:12]:
+            row["shard"] = names[0]
+    assert ds.shard_lengths() == dict(zip(stats["shards"], [60, 5, 5, 5], strict=True))
+    return ds
+
+
 @dataclass
 class CorruptDataset:
     ds: Dataset

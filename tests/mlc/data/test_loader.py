@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,9 +27,25 @@ from PIL import Image
 
 import mlc.data.ring
 import mlc.data.urls
-from mlc.data import LoaderConfig, Shard, ShardLoader, dataset_shards, normalize, url_shards
+from mlc.data import (
+    LoaderConfig,
+    Shard,
+    ShardLoader,
+    counts,
+    dataset_shards,
+    normalize,
+    url_shards,
+)
 from mlc.data.decode import decode_eval, decode_train
-from mlc.data.pipeline import _WRITTEN, BatchImages, parse_labels, sample_rng
+from mlc.data.pipeline import (
+    _WRITTEN,
+    BatchImages,
+    Piece,
+    batches_per_slot,
+    parse_labels,
+    sample_rng,
+    split_shards,
+)
 from mlc.data.urls import ShardOpenError, open_url
 from mlc.dist import free_port
 from mlc.format import OPENCLIP_SIZES_FILE, encode_sample_json
@@ -278,28 +296,71 @@ def test_eval_padding_is_present_with_uneven_shards(partial_ds):
 # ---------------------------------------------------------------- train
 
 
+def check_train_epochs(ds: Dataset, config: LoaderConfig, epochs: int = 2, world: int = 2):
+    """Every rank yields batches_per_epoch() full batches in each epoch, and the ranks' batches
+    of an epoch hold every key of the split exactly once, plus the repeats the loaders counted
+    (which fill the slots' last batches: fewer than a batch per slot)."""
+    loaders = [ds.loader(config, rank=r, world_size=world) for r in range(world)]
+    streams = [iter(loader) for loader in loaders]
+    slots = world * max(1, config.num_workers)
+    repeats = 0
+    for epoch in range(epochs):
+        count = loaders[0].batches_per_epoch(epoch)
+        assert count >= 1
+        keys = Counter()
+        for loader, stream in zip(loaders, streams, strict=True):
+            assert loader.batches_per_epoch(epoch) == count
+            batches = list(itertools.islice(stream, count))
+            assert len(batches) == count
+            assert all(bool(b.valid.all()) for b in batches)
+            check_labels(ds, batches)
+            keys.update(k for b in batches for k in b.keys)
+        unseen = ds.keys - set(keys)
+        assert not unseen, f"epoch {epoch}: {len(unseen)} of {len(ds.keys)} keys never seen"
+        assert set(keys) == ds.keys
+        assert sum(keys.values()) == world * count * config.batch_size
+        extra = sum(keys.values()) - len(ds.keys)
+        assert extra < slots * config.batch_size
+        repeats += extra
+    for stream in streams:
+        stream.close()
+    assert sum(loader.repeated for loader in loaders) == repeats  # every repeat is counted
+    assert all(not loader.problems and not loader.lost for loader in loaders)
+    return repeats
+
+
 @pytest.mark.parametrize("ds_name", ["partial_ds", "two_shard_ds"])
-def test_train_equal_counts_no_repeats_all_valid(request, ds_name):
+def test_train_equal_counts_every_key_once_all_valid(request, ds_name):
     ds: Dataset = request.getfixturevalue(ds_name)
     batch_size = 4 if ds_name == "partial_ds" else 2
-    config = train_config(num_workers=2, batch_size=batch_size)
-    loaders = [ds.loader(config, rank=r, world_size=2) for r in range(2)]
-    epochs = [run_epochs(loader, 2) for loader in loaders]
-    for e in range(2):
-        expected = loaders[0].batches_per_epoch(e)
-        assert expected >= 1
-        assert loaders[1].batches_per_epoch(e) == expected
-        seen = []
-        for r in range(2):
-            batches = epochs[r][e]
-            assert len(batches) == expected, (r, e)
-            keys = [k for b in batches for k in b.keys]
-            assert len(keys) == len(set(keys)), "a key repeats within an epoch"
-            assert all(bool(b.valid.all()) for b in batches)
-            assert set(keys) <= ds.keys
-            check_labels(ds, batches)
-            seen.append(set(keys))
-        assert not seen[0] & seen[1], "a key on both ranks in one epoch"
+    check_train_epochs(ds, train_config(num_workers=2, batch_size=batch_size))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_shards_every_sample_once_per_epoch(uneven_ds, workers):
+    """Issue 19, item 1: shards of 60, 5, 5 and 5 samples over 2 ranks (x 2 workers). Every
+    epoch reads every sample once, whatever the shard sizes: the large shard is cut into sample
+    ranges across slots, and the slots' last batches are filled with counted repeats, never by
+    dropping samples."""
+    config = train_config(num_workers=workers, batch_size=4, seed=7)
+    repeats = check_train_epochs(uneven_ds, config, epochs=3)
+    assert repeats == 3 * 5  # 75 samples: 2 ranks x 10 batches of 4 = 80 entries an epoch
+    assert uneven_ds.loader(config, rank=0, world_size=2).batches_per_epoch() == 10
+
+
+def test_split_shards_cuts_shards_into_equal_ranges():
+    shards = [Shard("a", 60), Shard("b", 5), Shard("c", 0), Shard("d", 5), Shard("e", 5)]
+    plan = split_shards(shards, 4)
+    assert [sum(p.size for p in pieces) for pieces in plan] == [18, 19, 19, 19]
+    assert plan[0] == [Piece("a", 60, 0, 18)]
+    assert plan[3] == [Piece("a", 60, 56, 60), Piece("b", 5, 0, 5), Piece("d", 5, 0, 5),
+                       Piece("e", 5, 0, 5)]  # fmt: skip
+    covered = Counter((p.url, i) for pieces in plan for p in pieces for i in range(p.start, p.stop))
+    assert sorted(covered) == [(s.url, i) for s in shards for i in range(s.samples)]
+    assert set(covered.values()) == {1}
+    few = split_shards([Shard("a", 3)], 4)  # fewer samples than slots: empty slots
+    assert [len(pieces) for pieces in few] == [0, 1, 1, 1]
+    assert batches_per_slot(plan, 4) == 5 and batches_per_slot(few, 4) == 1
 
 
 def test_train_refuses_when_a_slot_cannot_fill_a_batch(two_shard_ds):
@@ -426,6 +487,23 @@ def test_corrupt_samples_skipped_and_counted(corrupt_ds):
     check_labels(ds, batches)
 
 
+def test_skipped_samples_name_their_shard_and_count_as_lost(corrupt_ds, caplog):
+    ds = corrupt_ds.ds
+    url = str(ds.path / next(iter(ds.shard_lengths())))
+    loader = ds.loader(eval_config(num_workers=0))
+    with caplog.at_level(logging.WARNING, logger="mlc.data"):
+        list(loader)
+    assert f"corrupt sample {corrupt_ds.garbage_key} of shard {url} skipped" in caplog.text
+    assert f"incomplete sample {corrupt_ds.no_json_key} of shard {url} skipped" in caplog.text
+    assert loader.counts() == {
+        "expected": len(ds.keys),
+        "lost": 2,
+        "lost_by_shard": {url: 2},
+        "repeated": 0,
+        "problems": {"corrupt sample": 1, "incomplete sample": 1},
+    }
+
+
 def test_incomplete_sample_key_in_skipped_keys(corrupt_ds):
     loader = corrupt_ds.ds.loader(eval_config(num_workers=0))
     list(loader)
@@ -500,6 +578,76 @@ def test_parse_labels_reads_what_the_writer_writes_and_any_other_json(seed):
             parse_labels(bad, 1000)
 
 
+def _truncated(ds: Dataset, root: Path, sample: int, inside: bool) -> tuple[Dataset, str, set]:
+    """A copy of ``ds`` whose first shard stops at its sample number ``sample``: cut off inside
+    the tar header of that sample's first member (``inside``) or cleanly before it. Returns the
+    copy, the shard's path and the keys before the cut."""
+    shutil.copytree(ds.path, root)
+    path = root / next(iter(ds.shard_lengths()))
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keys = list(dict.fromkeys(m.name.partition(".")[0] for m in members))
+    first = next(m for m in members if m.name.startswith(f"{keys[sample]}."))
+    path.write_bytes(path.read_bytes()[: first.offset + (100 if inside else 0)])
+    return (
+        Dataset(root, ds.split, ds.num_classes, ds.full, dict(ds.manifest)),
+        str(path),
+        set(keys[:sample]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("inside", "why"), [(True, "truncated tar header"), (False, "the shard ends after 6 of 13")]
+)
+def test_truncated_shard_reports_what_was_read_and_lost(full_ds, tmp_path, caplog, inside, why):
+    """Issue 19, item 2: a tar that stops in the middle (broken or clean): its samples before
+    the cut are used, the rest are lost samples of that shard, and the message says so."""
+    ds, url, before = _truncated(full_ds, tmp_path / "ds", 6, inside)
+    loader = ds.loader(eval_config(num_workers=0))
+    with caplog.at_level(logging.ERROR, logger="mlc.data"):
+        keys = Counter(valid_keys(list(loader)))
+    in_shard = {k for k, row in ds.manifest.items() if row["shard"] == Path(url).name}
+    assert set(keys) == ds.keys - (in_shard - before) and set(keys.values()) == {1}
+    assert f"shard {url}: read 6 of 13 samples ({why}); 7 lost" in caplog.text
+    assert "skipping shard" not in caplog.text
+    assert loader.counts() == {
+        "expected": 60,
+        "lost": 7,
+        "lost_by_shard": {url: 7},
+        "repeated": 0,
+        "problems": {"damaged shard": 1},
+    }
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_damaged_shard_cut_across_slots_counts_once(uneven_ds, tmp_path, mode):
+    """The 60-sample shard, broken after 25 samples, is read by several slots (2 ranks x 2
+    workers): over the ranks its 35 lost samples and the damaged shard are counted once per
+    epoch; the other samples are all used, and batch counts stay equal."""
+    ds, url, before = _truncated(uneven_ds, tmp_path / "ds", 25, inside=True)
+    lost = {k for k, row in ds.manifest.items() if row["shard"] == Path(url).name} - before
+    make = eval_config if mode == "eval" else train_config
+    config = make(num_workers=2, batch_size=4, seed=1)
+    loaders = [ds.loader(config, rank=r, world_size=2) for r in range(2)]
+    count = loaders[0].batches_per_epoch(0)
+    per_rank = [list(itertools.islice(loader, count)) for loader in loaders]
+    assert [len(batches) for batches in per_rank] == [count, count]
+    keys = Counter(valid_keys([b for batches in per_rank for b in batches]))
+    assert set(keys) == ds.keys - lost
+    total = counts.merge([loader.counts() for loader in loaders])
+    assert total["lost"] == 35 and total["lost_by_shard"] == {url: 35}
+    assert total["problems"] == {"damaged shard": 1}
+    assert total["expected"] == 75
+    if mode == "train":  # the slots that came up short filled their batches with repeats
+        assert total["repeated"] == sum(keys.values()) - len(keys) == 2 * count * 4 - 40
+    else:
+        assert set(keys.values()) == {1} and total["repeated"] == 0
+    assert "35 of 75 samples lost (46.67%: " in counts.describe(total)
+    with pytest.raises(counts.DataLossError, match=r"35 of 75 samples lost.*--allow-lost"):
+        counts.check(total, 0.4, "test split", "--allow-lost")
+    counts.check(total, 0.5, "test split", "--allow-lost")
+
+
 def _missing_shard(ds: Dataset, tmp_path: Path, index: int = 2) -> tuple[list[Shard], str]:
     shards = dataset_shards(ds.path, ds.split)
     lost = shards[index]
@@ -521,6 +669,9 @@ def test_missing_shard_retried_then_skipped_in_eval(partial_ds, tmp_path, monkey
     expected = {k for k, row in partial_ds.manifest.items() if row["shard"] != lost}
     assert set(keys) == expected and set(keys.values()) == {1}
     assert len(batches) == loader.batches_per_epoch()
+    missing = str(tmp_path / "no-such-shard.tar")
+    assert loader.lost == Counter({missing: partial_ds.shard_lengths()[lost]})
+    assert loader.counts()["expected"] == len(partial_ds.keys)
 
 
 def test_missing_shard_in_train_keeps_counts_equal(partial_ds, tmp_path, monkeypatch):
@@ -543,6 +694,9 @@ def test_missing_shard_in_train_keeps_counts_equal(partial_ds, tmp_path, monkeyp
             assert all(bool(b.valid.all()) for b in batches)
             assert not lost_keys & {k for b in batches for k in b.keys}
     assert sum(loader.problems["unreadable shard"] for loader in loaders) >= 2  # once per epoch
+    missing = str(tmp_path / "no-such-shard.tar")
+    lost_per_epoch = partial_ds.shard_lengths()[lost]
+    assert sum(loader.lost[missing] for loader in loaders) >= 2 * lost_per_epoch
 
 
 # ---------------------------------------------------------------- URLs

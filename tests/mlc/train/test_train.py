@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,3 +357,50 @@ def _catches_sigterm(pid: int) -> bool:
         return False
     caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_lost_shards_are_counted_reported_and_limited(mosaics, tmp_path, capsys, monkeypatch):
+    """Issue 19, item 2: a training shard (the first of epoch 0) and a validation shard deleted.
+    With the default data.max_lost_fraction the job stops at its first log line, naming the
+    shard; with the loss allowed it trains, and metrics.jsonl (train records, the summary), the
+    summary line and the validation record say what was lost and how many images validation
+    scored of how many."""
+    import mlc.data.urls
+    from mlc.data.pipeline import shuffle_shards
+    from mlc.data.urls import dataset_shards
+
+    monkeypatch.setattr(mlc.data.urls.time, "sleep", lambda s: None)  # the retries' waits
+    data = tmp_path / "data"
+    shutil.copytree(mosaics, data)
+    train_gone = shuffle_shards(dataset_shards(data, "train"), 0, 0, True)[0]
+    val_gone = dataset_shards(data, "test")[1]
+    assert (train_gone.samples, val_gone.samples) == (200, 100)
+    Path(train_gone.url).unlink()
+    Path(val_gone.url).unlink()
+
+    out = tmp_path / "refused"
+    capsys.readouterr()
+    assert main(["train", *sets(tiny_config(data, out))]) == 2
+    err = capsys.readouterr().err
+    assert f"train split of {data}: 200 of 1200 samples lost (16.67%: {train_gone.url} 200" in err
+    assert "data.max_lost_fraction" in err
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["data"]["lost"] == 200  # written before the job stopped
+
+    out = tmp_path / "allowed"
+    args = tiny_config(data, out, "data.max_lost_fraction=0.5", "train.eval_every=320")
+    assert main(["train", *sets(args)]) == 0
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_kind = {kind: [r for r in records if r["kind"] == kind] for kind in ("train", "val")}
+    lost = {train_gone.url: 200}
+    for record in by_kind["train"]:
+        assert record["data"]["lost_by_shard"] == lost and record["data"]["expected"] == 1200
+        assert record["data"]["problems"] == {"unreadable shard": 1}
+    (summary,) = [r for r in records if r["kind"] == "summary"]
+    assert summary["data"]["lost"] == 200
+    assert "training data: 200 of 1200 samples lost (16.67%: " in printed
+    (val,) = by_kind["val"]
+    assert val["images"] == 200 and val["split_images"] == 300
+    assert val["data"]["lost_by_shard"] == {val_gone.url: 100}
+    assert "(200 of 300 images scored; 100 of 300 samples lost" in printed
