@@ -19,7 +19,9 @@ behaviour and needs no global view of the data:
   probability at most 3e-12 (P(Poisson(2K + 29) < K), largest at K = 11; 3e-22 at K = 100). The
   condition is checked for every replicate and class; `inexact` counts where it fails (there
   the pool's answer is used as an approximation).
-- Image-wise AP@K is a per-image quantity: each replicate keeps sum(m * AP_i) and sum(m).
+- Image-wise AP@K is a per-image quantity: each replicate keeps sum(m * AP_i) and sum(m), the
+  former in exact fixed point (each term rounded to 2**-40), so the intervals do not depend on
+  batching or process count: a file of predictions scores as the checkpoint pass that wrote it.
 
 Per batch this costs a hash per key, B multiplicities per image, two small matrix products and
 a top-POOL merge per class; the replicates are ranked once, at the end. An interval is the
@@ -52,6 +54,10 @@ _CDF = np.cumsum([math.exp(-1) / math.factorial(j) for j in range(20)])
 _THRESHOLDS = np.ceil(_CDF * 2.0**53).astype(np.uint64)
 _BLOCK = np.uint64(53 - 16)  # u >> _BLOCK: u's 16 high bits
 _SPLIT = 255
+
+# m * AP@K_i is summed as a whole number of 2**-40 (rounded per image, identically however the
+# images are batched or split across processes): batches of up to 2**19 images fit in int64.
+IMAGE_SUM_UNIT = 2.0**40
 
 
 def _block_counts() -> np.ndarray:
@@ -144,7 +150,9 @@ class PoissonBootstrap:
         shape = (replicates, num_classes)
         self.positives = np.zeros(shape, dtype=np.int64)  # sum of m over positive images
         self.known = np.zeros(shape, dtype=np.int64)  # sum of m over images with a known label
-        self.image_sums = np.zeros(replicates)  # sum over images of m * AP@K_i
+        # sum over images of m * AP@K_i in units of 2**-40, as exact integers (Python ints:
+        # no overflow), so that the sum does not depend on how the images came in batches
+        self.image_sums = np.zeros(replicates, dtype=object)
         self.image_counts = np.zeros(replicates, dtype=np.int64)  # sum of m (images with AP)
         self.inexact = 0  # replicate-classes whose top K was not provably inside the pool
         self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -170,7 +178,8 @@ class PoissonBootstrap:
         if image_ap is not None:
             has = ~np.isnan(image_ap)
             counted = counts if has.all() else counts[has]  # (no copy when every image has AP)
-            self.image_sums += (counted * image_ap[has, None]).sum(0)
+            terms = np.rint(counted * image_ap[has, None] * IMAGE_SUM_UNIT).astype(np.int64)
+            self.image_sums += terms.sum(0).astype(object)
             self.image_counts += counted.sum(0)
         batch = (
             s.T.masked_fill(lab.T == -1, NEG_INF),  # unknown items are in no ranking
@@ -227,7 +236,7 @@ class PoissonBootstrap:
         boot = cls(state["num_classes"], state["k"], state["replicates"], state["seed"])
         for name in ("positives", "known", "image_counts"):
             setattr(boot, name, np.array(state[name], dtype=np.int64))
-        boot.image_sums = np.array(state["image_sums"], dtype=np.float64)
+        boot.image_sums = np.array([int(x) for x in state["image_sums"]], dtype=object)
         if "pool_values" in state:
             boot._pool = tuple(torch.as_tensor(state[f]) for f in _POOL_FIELDS)
         return boot
@@ -285,7 +294,8 @@ class PoissonBootstrap:
         """
         b, c = self.replicates, self.num_classes
         with np.errstate(invalid="ignore", divide="ignore"):
-            images = np.where(self.image_counts > 0, self.image_sums / self.image_counts, np.nan)
+            sums = self.image_sums.astype(np.float64) / IMAGE_SUM_UNIT
+            images = np.where(self.image_counts > 0, sums / self.image_counts, np.nan)
         if self._pool is None:
             return {
                 "weighted": np.full(b, np.nan),
