@@ -11,12 +11,13 @@ the schema metadata ``mlc.class_ids``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mlc.io import atomic_writer
 
 CLASS_IDS_METADATA = b"mlc.class_ids"
 
@@ -89,11 +90,9 @@ class PredictionsWriter:
 
     def finish(self) -> None:
         """Rank 0, after every part is closed: join the parts, rename into place."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with pq.ParquetWriter(tmp, self.schema) as out:
+        with atomic_writer(self.path) as f, pq.ParquetWriter(f, self.schema) as out:
             for rank in range(self.world):
                 part = pq.ParquetFile(self._part(rank))
                 for group in range(part.num_row_groups):
                     out.write_table(part.read_row_group(group))
                 self._part(rank).unlink()
-        os.replace(tmp, self.path)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from mlc.dist import free_port
+from mlc.io import atomic_write_json
 from mlc.train.async_ps import node
 from mlc.train.async_ps.torch_support import check_torch
 from mlc.train.checkpoint import list_checkpoints, write_run_config
@@ -183,17 +184,9 @@ def _drain(messages) -> list[str]:
 
 def _write_processes(out: Path, ps, port: int, procs) -> None:
     """<out>/async/processes-node<k>.json: role -> pid, for operators (and tests)."""
-    folder = out / "async"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"processes-node{ps.node_rank}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data = {"port": port, "launcher": os.getpid()}  # a replaced worker: its latest process
     data.update({f"{role}{index}": p.pid for (role, index), p in procs.items()})
-    with tmp.open("w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(out / "async" / f"processes-node{ps.node_rank}.json", data, indent=None)
 
 
 def _summary(out: Path) -> dict:
