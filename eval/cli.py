@@ -10,7 +10,7 @@ from pathlib import Path
 
 from eval.example import write_example
 from eval.report import DEFAULT_REPLICATES, evaluate_files, format_summary, write_report
-from mlc.config import UsageError, nonnegative_int, positive_int
+from mlc.config import UsageError, add_pass_arguments, nonnegative_int, positive_int, unit_interval
 from mlc.dist import rerun_as_local_group, teardown
 
 HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K (docs/eval.md)"
@@ -26,28 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='"common" (the class ids both share) or a JSON list of class ids / object '
         '{"data id": "model id"}: evaluate a subset, or data whose ids differ',
     )
-    g.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
-    g.add_argument(
-        "--workers",
-        type=nonnegative_int,
-        help="loader processes (default: the training config's; on 2 cores 0 is fastest)",
-    )
-    g.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
+    add_pass_arguments(g, "loader processes")
     g.add_argument(
         "--allow-lost",
-        type=_fraction,
+        type=unit_interval,
         default=0.0,
         metavar="FRACTION",
         help="the fraction of the split's samples that may be lost (missing or damaged shards, "
         "corrupt samples) and the rest scored; default 0: any loss is an error",
-    )
-    g.add_argument(
-        "--processes",
-        type=_processes,
-        default=1,
-        help="local processes sharing the images, each with cores/N threads: on a CPU one "
-        "decodes while another runs its forward pass; each costs a process start-up, so it "
-        "pays off on long passes (docs/eval.md; default 1)",
     )
 
     g = p.add_argument_group("from files")
@@ -114,22 +100,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _processes(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
-    return value
 
 
 def _example(args: argparse.Namespace) -> None:

@@ -427,6 +427,40 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (a fraction, a probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def add_pass_arguments(group, workers: str) -> None:
+    """The options of a scoring pass over images that `mlc eval` and `mlc predict` share."""
+    group.add_argument(
+        "--batch-size", type=positive_int, default=256, metavar="N", help="images per forward"
+    )
+    group.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        metavar="N",
+        help=f"{workers} (default: the training config's; on 2 cores 0 is fastest)",
+    )
+    group.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
+    group.add_argument(
+        "--processes",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="local processes sharing the images, each with cores/N threads: on a CPU one "
+        "decodes while another runs its forward pass; each costs a process start-up, so it "
+        "pays off on long passes (docs/eval.md)",
+    )
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlc.config import UsageError, nonnegative_int, positive_int
+from mlc.config import UsageError, add_pass_arguments, positive_int, unit_interval
 
 HELP = "score image files or shards with a checkpoint or an exported model (docs/api.md)"
 SHOWN_TABLE_ROWS = 40  # the table is printed as well when it is this short
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the predictions file (Parquet, the format of `mlc eval --predictions`; default "
         "predictions.parquet)",
     )
-    p.add_argument("--split", default="test", help="split of an `mlc shard` folder (test)")
+    p.add_argument("--split", default="test", help="split of an `mlc shard` folder")
     p.add_argument(
         "--classes",
         metavar="FILE",
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--threshold",
-        type=_probability,
+        type=unit_interval,
         metavar="T",
         help="also write a table of the classes with probability >= T (with --top-k: of the "
         "K best)",
@@ -66,23 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where the table goes (CSV; default: the predictions file's name with .top.csv)",
     )
     g = p.add_argument_group("the pass")
-    g.add_argument(
-        "--batch-size", type=positive_int, default=256, metavar="N", help="images per forward (256)"
-    )
-    g.add_argument(
-        "--workers",
-        type=nonnegative_int,
-        metavar="N",
-        help="decoding processes (default: the training config's; on 2 cores 0 is fastest)",
-    )
-    g.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
-    g.add_argument(
-        "--processes",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="local processes sharing the images, as `mlc eval --processes` (default 1)",
-    )
+    add_pass_arguments(g, "decoding processes")
     g.add_argument(
         "--strict",
         action="store_true",
@@ -93,16 +77,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-pipe", action="store_true", help="allow pipe: shard URLs (they run commands)"
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
 
 
 def _predict(args: argparse.Namespace) -> dict | None:

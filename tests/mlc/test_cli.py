@@ -64,3 +64,16 @@ def test_a_process_forked_during_startup_dies_on_sigterm_as_usual():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_no_option_states_its_default_twice():
+    from mlc.config import HelpFormatter
+
+    twice = []
+    for name, parser in parsers(build_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.help and action.default not in (None, False):
+                shown = HelpFormatter("mlc")._get_help_string(action)
+                if shown.endswith("(default: %(default)s)") and f"({action.default})" in shown:
+                    twice.append(f"{name} {action.option_strings[0]}")
+    assert twice == []
