@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mlc.storage import Folder, is_local
+
 # One row per image. ``locator`` is what the loader needs to get the bytes (a path relative to
 # the source's root, or a recipe for generated images); ``rotation`` (degrees, counter-clockwise)
 # is applied when an image is re-encoded; ``label_rows`` is the number of the source's label rows
@@ -189,6 +191,51 @@ class FileLoader:
             raise Skip("missing file", path) from None
         except OSError as e:
             raise Skip("unreadable file", f"{path}: {e.strerror or e}") from None
+
+
+@dataclass(frozen=True)
+class UrlLoader:
+    """Reads ``root/locator`` from an object store or a web server (s3://, gs://, http(s)://,
+    any fsspec protocol), for images that were not copied to a local disk first.
+
+    Picklable (it holds only the URL): each worker process makes its own client on first use,
+    after the fork. A locator may not leave ``root``, as with FileLoader: one with a ``..``
+    segment, a leading "/" or a protocol of its own is refused."""
+
+    root: str
+
+    def load(self, locator: str) -> bytes:
+        if "://" in locator or locator.startswith("/") or ".." in locator.split("/"):
+            raise Skip("path outside the image root", locator)
+        url = f"{self.root}/{locator}"
+        try:
+            return _folder(self.root).read_bytes(locator)
+        except FileNotFoundError:
+            raise Skip("missing file", url) from None
+        except OSError as e:
+            raise Skip("unreadable file", f"{url}: {e.strerror or e}") from None
+
+
+_FOLDERS: dict[tuple[int, str], Folder] = {}
+
+
+def _folder(root: str) -> Folder:
+    """This process's Folder of ``root`` (a client made before a fork is not used after it)."""
+    key = (os.getpid(), root)
+    if key not in _FOLDERS:
+        _FOLDERS[key] = Folder(root)
+    return _FOLDERS[key]
+
+
+def image_loader(root: str | os.PathLike) -> FileLoader | UrlLoader:
+    """The loader of images under ``root``, a local folder or a URL. A local root is kept as
+    given (its text is part of the shard plan's fingerprint: resuming a folder written before
+    URLs were accepted must still recognise its shards)."""
+    text = str(root)
+    if is_local(text):
+        return FileLoader(text.removeprefix("file://"))
+    Folder(text)  # an unknown protocol or a missing package: stop now, not in every worker
+    return UrlLoader(text.rstrip("/"))
 
 
 def densest_order(catalog: Catalog, seed: int = 0) -> np.ndarray:

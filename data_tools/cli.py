@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from data_tools.catalog import Catalog, SkipLog
 from data_tools.merge import StrictFailure, format_report, merge_split, strict_problems
 from data_tools.select import select_densest
-from data_tools.writer import PARTS_DIR, ShardOptions, write_split
+from data_tools.writer import PARTS_DIR, ShardError, ShardOptions, write_split
 from mlc.config import HelpFormatter
+from mlc.extras import check_protocol
+from mlc.storage import READ_ONLY_PROTOCOLS, Folder, is_local, protocol
 
 HELP = "turn labelled images into WebDataset shards with a manifest and class stats"
 
@@ -34,7 +35,11 @@ def _densest(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
     p.add_argument(
-        "--out", "--output", required=True, help="dataset folder (shards, manifest, stats)"
+        "--out",
+        "--output",
+        required=True,
+        help="dataset folder (shards, manifest, stats): a path, or a URL such as "
+        "s3://bucket/ds or gs://bucket/ds",
     )
     if split:
         p.add_argument("--split", default="train", help="split name (default train)")
@@ -193,7 +198,25 @@ def _refuse(verdict: str, problems: list[str]) -> int:
     return 1
 
 
+def output_folder(out: str, workers: int = 1) -> Folder:
+    """The dataset folder --out names, checked before any input is read: a URL whose protocol
+    is read-only (http, https), unknown, or needs a package that is missing stops the command
+    with one line (exit 2) instead of failing after the work, or writing a local folder named
+    "s3:"."""
+    if not is_local(out):
+        kind = protocol(out)
+        if kind not in READ_ONLY_PROTOCOLS:
+            check_protocol(out, purpose=f"writing {kind}:// datasets ({out})")
+    folder = Folder(out)
+    folder.require_writable()
+    if folder.protocol == "memory" and workers > 1:
+        # each worker process would write into its own copy of the in-memory file system
+        raise ShardError(f"{out}: memory:// is private to a process; use --workers 1")
+    return folder
+
+
 def run(args: argparse.Namespace) -> int:
+    out = output_folder(args.out, getattr(args, "workers", 1))
     if args.format == "merge":
         try:
             report = merge_split(args.out, args.split, strict=args.strict)
@@ -245,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         if any(found):
             verdict = (
                 f"nothing published in {args.out} (the shards written wait in "
-                f"{Path(args.out) / PARTS_DIR} for a re-run)"
+                f"{out.join(PARTS_DIR)} for a re-run)"
             )
             return _refuse(verdict, [p for p in found if p])
     if count > 1:
@@ -259,6 +282,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for split in skips:
         print(format_report(merge_split(args.out, split)))
-    print(f"wrote {Path(args.out)}")
+    print(f"wrote {out}")
     sys.stdout.flush()
     return 0

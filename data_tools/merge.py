@@ -5,20 +5,24 @@ Runs at the end of an unpartitioned `mlc shard`, or as `mlc shard merge` once ev
 has finished. Everything it writes is derived from the part files, so it can be rerun any time.
 With ``strict`` it publishes nothing when anything but what the command asked to leave out was
 skipped.
+
+The dataset folder may be a local path or an object-store URL (mlc.storage.Folder): publishing
+a shard is a rename locally and a server-side copy and delete on an object store; either way the
+shard appears under its final name whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data_tools.catalog import SkipLog
-from data_tools.writer import ShardError, manifest_table, read_parts, staged_shard
+from data_tools.writer import ShardError, manifest_table, parts_name, read_parts
 from mlc.format import (
     CLASSES_FILE,
     FORMAT_VERSION,
@@ -28,7 +32,8 @@ from mlc.format import (
     report_name,
     stats_name,
 )
-from mlc.io import atomic_write_parquet, atomic_write_text, fsync_dir
+from mlc.io import fsync_dir
+from mlc.storage import Folder
 
 
 class StrictFailure(Exception):  # noqa: N818 (an outcome the command reports, with exit code 1)
@@ -40,10 +45,16 @@ def _class_counts(lists: pa.ChunkedArray | pa.Array, num_classes: int) -> np.nda
     return np.bincount(values, minlength=num_classes)[:num_classes]
 
 
-def _update_json(path: Path, update) -> None:
-    data = json.loads(path.read_text()) if path.is_file() else {}
+def _update_json(out: Folder, name: str, update) -> None:
+    data = out.read_json(name) if out.is_file(name) else {}
     update(data)
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    out.write_text(name, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _write_parquet(out: Folder, name: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    out.write_bytes(name, sink.getvalue().to_pybytes())
 
 
 def strict_problems(split: str, image_skips: SkipLog, label_row_skips: SkipLog) -> str | None:
@@ -61,33 +72,34 @@ def strict_problems(split: str, image_skips: SkipLog, label_row_skips: SkipLog) 
     return "\n".join(lines)
 
 
-def _publish(out: Path, split: str, shards: list[str]) -> None:
+def _publish(out: Folder, split: str, shards: list[str]) -> None:
     """Move the split's staged shards into the dataset folder (those of an earlier publication
-    that a re-run kept are there already)."""
-    missing = [
-        name
-        for name in shards
-        if not staged_shard(out, split, name).is_file() and not (out / name).is_file()
-    ]
+    that a re-run kept are there already). On an object store a move is a copy on the server,
+    then a delete: killed in between, both copies remain, and a re-run moves the staged one
+    again (same bytes)."""
+    staged = out.child(parts_name(split)).sizes()
+    published = out.sizes()
+    missing = [name for name in shards if name not in staged and name not in published]
     if missing:
         raise ShardError(
-            f"{out / missing[0]} is missing ({len(missing)} shard(s) in all): run the same "
+            f"{out.join(missing[0])} is missing ({len(missing)} shard(s) in all): run the same "
             "command again to write it"
         )
     for name in shards:
-        staged = staged_shard(out, split, name)
-        if staged.is_file():
-            os.replace(staged, out / name)
-    fsync_dir(out)
+        if name in staged:
+            out.move(parts_name(split, name), name)
+    if out.local:
+        fsync_dir(out.path)
 
 
 def merge_split(out: str | Path, split: str, strict: bool = False) -> dict:
     """Publish the split's shards; write <split>.manifest.parquet, .stats.json, .report.json;
     update sizes.json and _info.json; return the report. With ``strict``, raise StrictFailure
     before anything is published if any image or label row was skipped as a problem."""
-    out = Path(out)
+    out = Folder(out)
+    out.require_writable()
     plan, parts = read_parts(out, split)
-    classes = json.loads((out / CLASSES_FILE).read_text())
+    classes = out.read_json(CLASSES_FILE)
     class_ids = [c["id"] for c in classes["classes"]]
     manifest = manifest_table(parts)
 
@@ -154,11 +166,11 @@ def merge_split(out: str | Path, split: str, strict: bool = False) -> dict:
             raise StrictFailure(problems)
 
     _publish(out, split, shards)
-    atomic_write_parquet(out / manifest_name(split), manifest)
-    atomic_write_text(out / stats_name(split), json.dumps(stats, indent=1) + "\n")
-    atomic_write_text(out / report_name(split), json.dumps(report, indent=1) + "\n")
+    _write_parquet(out, manifest_name(split), manifest)
+    out.write_text(stats_name(split), json.dumps(stats, indent=1) + "\n")
+    out.write_text(report_name(split), json.dumps(report, indent=1) + "\n")
 
-    _update_json(out / OPENCLIP_SIZES_FILE, lambda d: d.update(zip(shards, lengths, strict=True)))
+    _update_json(out, OPENCLIP_SIZES_FILE, lambda d: d.update(zip(shards, lengths, strict=True)))
 
     def timm_info(d):
         d.setdefault("name", out.name)
@@ -169,7 +181,7 @@ def merge_split(out: str | Path, split: str, strict: bool = False) -> dict:
             "shard_lengths": lengths,
         }
 
-    _update_json(out / TIMM_INFO_FILE, timm_info)
+    _update_json(out, TIMM_INFO_FILE, timm_info)
     return report
 
 

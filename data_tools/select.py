@@ -36,8 +36,8 @@ from data_tools.catalog import (
     densest_order,
     not_selected,
 )
-from data_tools.writer import ShardError, ShardOptions, parts_dir, prepare_row, skip_example
-from mlc.io import atomic_write_text
+from data_tools.writer import ShardError, ShardOptions, parts_name, prepare_row, skip_example
+from mlc.storage import Folder
 
 SELECTION_FILE = "selection.json"
 
@@ -57,14 +57,14 @@ def _fingerprint(n: int, options: ShardOptions, loader, rows: list[dict]) -> str
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _saved_outcomes(path: Path, catalog: Catalog, order, n: int, options: ShardOptions):
+def _saved_outcomes(out: Folder, path: str, catalog: Catalog, order, n: int, options: ShardOptions):
     """The outcomes a previous run of this selection saved, or None (none, or damaged)."""
-    if not path.is_file():
+    if not out.is_file(path):
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(out.read_bytes(path))
         outcomes = saved["outcomes"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # damaged: check again
     if len(outcomes) > len(order):
         fingerprint = None
@@ -73,8 +73,8 @@ def _saved_outcomes(path: Path, catalog: Catalog, order, n: int, options: ShardO
         fingerprint = _fingerprint(n, options, catalog.loader, rows)
     if saved.get("fingerprint") != fingerprint:
         raise ShardError(
-            f"{path} holds a selection made from other inputs or options than this run's. Use a "
-            "new output folder, or delete the old one."
+            f"{out.join(path)} holds a selection made from other inputs or options than this "
+            "run's. Use a new output folder, or delete the old one."
         )
     return outcomes
 
@@ -131,8 +131,10 @@ def select_densest(
     order = densest_order(catalog, options.seed)
     if n >= len(order):
         return catalog  # every candidate: the writer skips the broken ones, the report counts
-    path = parts_dir(out, split) / SELECTION_FILE
-    outcomes = _saved_outcomes(path, catalog, order, n, options)
+    out = Folder(out)
+    out.require_writable()
+    path = parts_name(split, SELECTION_FILE)
+    outcomes = _saved_outcomes(out, path, catalog, order, n, options)
     if outcomes is None or (recheck and any(outcomes)):
         outcomes = _check_in_rank_order(
             catalog, order, n, options, workers, progress, f"{split} {select}"
@@ -140,7 +142,7 @@ def select_densest(
         rows = catalog.table.take(pa.array(order[: len(outcomes)])).to_pylist()
         fingerprint = _fingerprint(n, options, catalog.loader, rows)
         document = {"select": select, "fingerprint": fingerprint, "outcomes": outcomes}
-        atomic_write_text(path, json.dumps(document) + "\n")
+        out.write_text(path, json.dumps(document) + "\n")
 
     skips = SkipLog()
     skips.merge(catalog.image_skips)

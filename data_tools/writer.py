@@ -9,6 +9,13 @@ skips and CRC-32) is written the same way. A shard whose part file is present an
 matches is complete: a re-run keeps it. ``merge_split`` publishes the split: it moves the shards
 into the dataset folder and turns the part files into the split's manifest, stats and report,
 so a split whose run failed, or was refused by --strict, leaves nothing under the final names.
+
+The dataset folder is an mlc.storage.Folder: a local path, or a URL of an object store (s3://,
+gs://, memory:// for tests, any fsspec protocol that can be written). Locally, a file is written
+to a temporary name and renamed; on an object store an upload appears whole when it completes,
+so there are no temporaries, and publishing is a server-side copy and delete. A resume checks a
+shard by its part file and size everywhere, and by its CRC-32 only on a local file system (see
+docs/shard.md, "Object storage").
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from mlc.format import (
     sample_key,
     shard_name,
 )
-from mlc.io import atomic_write_text, atomic_writer
+from mlc.storage import Folder, is_local, join
 
 PARTS_DIR = "_parts"
 PLAN_FILE = "plan.json"
@@ -117,9 +124,17 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def parts_dir(out: str | Path, split: str) -> Path:
-    """The split's bookkeeping folder: plan, part files, selection."""
-    return Path(out) / PARTS_DIR / split
+def parts_dir(out: str | Path, split: str) -> Path | str:
+    """The split's bookkeeping folder: plan, part files, selection (a Path for a local
+    folder, a URL otherwise)."""
+    if is_local(out):
+        return Path(out) / PARTS_DIR / split
+    return join(out, PARTS_DIR, split)
+
+
+def parts_name(split: str, name: str = "") -> str:
+    """A file in the split's bookkeeping folder, by its name inside the dataset folder."""
+    return f"{PARTS_DIR}/{split}/{name}" if name else f"{PARTS_DIR}/{split}"
 
 
 def prepare_row(loader, row: dict, options: ShardOptions) -> PreparedImage:
@@ -135,21 +150,20 @@ def skip_example(row: dict, skip: Skip) -> str:
     return f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
 
 
-def staged_shard(out: str | Path, split: str, name: str) -> Path:
-    """Where a shard is written, until merge_split publishes it as ``out / name``."""
-    return parts_dir(out, split) / name
-
-
 def write_shard(task: ShardTask) -> dict:
-    """Write one shard (staged) and its part file; return the part (manifest columns, skips)."""
-    out = Path(task.out)
+    """Write one shard (staged) and its part file; return the part (manifest columns, skips).
+
+    Runs in a worker process: the Folder (and so an object store's client) is made here, after
+    the fork, not inherited from the parent."""
+    out = Folder(task.out)
     name = shard_name(task.split, task.index)
     columns = {field: [] for field in MANIFEST_SCHEMA.names}
     skips = SkipLog()
     label_rows = 0  # of the images written
     # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
-    # and write_split flushes all its shards to disk before it returns (see _flush).
-    with atomic_writer(staged_shard(out, task.split, name), durable=False) as f:
+    # and write_split flushes all its shards to disk before it returns (see _flush). On an
+    # object store the shard object appears when its upload completes, before the part file.
+    with out.writer(parts_name(task.split, name), durable=False) as f:
         checked = _ChecksumFile(f)
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
@@ -184,7 +198,7 @@ def write_shard(task: ShardTask) -> dict:
         "skips": skips.to_dict(),
         "label_rows": label_rows,
     }
-    atomic_write_text(parts_dir(out, task.split) / f"{name}.json", json.dumps(part))
+    out.write_text(parts_name(task.split, f"{name}.json"), json.dumps(part))
     return part
 
 
@@ -199,43 +213,60 @@ def _fingerprint(
 
 
 def _complete_part(
-    out: Path, split: str, name: str, fingerprint: str, retry_skipped: bool
+    out: Folder,
+    split: str,
+    name: str,
+    fingerprint: str,
+    retry_skipped: bool,
+    part_data: bytes | OSError | None,
+    staged: dict[str, int],
+    published: dict[str, int],
 ) -> dict | None:
     """The part of a shard already written with this plan, staged or published, checked; None
-    if it must be written (also when ``retry_skipped`` and it skipped an image)."""
-    part_file = parts_dir(out, split) / f"{name}.json"
-    if not part_file.is_file():
+    if it must be written (also when ``retry_skipped`` and it skipped an image).
+
+    ``part_data``: the part file's contents (None if there is none); ``staged``, ``published``:
+    the sizes of the files in the split's bookkeeping folder and in the dataset folder. The
+    shard's size must match its part file's everywhere; its CRC-32 is checked on a local file
+    system only, where a crash can lose the data of a shard renamed into place but not yet
+    flushed. An object-store object exists only as the completed upload of the whole shard, and
+    reading every shard back would download the dataset."""
+    part_file = out.join(parts_name(split, f"{name}.json"))
+    if part_data is None:
         return None
     try:
-        part = json.loads(part_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        if isinstance(part_data, OSError):
+            raise part_data
+        part = json.loads(part_data)
+    except (OSError, ValueError):
         return None  # a damaged part file: rewrite the shard
     if part.get("fingerprint") != fingerprint:
         raise ShardError(
-            f"{out / name} was written from other inputs or options than this run's (its part "
-            f"file {part_file} does not match). Use a new output folder, or delete the old one."
+            f"{out.join(name)} was written from other inputs or options than this run's (its "
+            f"part file {part_file} does not match). Use a new output folder, or delete the old "
+            "one."
         )
-    staged = staged_shard(out, split, name)
-    tar = staged if staged.is_file() else out / name
-    if (
-        not tar.is_file()
-        or tar.stat().st_size != part["tar_bytes"]
-        or _crc32(tar) != part.get("crc32")
-    ):
-        return None  # damaged or missing since: rewrite
+    if name in staged:
+        tar, size = parts_name(split, name), staged[name]
+    elif name in published:
+        tar, size = name, published[name]
+    else:
+        return None  # missing since: rewrite
+    if size != part["tar_bytes"] or (out.local and _crc32(out.path / tar) != part.get("crc32")):
+        return None  # damaged since: rewrite
     if retry_skipped and part["skips"]:
         return None  # the images may have been fixed since
     return part
 
 
-def _check_plan(out: Path, split: str, plan: dict) -> None:
+def _check_plan(out: Folder, split: str, plan: dict) -> None:
     """Every run and partition of a split has the same plan; a different one is refused before
     anything in the folder changes."""
-    path = parts_dir(out, split) / PLAN_FILE
-    if path.is_file():
+    path = parts_name(split, PLAN_FILE)
+    if out.is_file(path):
         try:
-            existing = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            existing = json.loads(out.read_bytes(path))
+        except (OSError, ValueError):
             existing = None  # damaged: rewrite it
         if existing is not None and existing != plan:
             changed = sorted(k for k in plan if existing.get(k) != plan[k])
@@ -246,7 +277,7 @@ def _check_plan(out: Path, split: str, plan: dict) -> None:
             )
         if existing == plan:
             return
-    atomic_write_text(path, json.dumps(plan, indent=1) + "\n")
+    out.write_text(path, json.dumps(plan, indent=1) + "\n")
 
 
 def shuffled_rows(catalog: Catalog, seed: int) -> pa.Table:
@@ -254,18 +285,17 @@ def shuffled_rows(catalog: Catalog, seed: int) -> pa.Table:
     return catalog.table.take(pa.array(order))
 
 
-def _check_classes(out: Path, catalog: Catalog) -> None:
+def _check_classes(out: Folder, catalog: Catalog) -> None:
     document = classes_document(catalog.class_ids, catalog.class_names, catalog.annotation)
-    path = out / CLASSES_FILE
-    if path.is_file():
-        existing = json.loads(path.read_text())
+    if out.is_file(CLASSES_FILE):
+        existing = out.read_json(CLASSES_FILE)
         if existing != document:
             raise ShardError(
-                f"{path} lists other classes (or another annotation kind) than this run's; "
-                "a dataset folder has one class list. Use a new output folder."
+                f"{out.join(CLASSES_FILE)} lists other classes (or another annotation kind) "
+                "than this run's; a dataset folder has one class list. Use a new output folder."
             )
         return
-    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+    out.write_text(CLASSES_FILE, json.dumps(document, indent=1) + "\n")
 
 
 def write_split(
@@ -288,9 +318,9 @@ def write_split(
     index, count = partition
     if not 0 <= index < count:
         raise ValueError(f"partition must be i/P with 0 <= i < P, got {index}/{count}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    parts_dir(out, split).mkdir(parents=True, exist_ok=True)
+    out = Folder(out)
+    out.require_writable()
+    out.makedirs(parts_name(split))
     _check_classes(out, catalog)
     rows = shuffled_rows(catalog, options.seed)
     n_shards = -(-rows.num_rows // options.shard_size)
@@ -310,27 +340,46 @@ def write_split(
         "images_from": repr(catalog.loader),
     }
     _check_plan(out, split, plan)
-    # Temporaries of shards and part files, left by a killed run of this partition.
-    stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar(\.json)?\.tmp-\d+$")
-    for stale in parts_dir(out, split).glob(f".{split}-*.tar*.tmp-*"):
-        match = stale_name.match(stale.name)
-        if match and int(match.group(1)) % count == index:
-            stale.unlink(missing_ok=True)
+    if out.local:
+        # Temporaries of shards and part files, left by a killed run of this partition (an
+        # object store has none: an unfinished upload never appears).
+        stale_name = re.compile(rf"^\.{re.escape(split)}-(\d+)\.tar(\.json)?\.tmp-\d+$")
+        for stale in (out.path / parts_name(split)).glob(f".{split}-*.tar*.tmp-*"):
+            match = stale_name.match(stale.name)
+            if match and int(match.group(1)) % count == index:
+                stale.unlink(missing_ok=True)
+
+    # What earlier runs left, from one listing of each folder (fresh: see Folder.sizes).
+    staged = out.child(parts_name(split)).sizes()
+    published = out.sizes()
+    ours = range(index, n_shards, count)
+    part_files = [f"{shard_name(split, j)}.json" for j in ours]
+    part_data = out.child(parts_name(split)).read_many([n for n in part_files if n in staged])
 
     skips = SkipLog()
     todo = []
     done_samples = 0
-    for j in range(index, n_shards, count):
+    for j in ours:
         first = j * options.shard_size
         shard_rows = rows.slice(first, options.shard_size).to_pylist()
         fingerprint = _fingerprint(split, j, first, shard_rows, options, plan["images_from"])
-        part = _complete_part(out, split, shard_name(split, j), fingerprint, retry_skipped)
+        name = shard_name(split, j)
+        part = _complete_part(
+            out,
+            split,
+            name,
+            fingerprint,
+            retry_skipped,
+            part_data.get(f"{name}.json"),
+            staged,
+            published,
+        )
         if part is not None:
             skips.merge(SkipLog.from_dict(part["skips"]))
             done_samples += len(shard_rows)
             continue
         todo.append(
-            ShardTask(str(out), split, j, first, shard_rows, options, catalog.loader, fingerprint)
+            ShardTask(out.url, split, j, first, shard_rows, options, catalog.loader, fingerprint)
         )
     total = sum(len(t.rows) for t in todo)
     bar = tqdm(
@@ -357,7 +406,8 @@ def write_split(
         finally:
             if pool is not None:
                 pool.terminate()
-    _flush(staged_shard(out, split, shard_name(split, t.index)) for t in todo)
+    if out.local:
+        _flush(out.path / parts_name(split, shard_name(split, t.index)) for t in todo)
     return skips
 
 
@@ -376,23 +426,32 @@ def _flush(paths) -> None:
 # ---------------------------------------------------------------- merge
 
 
-def read_plan(out: str | Path, split: str) -> dict:
-    path = parts_dir(out, split) / PLAN_FILE
-    if not path.is_file():
-        raise ShardError(f"{path} not found: no shards of split {split!r} were written in {out}")
-    return json.loads(path.read_text())
+def read_plan(out: str | Path | Folder, split: str) -> dict:
+    out = out if isinstance(out, Folder) else Folder(out)
+    path = parts_name(split, PLAN_FILE)
+    if not out.is_file(path):
+        raise ShardError(
+            f"{out.join(path)} not found: no shards of split {split!r} were written in {out}"
+        )
+    return out.read_json(path)
 
 
-def read_parts(out: str | Path, split: str) -> tuple[dict, list[dict]]:
+def read_parts(out: str | Path | Folder, split: str) -> tuple[dict, list[dict]]:
     """The split's plan and every shard's part, in shard order; error if any is missing."""
+    out = out if isinstance(out, Folder) else Folder(out)
     plan = read_plan(out, split)
+    names = [f"{shard_name(split, j)}.json" for j in range(plan["shards"])]
+    bookkeeping = out.child(parts_name(split))
+    present = set(bookkeeping.sizes())
+    data = bookkeeping.read_many([name for name in names if name in present])
     parts, missing = [], []
-    for j in range(plan["shards"]):
-        path = parts_dir(out, split) / f"{shard_name(split, j)}.json"
-        if path.is_file():
-            parts.append(json.loads(path.read_text()))
-        else:
+    for j, name in enumerate(names):
+        if name not in data:
             missing.append(j)
+        elif isinstance(data[name], OSError):
+            raise data[name]
+        else:
+            parts.append(json.loads(data[name]))
     if missing:
         shown = ", ".join(shard_name(split, j) for j in missing[:5])
         raise ShardError(

@@ -38,16 +38,17 @@ def require(module: str, purpose: str, package: str, extra: str):
         raise MissingExtraError(missing_message(purpose, package, extra)) from e
 
 
-def check_protocol(url: str) -> None:
+def check_protocol(url: str, purpose: str | None = None) -> None:
     """MissingExtraError unless fsspec can open ``url``'s protocol (s3:// needs s3fs, gs://
-    gcsfs, ...); ValueError for a protocol fsspec does not know."""
+    gcsfs, ...); ValueError for a protocol fsspec does not know. ``purpose`` begins the
+    message (default "reading <protocol>:// shards (<url>)")."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:
-        purpose = f"reading {protocol}:// shards ({url})"
+        purpose = purpose or f"reading {protocol}:// shards ({url})"
         if protocol in PROTOCOL_EXTRAS:
             raise MissingExtraError(missing_message(purpose, *PROTOCOL_EXTRAS[protocol])) from e
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

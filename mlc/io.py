@@ -141,11 +141,13 @@ def check_unique_ids(ids: list[str], path: Path, what: str) -> None:
         seen[cid] = i
 
 
-def read_classes(path: str | Path) -> Classes:
-    """An OpenImages class-descriptions CSV (no header; quoted names with commas) or JSON."""
-    path = existing_file(path)
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+def read_classes(path: str | Path, data: bytes | None = None) -> Classes:
+    """An OpenImages class-descriptions CSV (no header; quoted names with commas) or JSON.
+    ``data``: the file's bytes, read elsewhere (mlc.storage.read_input_classes, for a URL);
+    ``path`` then only names the file and gives its suffix."""
+    path = existing_file(path) if data is None else path
+    if Path(path).suffix.lower() == ".json":
+        data = json.loads(path.read_text() if data is None else data)
         items = data["classes"] if isinstance(data, dict) and "classes" in data else data
         if not isinstance(items, list):
             raise InputFileError(f"{path}: expected a list of class ids or of {{id, name}}")
@@ -154,7 +156,7 @@ def read_classes(path: str | Path) -> Classes:
     else:
         try:
             table = pacsv.read_csv(
-                path,
+                path if data is None else pa.BufferReader(data),
                 read_options=pacsv.ReadOptions(column_names=["id", "name"]),
                 convert_options=pacsv.ConvertOptions(
                     column_types={"id": pa.string(), "name": pa.string()}

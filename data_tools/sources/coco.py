@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, FileLoader, SkipLog, catalog_table
+from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, SkipLog, catalog_table, image_loader
 from data_tools.sources.table import first_occurrences, lists_from_pairs, sorted_unique
+from mlc.storage import input_path
 
 
 def read_coco(instances_json, image_root) -> Catalog:
@@ -32,7 +33,7 @@ def read_coco(instances_json, image_root) -> Catalog:
     Raises ValueError naming the file and the key for a file that is not JSON, a missing
     top-level key, an entry without a required key, or a repeated category id.
     """
-    path = Path(instances_json)
+    path = input_path(instances_json)  # a local Path, or a RemoteFile
     try:
         with path.open("rb") as f:
             data = json.load(f)
@@ -135,7 +136,7 @@ def read_coco(instances_json, image_root) -> Catalog:
         class_ids=class_ids,
         class_names=class_names,
         table=table,
-        loader=FileLoader(str(image_root)),
+        loader=image_loader(image_root),
         annotation="full",
         images_read=n,
         image_skips=image_skips,

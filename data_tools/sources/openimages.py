@@ -23,11 +23,11 @@ from data_tools.catalog import (
     NO_TRAINABLE_LABELS,
     NOT_TRAINABLE,
     Catalog,
-    FileLoader,
     SkipLog,
     catalog_table,
+    image_loader,
 )
-from mlc.io import read_classes
+from mlc.storage import input_is_file, input_source, open_input, read_input_classes
 
 LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
 BLOCK_BYTES = 16 << 20  # CSV bytes per batch
@@ -35,7 +35,9 @@ BLOCK_BYTES = 16 << 20  # CSV bytes per batch
 
 def read_trainable(path: str | Path, known: set[str]) -> list[str]:
     ids, seen = [], set()
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    with open_input(path) as f:
+        text = f.read().decode("utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
         cid = line.strip().split(",")[0]
         if not cid:
             continue
@@ -67,9 +69,9 @@ class _LabelBatches:
         self.classes: list[np.ndarray] = []  # per kept row
         self.positive: list[np.ndarray] = []  # per kept row
 
-    def read(self, path: Path) -> None:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            header = f.readline().strip().split(",")
+    def read(self, path: str | Path) -> None:
+        with open_input(path) as f:
+            header = f.readline().decode("utf-8", errors="replace").strip().split(",")
         missing = [c for c in LABEL_COLUMNS if c not in header]
         if missing:
             raise ValueError(
@@ -79,21 +81,24 @@ class _LabelBatches:
 
         def malformed(row) -> str:
             self.rows_read += 1
-            self.skips.add("malformed line", f"{path.name} line {row.number}: {row.text[:80]}")
+            self.skips.add(
+                "malformed line", f"{Path(path).name} line {row.number}: {row.text[:80]}"
+            )
             return "skip"
 
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=malformed),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=["ImageID", "LabelName", "Confidence"],
-                column_types={c: pa.string() for c in LABEL_COLUMNS},
-                strings_can_be_null=False,
-            ),
-        )
-        for batch in reader:
-            self._add(batch)
+        with input_source(path) as source:
+            reader = pacsv.open_csv(
+                source,
+                read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=malformed),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=["ImageID", "LabelName", "Confidence"],
+                    column_types={c: pa.string() for c in LABEL_COLUMNS},
+                    strings_can_be_null=False,
+                ),
+            )
+            for batch in reader:
+                self._add(batch)
 
     def _add(self, batch: pa.RecordBatch) -> None:
         image = pc.utf8_trim_whitespace(batch.column("ImageID"))
@@ -147,14 +152,14 @@ def read_openimages(
     trainable: str | Path | None = None,
     rotation_csv: str | Path | None = None,
 ) -> Catalog:
-    classes = read_classes(class_descriptions)
+    classes = read_input_classes(class_descriptions)
     names = dict(zip(classes.ids, classes.names, strict=True))
     vocab = read_trainable(trainable, set(classes.ids)) if trainable else classes.ids
     batches = _LabelBatches(vocab, set(classes.ids))
     for path in label_csvs:
-        if not Path(path).is_file():
+        if not input_is_file(path):
             raise FileNotFoundError(f"{path}: no such labels file")
-        batches.read(Path(path))
+        batches.read(path)
 
     all_ids = pa.chunked_array(batches.image_ids, pa.string())
     unique_ids = pc.unique(all_ids)  # images in order of first appearance
@@ -219,7 +224,7 @@ def read_openimages(
         class_ids=list(vocab),
         class_names=[names[c] for c in vocab],
         table=table,
-        loader=FileLoader(str(images)),
+        loader=image_loader(images),
         annotation="partial",
         images_read=n_images,
         image_skips=image_skips,
@@ -235,13 +240,14 @@ def read_openimages(
 
 def _rotations(path: str | Path, ids: pa.Array) -> np.ndarray:
     """Rotation per image (degrees counter-clockwise; missing or NaN = 0)."""
-    table = pacsv.read_csv(
-        path,
-        convert_options=pacsv.ConvertOptions(
-            include_columns=["ImageID", "Rotation"],
-            column_types={"ImageID": pa.string(), "Rotation": pa.float64()},
-        ),
-    )
+    with input_source(path) as source:
+        table = pacsv.read_csv(
+            source,
+            convert_options=pacsv.ConvertOptions(
+                include_columns=["ImageID", "Rotation"],
+                column_types={"ImageID": pa.string(), "Rotation": pa.float64()},
+            ),
+        )
     where = pc.index_in(ids, value_set=table["ImageID"].combine_chunks())
     found = where.is_valid().to_numpy(zero_copy_only=False)
     if not found.any():

@@ -18,8 +18,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, FileLoader, SkipLog, catalog_table
-from mlc.io import InputFileError, read_classes
+from data_tools.catalog import EXAMPLES_PER_REASON, Catalog, SkipLog, catalog_table, image_loader
+from mlc.io import InputFileError
+from mlc.storage import RemoteFile, input_path, read_input_classes
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -92,7 +93,7 @@ def read_table_source(
     Raises ValueError (``mlc.io.InputFileError``) naming the file for an unreadable file, an
     unknown suffix, a missing column (with the columns found) or a column of the wrong type.
     """
-    path = Path(path)
+    path = input_path(path)  # a local Path, or a RemoteFile read into memory once
     if annotation is None:
         annotation = "partial" if negatives_column else "full"
     if annotation not in ("partial", "full"):
@@ -157,7 +158,7 @@ def read_table_source(
 
     # ---- vocabulary and class indices
     if classes is not None:
-        vocabulary = read_classes(classes)
+        vocabulary = read_input_classes(classes)
         class_ids, class_names = list(vocabulary.ids), list(vocabulary.names)
         to_index = _class_matcher(class_ids, class_names)
     else:
@@ -217,7 +218,7 @@ def read_table_source(
         class_ids=class_ids,
         class_names=class_names,
         table=out,
-        loader=FileLoader(str(root)),
+        loader=image_loader(root),
         annotation=annotation,
         images_read=n,
         image_skips=image_skips,
@@ -326,11 +327,11 @@ def _read(path: Path, columns: list[str]) -> tuple[pa.Table, _Malformed]:
         if suffix in CSV_SUFFIXES:
             table = _read_csv(path, columns, CSV_SUFFIXES[suffix], malformed)
         elif suffix in PARQUET_SUFFIXES:
-            found = pq.read_schema(path).names
+            found = pq.read_schema(_arrow(path)).names
             _require(path, columns, found)
-            table = pq.read_table(path, columns=columns)
+            table = pq.read_table(_arrow(path), columns=columns)
         elif suffix in JSONL_SUFFIXES:
-            table = pajson.read_json(path)
+            table = pajson.read_json(_arrow(path))
             _require(path, columns, table.column_names)
             table = table.select(columns)
         else:
@@ -352,13 +353,20 @@ def _read_csv(path: Path, columns: list[str], field_delimiter: str, malformed) -
         column_types={c: pa.string() for c in columns}, include_columns=columns
     )
     try:
-        return pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        return pacsv.read_csv(
+            _arrow(path), read_options=read, parse_options=parse, convert_options=convert
+        )
     except KeyError:  # a column in include_columns is not in the header
         header = pacsv.open_csv(
-            path, parse_options=pacsv.ParseOptions(delimiter=field_delimiter)
+            _arrow(path), parse_options=pacsv.ParseOptions(delimiter=field_delimiter)
         ).schema.names
         _require(path, columns, header)
         raise
+
+
+def _arrow(path: Path | RemoteFile):
+    """What pyarrow's readers take: a local path, or a URL's bytes (read once)."""
+    return pa.BufferReader(path.read_bytes()) if isinstance(path, RemoteFile) else path
 
 
 def _require(path: Path, required: list[str], found: list[str]) -> None:
