@@ -302,6 +302,10 @@ class Folder:
         server, then deletes the source: ``target`` appears whole)."""
         if self.local:
             os.replace(self.path / source, self.path / target)
+        elif self.protocol in UPLOADING_PROTOCOLS:
+            # one copy request and one delete (fs.mv first lists both names as folders)
+            self.fs.cp_file(self._key(source), self._key(target))
+            self.fs.rm_file(self._key(source))
         else:
             self.fs.mv(self._key(source), self._key(target))
 
