@@ -88,3 +88,50 @@ def test_open_input_local_and_missing(tmp_path):
         assert f.read() == "ImageID\n"
     with pytest.raises(FileNotFoundError, match="nope.csv: no such file"):
         open_input(tmp_path / "nope.csv")
+
+
+def test_sizes_read_many_and_name(folder):
+    folder.makedirs("sub")
+    folder.write_bytes("a.tar", b"12345")
+    folder.write_bytes("b.json", b"{}")
+    folder.child("sub").write_bytes("c", b"x")
+    assert folder.sizes() == {"a.tar": 5, "b.json": 2}  # files directly inside only
+    assert folder.child("missing").sizes() == {}
+    found = folder.read_many(["a.tar", "b.json", "nope"])
+    assert found["a.tar"] == b"12345" and found["b.json"] == b"{}"
+    assert isinstance(found["nope"], FileNotFoundError)
+    assert folder.name == "ds"
+
+
+def test_a_listing_is_fresh_after_another_client_writes(s3_bucket):
+    """s3fs caches listings; a file another process wrote must be seen."""
+    import s3fs
+
+    folder = Folder(f"{s3_bucket}/ds")
+    folder.write_bytes("a", b"1")
+    assert folder.sizes() == {"a": 1} and not folder.is_file("b")
+    other = s3fs.S3FileSystem(skip_instance_cache=True)
+    other.pipe_file(f"{s3_bucket.removeprefix('s3://')}/ds/b", b"22")
+    assert folder.is_file("b") and folder.size("b") == 2
+    assert folder.sizes() == {"a": 1, "b": 2}
+
+
+def test_inputs_by_url(s3_bucket, tmp_path):
+    from mlc.storage import input_is_file, input_path, input_source, read_input_classes
+
+    folder = Folder(f"{s3_bucket}/in")
+    folder.write_text("classes.csv", '/m/1,"A, b"\n/m/2,C\n')
+    url = f"{s3_bucket}/in/classes.csv"
+    assert input_is_file(url) and not input_is_file(f"{s3_bucket}/in/nope.csv")
+    classes = read_input_classes(url)
+    assert classes.ids == ["/m/1", "/m/2"] and classes.names == ["A, b", "C"]
+    with input_source(url) as f:
+        assert f.read().startswith(b"/m/1")
+    remote = input_path(url)
+    assert str(remote) == url and remote.suffix == ".csv" and remote.name == "classes.csv"
+    assert remote.is_file() and remote.open("rb").read() == remote.read_bytes()
+    (tmp_path / "c.json").write_text('["x"]')
+    assert input_path(tmp_path / "c.json") == tmp_path / "c.json"  # a local Path, as before
+    with input_source(tmp_path / "c.json") as source:
+        assert source == tmp_path / "c.json"
+    assert read_input_classes(tmp_path / "c.json").ids == ["x"]
