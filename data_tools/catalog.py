@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlc.storage import Folder, is_local
+from mlc.extras import check_protocol
+from mlc.storage import READ_ONLY_PROTOCOLS, Folder, is_local, protocol
 
 # One row per image. ``locator`` is what the loader needs to get the bytes (a path relative to
 # the source's root, or a recipe for generated images); ``rotation`` (degrees, counter-clockwise)
@@ -234,7 +235,9 @@ def image_loader(root: str | os.PathLike) -> FileLoader | UrlLoader:
     text = str(root)
     if is_local(text):
         return FileLoader(text.removeprefix("file://"))
-    Folder(text)  # an unknown protocol or a missing package: stop now, not in every worker
+    if protocol(text) not in READ_ONLY_PROTOCOLS:
+        # an unknown protocol or a missing package: stop now, not once per image in the workers
+        check_protocol(text, purpose=f"reading {protocol(text)}:// images ({text})")
     return UrlLoader(text.rstrip("/"))
 
 

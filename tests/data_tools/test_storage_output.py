@@ -311,3 +311,8 @@ def test_url_loader(s3_bucket):
     assert repr(image_loader("images/")) == "FileLoader(root='images/')"
     assert repr(image_loader("file:///data/images")) == "FileLoader(root='/data/images')"
     assert pickle.loads(pickle.dumps(loader)).load("a/x.jpg") == b"bytes"
+
+
+def test_an_image_root_of_an_unknown_protocol_stops_at_once():
+    with pytest.raises(ValueError, match="Protocol not known"):
+        image_loader("nosuchprotocol://b/images")
