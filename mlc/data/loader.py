@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from mlc.data.pipeline import EpochStream, LoaderConfig, batch_views
 from mlc.data.ring import BatchRing
 from mlc.data.urls import Shard, dataset_shards
 from mlc.format import CLASSES_FILE
+from mlc.storage import Folder
 
 
 @dataclass
@@ -96,10 +96,12 @@ class ShardLoader:
 
     @classmethod
     def from_dataset(cls, folder: str | Path, split: str, config: LoaderConfig, **kwargs):
-        """An `mlc shard` folder: shards and counts from <split>.stats.json, classes.json."""
-        classes = json.loads((Path(folder) / CLASSES_FILE).read_text())
+        """An `mlc shard` folder, by path or URL (s3://, gs://, http(s)://, ...: read through
+        mlc.storage): shards and counts from <split>.stats.json, classes from classes.json."""
+        shards = dataset_shards(folder, split)  # first: its error says what the folder should be
+        classes = Folder(folder).read_json(CLASSES_FILE)
         return cls(
-            dataset_shards(folder, split),
+            shards,
             len(classes["classes"]),
             config,
             full_annotation=classes["annotation"] == "full",
