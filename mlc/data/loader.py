@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader
 
 from mlc.data.pipeline import EpochStream, LoaderConfig, batch_views
 from mlc.data.ring import BatchRing
-from mlc.data.urls import Shard, dataset_shards
+from mlc.data.urls import Shard, dataset_shards, read_dataset_json
 from mlc.format import CLASSES_FILE
-from mlc.storage import Folder
 
 
 @dataclass
@@ -99,7 +98,7 @@ class ShardLoader:
         """An `mlc shard` folder, by path or URL (s3://, gs://, http(s)://, ...: read through
         mlc.storage): shards and counts from <split>.stats.json, classes from classes.json."""
         shards = dataset_shards(folder, split)  # first: its error says what the folder should be
-        classes = Folder(folder).read_json(CLASSES_FILE)
+        classes = read_dataset_json(folder, CLASSES_FILE)
         return cls(
             shards,
             len(classes["classes"]),

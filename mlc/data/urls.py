@@ -42,18 +42,30 @@ def expand(spec: str | list[str]) -> list[str]:
     return [url for item in items for url in braceexpand(item.strip()) if url]
 
 
-def dataset_shards(dataset: str | Path, split: str) -> list[Shard]:
-    """The shards of a split of an `mlc shard` folder (a local path or a URL: s3://, gs://,
-    http(s)://, ...), with their sample counts. Shard URLs are the folder's location joined
-    with the names in the stats: local folders give plain paths, as before."""
+def read_dataset_json(dataset: str | Path, name: str):
+    """A JSON file of an `mlc shard` folder (a local path or a URL: s3://, gs://, http(s)://,
+    ...). A missing one is FileNotFoundError("LOCATION: no such file (is DATASET an `mlc
+    shard` folder?)"); any other failure to read it (a host that does not answer, a refused
+    request) is an OSError that names the file's location too."""
     folder = Folder(dataset)
-    name = stats_name(split)
     try:
-        stats = folder.read_json(name)
+        return folder.read_json(name)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{folder.join(name)}: no such file (is {dataset} an `mlc shard` folder?)"
         ) from None
+    except OSError as e:
+        if folder.local or folder.join(name) in str(e):
+            raise
+        raise OSError(f"{folder.join(name)}: {e}") from e
+
+
+def dataset_shards(dataset: str | Path, split: str) -> list[Shard]:
+    """The shards of a split of an `mlc shard` folder (a local path or a URL: s3://, gs://,
+    http(s)://, ...), with their sample counts. Shard URLs are the folder's location joined
+    with the names in the stats: local folders give plain paths, as before."""
+    stats = read_dataset_json(dataset, stats_name(split))
+    folder = Folder(dataset)
     return [
         Shard(folder.join(shard), int(n))
         for shard, n in zip(stats["shards"], stats["shard_lengths"], strict=True)
