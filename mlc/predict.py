@@ -43,7 +43,7 @@ from mlc.inference import (
 )
 from mlc.io import InputFileError, atomic_write_csv
 from mlc.predictions import CLASS_IDS_METADATA, PredictionsWriter
-from mlc.storage import Folder, join, open_input
+from mlc.storage import READ_ONLY_PROTOCOLS, Folder, join, open_input, protocol
 
 DEFAULT_BATCH = 256
 SHOWN_SKIPS = 20  # skipped images named as they happen, per process; all are in the list file
@@ -221,6 +221,15 @@ def dataset_folder(text: str) -> Folder | None:
         raise
 
 
+def _names_a_folder(text: str) -> bool:
+    """Whether ``text`` is a URL that can only name a folder: no .tar, no brace pattern, and no
+    suffix in its last part (s3://bucket/ds, https://host/ds/)."""
+    if "://" not in text or text.startswith("pipe:") or expand(text) != [text]:
+        return False
+    last = text.rstrip("/").rpartition("/")[2]
+    return "." not in last and "?" not in last
+
+
 def resolve_inputs(
     inputs: list[str], split: str = "test", classes: str | None = None, key: str = "path"
 ) -> Shards | Files:
@@ -239,6 +248,14 @@ def resolve_inputs(
             raise InputFileError(f"--classes is for shard URLs: {first} has its classes.json")
         ids, partial = _data_classes(dataset.join(CLASSES_FILE))
         return Shards(dataset_shards(first, split), ids, partial, f"{first} split {split}")
+    if classes is None and _names_a_folder(inputs[0]):
+        made = f"`mlc shard ... --out {inputs[0]}`"
+        if protocol(inputs[0]) in READ_ONLY_PROTOCOLS:  # made elsewhere, then served
+            made = f"`mlc shard ... --out DIR`, served at {inputs[0]}"
+        raise InputFileError(
+            f"{inputs[0]}: no {CLASSES_FILE} there, so not an `mlc shard` dataset (make one "
+            f"with {made}); shard URLs end in .tar, or come with --classes"
+        )
     shard_inputs = [text for text in inputs if is_shard_input(text)]
     if shard_inputs:
         other = [text for text in inputs if text not in shard_inputs]
