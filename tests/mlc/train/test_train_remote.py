@@ -70,3 +70,39 @@ def test_an_output_url_is_refused_before_any_work(mosaics, tmp_path, monkeypatch
     err = train_error(capsys, sets(tiny_config(mosaics, "s3://bucket/run")))
     assert "train.out s3://bucket/run" in err and "local path" in err
     assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run
+
+
+def test_shard_to_s3_then_train_and_evaluate_from_s3(s3_bucket, tmp_path, monkeypatch):
+    """The whole path on object storage: `mlc shard --out s3://...`, `mlc train` reading it,
+    `mlc eval --data s3://...`. Skipped until `mlc shard` writes to object stores."""
+    from tests.conftest import FASHION
+
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST missing (apt-get install dataset-fashion-mnist)")
+    monkeypatch.chdir(tmp_path)  # a shard command that does not know URLs writes ./s3:/...
+    url = f"{s3_bucket}/fm"
+    counts = ["--train-count", "200", "--test-count", "100", "--shard-size", "100"]
+    code = main(["shard", "fashion-mnist", "--out", url, *counts, "--quiet"])
+    if code != 0 or not read_json(url, "test.stats.json"):
+        pytest.skip("`mlc shard --out s3://...` is not supported yet")
+    out = tmp_path / "run"
+    args = tiny_config(url, out, "train.samples=80", "train.log_every=80")
+    assert main(["train", *sets(args)]) == 0
+    assert [r["kind"] for r in records(out)] == ["train", "val", "summary"]
+    checkpoint = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
+    report = tmp_path / "eval"
+    eval_args = ["--checkpoint", str(checkpoint), "--data", url, "--out", str(report)]
+    assert main(["eval", *eval_args, "--quiet", "--bootstrap", "0", "--no-plots"]) == 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["images"] == 100 and summary["data"] == url
+    assert summary["weights"] == f"reference counts from {url}/train.stats.json"
+
+
+def read_json(url: str, name: str):
+    """A file of the folder at ``url``, or None."""
+    from mlc.storage import Folder
+
+    try:
+        return Folder(url).read_json(name)
+    except FileNotFoundError:
+        return None
