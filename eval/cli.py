@@ -19,7 +19,10 @@ HELP = "score a checkpoint on shards, or predictions against labels, with MAP@K 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("from a checkpoint")
     g.add_argument("--checkpoint", help="an `mlc train` checkpoint (.pt) or an `mlc export` folder")
-    g.add_argument("--data", help="an `mlc shard` dataset folder to score")
+    g.add_argument(
+        "--data",
+        help="an `mlc shard` dataset to score: a folder, or a URL (s3://, gs://, http(s)://)",
+    )
     g.add_argument("--split", default="test", help="split of --data (default test)")
     g.add_argument(
         "--class-map",
@@ -125,7 +128,7 @@ def _from_checkpoint(args: argparse.Namespace):
     from eval.evaluate import evaluate_checkpoint
 
     if not args.data:
-        raise UsageError("--checkpoint needs --data (an `mlc shard` folder)")
+        raise UsageError("--checkpoint needs --data (an `mlc shard` folder or URL)")
     if args.labels or args.example:
         raise UsageError("--checkpoint takes its labels from --data; drop --labels")
     if args.strict:
@@ -156,6 +159,11 @@ def _from_checkpoint(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlc.storage import require_local
+
+    require_local(args.output, "--out")  # before any work: the report is written locally
+    if args.checkpoint and args.predictions:
+        require_local(args.predictions, "--predictions")
     if args.checkpoint:
         if args.processes > 1:
             return rerun_as_local_group(args.argv, args.processes)

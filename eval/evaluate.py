@@ -14,8 +14,9 @@ nothing here imports the training job (pyproject.toml's import contracts).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,10 +39,12 @@ from eval.streaming import MAPAccumulator
 from mlc import dist as mlc_dist
 from mlc.config import Config
 from mlc.data import ShardLoader, counts
+from mlc.data.urls import read_dataset_json
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.inference import batch_logits, eval_loader_config, load_model, prepare_for_inference
 from mlc.io import Classes, InputFileError
 from mlc.predictions import PredictionsWriter
+from mlc.storage import Folder, is_local, local_path
 
 FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
 EVAL_BATCH = 256
@@ -55,30 +58,67 @@ CHUNK_SCORES = 4_000_000
 # ---------------------------------------------------------------- classes
 
 
-def _data_classes(data: Path) -> tuple[list[str], list[str], str]:
-    path = data / CLASSES_FILE
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file (is {data} an `mlc shard` folder?)")
-    doc = json.loads(path.read_text())
+def _data_classes(data: str) -> tuple[list[str], list[str], str]:
+    try:
+        doc = read_dataset_json(data, CLASSES_FILE)
+    except FileNotFoundError as e:
+        raise InputFileError(str(e)) from None
     classes = doc["classes"]
     return [c["id"] for c in classes], [c.get("name", c["id"]) for c in classes], doc["annotation"]
 
 
-def _weights(spec: str, config: Config, data: Path, match: ClassMatch):
+def _train_stats(name: str, folders: tuple[str, str], notes: list[str]) -> str | None:
+    """The first of ``folders`` (the checkpoint's dataset, then --data; paths or URLs) that
+    holds the training split's stats ``name``: its location, or None. The checkpoint's dataset
+    may be out of reach from here (another machine's path, a bucket without credentials):
+    that is a note, and the search goes on."""
+    *elsewhere, data = folders
+    for location in elsewhere:
+        try:
+            folder = Folder(location)
+            if folder.is_file(name):
+                return folder.join(name)
+        except Exception as e:  # noqa: BLE001 (a missing package, credentials, network, ...)
+            notes.append(f"training stats not looked up in {location}: {e}")
+    folder = Folder(data)  # reached already (its classes.json): its errors are errors
+    return folder.join(name) if folder.is_file(name) else None
+
+
+def _read_weights(spec: str, vocab: Classes):
+    """eval.io.read_weights of "uniform", "positives", a local file or a file at a URL (read
+    through mlc.storage into a temporary file; the source and errors name the URL)."""
+    if spec in ("uniform", "positives") or is_local(spec):
+        return read_weights(spec, vocab)
+    parent, _, name = spec.rstrip("/").rpartition("/")
+    try:
+        data = Folder(parent).read_bytes(name)
+    except FileNotFoundError as e:
+        raise InputFileError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="mlc-weights-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            weights = read_weights(str(path), vocab)
+        except InputFileError as e:
+            raise InputFileError(str(e).replace(str(path), spec)) from None
+    return dataclasses.replace(weights, source=weights.source.replace(str(path), spec))
+
+
+def _weights(spec: str, config: Config, data: str, match: ClassMatch):
     """(weights for the metric, their source, reference counts per class or None, notes).
 
     "auto": the training split's positive counts (its stats.json, in the checkpoint's dataset
-    folder or in ``data``), else the evaluated positives. The reference counts of the table and
-    the frequency plot are the training counts whatever the weights, when they can be found.
+    folder or in ``data``, local or by URL), else the evaluated positives. The reference counts
+    of the table and the frequency plot are the training counts whatever the weights, when they
+    can be found.
     """
     vocab = Classes(match.ids, match.names)
     name = stats_name(config.data.train_split)
-    folders = (Path(config.data.dataset), data)
-    train_stats = next((f / name for f in folders if (f / name).is_file()), None)
-    reference = read_weights(str(train_stats), vocab) if train_stats else None
     notes = []
+    train_stats = _train_stats(name, (str(config.data.dataset), data), notes)
+    reference = _read_weights(train_stats, vocab) if train_stats else None
     if spec != "auto":
-        chosen = read_weights(spec, vocab)
+        chosen = _read_weights(spec, vocab)
     elif reference is not None:
         chosen = reference
     else:
@@ -240,7 +280,7 @@ def evaluate_checkpoint(
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
     rank, world, device = mlc_dist.setup()
-    data = Path(data)
+    data = str(local_path(data)) if is_local(data) else str(data).rstrip("/")  # path or URL
     loaded = load_model(checkpoint)
     config, model_ids, info = loaded.config, loaded.class_ids, loaded.info
     data_ids, data_names, annotation = _data_classes(data)
@@ -251,7 +291,7 @@ def evaluate_checkpoint(
         data_names,
         mapping,
         f"{info['kind']} {checkpoint}",
-        f"{data / CLASSES_FILE}",
+        Folder(data).join(CLASSES_FILE),
         f"--class-map {class_map}",
     )
     weight_values, weight_source, reference, notes = _weights(weights, config, data, match)

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import urllib.error
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from mlc.inference import (
 )
 from mlc.io import InputFileError, atomic_write_csv
 from mlc.predictions import CLASS_IDS_METADATA, PredictionsWriter
+from mlc.storage import READ_ONLY_PROTOCOLS, Folder, join, open_input, protocol
 
 DEFAULT_BATCH = 256
 SHOWN_SKIPS = 20  # skipped images named as they happen, per process; all are in the list file
@@ -201,23 +203,59 @@ def is_shard_input(text: str) -> bool:
     return any(url.endswith(".tar") for url in expand(text))
 
 
+def dataset_folder(text: str) -> Folder | None:
+    """The `mlc shard` folder ``text`` names (a folder holding classes.json: a local path, or a
+    URL such as s3://bucket/ds or https://host/ds), or None. A URL that names a shard (.tar, a
+    brace pattern) or a command (pipe:) is not looked up."""
+    if "://" not in text:
+        path = Path(text)
+        return Folder(path) if path.is_dir() and (path / CLASSES_FILE).is_file() else None
+    if text.startswith("pipe:") or expand(text) != [text] or text.endswith(".tar"):
+        return None
+    folder = Folder(text)
+    try:
+        return folder if folder.is_file(CLASSES_FILE) else None
+    except urllib.error.HTTPError as e:  # a server that answers 403 for what it does not have
+        if e.code in (401, 403, 404, 410):
+            return None
+        raise
+
+
+def _names_a_folder(text: str) -> bool:
+    """Whether ``text`` is a URL that can only name a folder: no .tar, no brace pattern, and no
+    suffix in its last part (s3://bucket/ds, https://host/ds/)."""
+    if "://" not in text or text.startswith("pipe:") or expand(text) != [text]:
+        return False
+    last = text.rstrip("/").rpartition("/")[2]
+    return "." not in last and "?" not in last
+
+
 def resolve_inputs(
     inputs: list[str], split: str = "test", classes: str | None = None, key: str = "path"
 ) -> Shards | Files:
-    """What ``inputs`` are: one `mlc shard` folder (a folder with classes.json), shard URLs
-    (``.tar`` files, brace patterns, URLs with a scheme), or image files, folders of them
-    (walked, in name order) and file lists (one path per line, relative to the list's folder;
-    blank lines and lines starting with # skipped)."""
+    """What ``inputs`` are: one `mlc shard` folder (a folder with classes.json, by path or URL),
+    shard URLs (``.tar`` files, brace patterns, URLs with a scheme), or image files, folders of
+    them (walked, in name order) and file lists (one path per line, relative to the list's
+    folder; blank lines and lines starting with # skipped)."""
     if not inputs:
         raise InputFileError("no input: give image files, folders, file lists or shards")
-    first = Path(inputs[0])
-    if first.is_dir() and (first / CLASSES_FILE).is_file():
+    dataset = dataset_folder(inputs[0])
+    if dataset is not None:
+        first = str(dataset)  # a local path as Path writes it, or the URL
         if len(inputs) > 1:
             raise InputFileError(f"{first} is an `mlc shard` folder: give it alone")
         if classes:
             raise InputFileError(f"--classes is for shard URLs: {first} has its classes.json")
-        ids, partial = _data_classes(first / CLASSES_FILE)
+        ids, partial = _data_classes(dataset.join(CLASSES_FILE))
         return Shards(dataset_shards(first, split), ids, partial, f"{first} split {split}")
+    if classes is None and _names_a_folder(inputs[0]):
+        made = f"`mlc shard ... --out {inputs[0]}`"
+        if protocol(inputs[0]) in READ_ONLY_PROTOCOLS:  # made elsewhere, then served
+            made = f"`mlc shard ... --out DIR`, served at {inputs[0]}"
+        raise InputFileError(
+            f"{inputs[0]}: no {CLASSES_FILE} there, so not an `mlc shard` dataset (make one "
+            f"with {made}); shard URLs end in .tar, or come with --classes"
+        )
     shard_inputs = [text for text in inputs if is_shard_input(text)]
     if shard_inputs:
         other = [text for text in inputs if text not in shard_inputs]
@@ -228,28 +266,32 @@ def resolve_inputs(
             )
         urls = [url for text in inputs for url in expand(text)]
         if classes is None:
-            local = urls[0].removeprefix("file://")
-            if "://" in local or local.startswith("pipe:"):
+            if urls[0].startswith("pipe:"):
                 raise InputFileError(
-                    f"{urls[0]}: remote shards need --classes (the dataset's classes.json)"
+                    f"{urls[0]}: pipe: shards need --classes (the dataset's classes.json)"
                 )
-            classes = str(Path(local).parent / CLASSES_FILE)
-        ids, partial = _data_classes(Path(classes))
+            local = urls[0].removeprefix("file://")
+            beside = local if "://" not in local else urls[0]
+            classes = join(beside.rpartition("/")[0] or ".", CLASSES_FILE)
+        ids, partial = _data_classes(classes)
         return Shards(url_shards(urls), ids, partial, f"{len(urls)} shard(s) from {urls[0]}")
     if classes:
         raise InputFileError("--classes is for shard inputs; image files have no labels")
     return _files(inputs, key)
 
 
-def _data_classes(path: Path) -> tuple[list[str], bool]:
-    """(class ids, partial annotation) of a dataset's classes.json."""
-    if not path.is_file():
-        raise InputFileError(f"{path}: no such file (the dataset's classes.json)")
+def _data_classes(location: str | Path) -> tuple[list[str], bool]:
+    """(class ids, partial annotation) of a dataset's classes.json, by path or URL."""
     try:
-        document = json.loads(path.read_text())
+        with open_input(location) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputFileError(f"{location}: no such file (the dataset's classes.json)") from None
+    try:
+        document = json.loads(text)
         return [str(c["id"]) for c in document["classes"]], document["annotation"] == "partial"
     except (ValueError, KeyError, TypeError) as e:
-        raise InputFileError(f"{path}: not an `mlc shard` classes.json: {e!r}") from None
+        raise InputFileError(f"{location}: not an `mlc shard` classes.json: {e!r}") from None
 
 
 def _files(inputs: list[str], key: str) -> Files:

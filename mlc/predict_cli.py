@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="INPUT",
         help="image files, folders of them (walked), file lists (a path per line), an `mlc "
-        "shard` folder (with --split), or shard URLs (.tar, brace patterns, http://, s3://)",
+        "shard` folder or its URL (s3://bucket/ds, https://host/ds; with --split), or shard "
+        "URLs (.tar, brace patterns, http://, s3://)",
     )
     p.add_argument(
         "--checkpoint",
@@ -37,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--classes",
         metavar="FILE",
-        help="the dataset's classes.json for shard URLs (default: the one beside the shards)",
+        help="the dataset's classes.json (path or URL) for shard URLs (default: the one beside "
+        "the shards)",
     )
     p.add_argument(
         "--key",
@@ -129,8 +131,13 @@ def _print_summary(s: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlc.storage import require_local
+
     if args.table and args.top_k is None and args.threshold is None:
         raise UsageError("--table needs --top-k or --threshold")
+    require_local(args.out, "--out")  # before any work: the files are written locally
+    if args.table:
+        require_local(args.table, "--table")
     if args.processes > 1:
         from mlc.dist import rerun_as_local_group
 

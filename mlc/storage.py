@@ -397,3 +397,17 @@ def open_input(location: str | Path, mode: str = "rb"):
         return path.open(mode)
     parent, _, name = str(location).rstrip("/").rpartition("/")
     return Folder(parent).open(name, mode)
+
+
+def require_local(location: str | Path, what: str) -> None:
+    """StorageError unless ``location`` is a plain local path. For outputs that are written
+    only to local files (a training run's folder, a report, a predictions file): a URL there
+    would otherwise become folders named after it under the current directory (./s3:/...).
+    Called before any work starts."""
+    text = str(location)
+    if "://" in text:
+        plain = " (without file://)" if protocol(text) == "file" else ""
+        raise StorageError(
+            f"{what} {text}: this output is written to a local folder, not to a URL: give a "
+            f"local path{plain}, and copy the result where it should go afterwards"
+        )

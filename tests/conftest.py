@@ -3,12 +3,13 @@
 mosaics: a small real dataset, Fashion-MNIST 2x2 mosaics, sharded once per session (the training
 tests in tests/mlc/train and `mlc eval --checkpoint` in tests/eval).
 s3_server, s3_bucket: a local S3 API server and a fresh bucket on it; http_server: a local HTTP
-server over a folder.
+server over a folder. s3_mosaics, http_mosaics: copies of `mosaics` on them (their URLs).
 """
 
 import functools
 import http.server
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -101,6 +102,26 @@ def http_server(tmp_path_factory):
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_mosaics(mosaics, s3_server):
+    """The `mosaics` dataset uploaded to a bucket of the local S3 server: s3://<bucket>/mosaics."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket = "mlc-mosaics-" + uuid.uuid4().hex[:8]
+    fs.mkdir(bucket)
+    fs.put(str(mosaics), f"{bucket}/mosaics", recursive=True)
+    return f"s3://{bucket}/mosaics"
+
+
+@pytest.fixture(scope="session")
+def http_mosaics(mosaics, http_server):
+    """The `mosaics` dataset served by the local http server: http://127.0.0.1:<port>/mosaics."""
+    root, base = http_server
+    shutil.copytree(mosaics, root / "mosaics")
+    return f"{base}/mosaics"
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

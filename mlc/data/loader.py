@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from mlc.data.pipeline import EpochStream, LoaderConfig, batch_views
 from mlc.data.ring import BatchRing
-from mlc.data.urls import Shard, dataset_shards
+from mlc.data.urls import Shard, dataset_shards, read_dataset_json
 from mlc.format import CLASSES_FILE
 
 
@@ -96,10 +95,12 @@ class ShardLoader:
 
     @classmethod
     def from_dataset(cls, folder: str | Path, split: str, config: LoaderConfig, **kwargs):
-        """An `mlc shard` folder: shards and counts from <split>.stats.json, classes.json."""
-        classes = json.loads((Path(folder) / CLASSES_FILE).read_text())
+        """An `mlc shard` folder, by path or URL (s3://, gs://, http(s)://, ...: read through
+        mlc.storage): shards and counts from <split>.stats.json, classes from classes.json."""
+        shards = dataset_shards(folder, split)  # first: its error says what the folder should be
+        classes = read_dataset_json(folder, CLASSES_FILE)
         return cls(
-            dataset_shards(folder, split),
+            shards,
             len(classes["classes"]),
             config,
             full_annotation=classes["annotation"] == "full",

@@ -1,6 +1,7 @@
 """Where shards are and how to open them: local paths, file://, http(s)://, s3:// / gs:// (and
 any other fsspec protocol: s3:// needs the s3 extra, gs:// the gcs extra), and ``pipe:``
-commands.
+commands. An `mlc shard` folder (its stats, classes.json, sizes.json) is read through
+mlc.storage.Folder, so a dataset can be named by a local path or by any of these URLs.
 
 A ``pipe:`` URL runs a shell command, so it is refused unless the caller allows it explicitly
 (``allow_pipe=True``, the ``data.allow_pipe`` config key): shard lists and configs may come from
@@ -9,11 +10,11 @@ elsewhere, and a URL should not be able to run a program by default.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from braceexpand import braceexpand
 
 from mlc.extras import check_protocol
 from mlc.format import OPENCLIP_SIZES_FILE, stats_name
+from mlc.storage import Folder
 
 
 class ShardOpenError(OSError):
@@ -40,21 +42,40 @@ def expand(spec: str | list[str]) -> list[str]:
     return [url for item in items for url in braceexpand(item.strip()) if url]
 
 
+def read_dataset_json(dataset: str | Path, name: str):
+    """A JSON file of an `mlc shard` folder (a local path or a URL: s3://, gs://, http(s)://,
+    ...). A missing one is FileNotFoundError("LOCATION: no such file (is DATASET an `mlc
+    shard` folder?)"); any other failure to read it (a host that does not answer, a refused
+    request) is an OSError that names the file's location too."""
+    folder = Folder(dataset)
+    try:
+        return folder.read_json(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{folder.join(name)}: no such file (is {dataset} an `mlc shard` folder?)"
+        ) from None
+    except OSError as e:
+        if folder.local or folder.join(name) in str(e):
+            raise
+        raise OSError(f"{folder.join(name)}: {e}") from e
+
+
 def dataset_shards(dataset: str | Path, split: str) -> list[Shard]:
-    """The shards of a split of an `mlc shard` folder, with their sample counts."""
-    path = Path(dataset) / stats_name(split)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (is {dataset} an `mlc shard` folder?)")
-    stats = json.loads(path.read_text())
+    """The shards of a split of an `mlc shard` folder (a local path or a URL: s3://, gs://,
+    http(s)://, ...), with their sample counts. Shard URLs are the folder's location joined
+    with the names in the stats: local folders give plain paths, as before."""
+    stats = read_dataset_json(dataset, stats_name(split))
+    folder = Folder(dataset)
     return [
-        Shard(str(Path(dataset) / name), int(n))
-        for name, n in zip(stats["shards"], stats["shard_lengths"], strict=True)
+        Shard(folder.join(shard), int(n))
+        for shard, n in zip(stats["shards"], stats["shard_lengths"], strict=True)
     ]
 
 
 def url_shards(spec: str | list[str], sizes: dict[str, int] | None = None) -> list[Shard]:
-    """Shards given by URL. Sample counts come from ``sizes`` (URL or file name -> samples) or,
-    for local and file:// shards, from the sizes.json beside them (OpenCLIP's size file).
+    """Shards given by URL. Sample counts come from ``sizes`` (URL or file name -> samples) or
+    from the sizes.json beside the shards (OpenCLIP's size file), read once per folder, local
+    or remote (http(s)://, s3://, ...; not beside pipe: commands).
     A protocol whose package is missing (s3:// without s3fs, ...) is an error here, once, not
     a skipped shard in every worker."""
     urls = expand(spec)
@@ -64,25 +85,48 @@ def url_shards(spec: str | list[str], sizes: dict[str, int] | None = None) -> li
             check_protocol(url)
     sizes = dict(sizes or {})
     folders: dict[str, dict] = {}
+    unreadable: dict[str, str] = {}  # folder -> why its sizes.json could not be read
     shards, missing = [], []
     for url in urls:
         count = sizes.get(url, sizes.get(os.path.basename(url)))
-        if count is None and (url.startswith("file://") or "://" not in url):
-            folder = os.path.dirname(url.removeprefix("file://")) or "."
+        if count is None and not url.startswith("pipe:"):
+            if "://" in url and not url.startswith("file://"):
+                folder = url.rpartition("/")[0]
+            else:
+                folder = os.path.dirname(url.removeprefix("file://")) or "."
             if folder not in folders:
-                f = Path(folder) / OPENCLIP_SIZES_FILE
-                folders[folder] = json.loads(f.read_text()) if f.is_file() else {}
-            count = folders[folder].get(os.path.basename(url))
+                folders[folder] = _sizes_beside(folder, unreadable)
+            count = folders[folder].get(url.rpartition("/")[2])
         if count is None:
             missing.append(url)
         else:
             shards.append(Shard(url, int(count)))
     if missing:
+        why = "".join(f"; {folder}/{OPENCLIP_SIZES_FILE}: {e}" for folder, e in unreadable.items())
         raise ValueError(
             f"sample counts unknown for {len(missing)} shard(s) (e.g. {missing[0]}): give the "
-            "dataset folder, or a sizes.json ({shard name: samples}) beside the shards"
+            "dataset folder, or a sizes.json ({shard name: samples}) beside the shards" + why
         )
     return shards
+
+
+def _sizes_beside(folder: str, unreadable: dict[str, str]) -> dict:
+    """The sizes.json in ``folder`` ({shard name: samples}), or {} if there is none (an http
+    server may answer 403, not 404, for a file it does not have, as S3 does over https to
+    anyone who may not list the bucket). One that cannot be read (a host that does not answer)
+    is {} too, and the reason goes into ``unreadable``: it is only needed when a shard's count
+    is missing, and then the error says it."""
+    try:
+        return Folder(folder).read_json(OPENCLIP_SIZES_FILE)
+    except FileNotFoundError:
+        return {}
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403, 404, 410):
+            unreadable[folder] = str(e)
+        return {}
+    except OSError as e:
+        unreadable[folder] = str(e)
+        return {}
 
 
 def open_url(url: str, allow_pipe: bool = False):

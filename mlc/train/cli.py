@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mlc.config import load_config, shipped_configs, to_yaml
     from mlc.dist import teardown
+    from mlc.storage import require_local
     from mlc.train.checkpoint import prepare_run_folder
     from mlc.train.loop import train
 
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
+    require_local(config.train.out, "train.out")  # before anything is written
     if config.train.mode == "async":  # refuse an unsupported torch before touching train.out
         from mlc.train.async_ps import check_torch
 

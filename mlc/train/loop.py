@@ -8,7 +8,6 @@ counted in samples seen by all processes together.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -22,8 +21,10 @@ import torch.distributed as torch_dist
 from mlc import dist
 from mlc.config import Config, config_from_dict, to_dict
 from mlc.data import ShardLoader, counts, normalize
+from mlc.data.urls import read_dataset_json
 from mlc.format import CLASSES_FILE, stats_name
 from mlc.models import build_model
+from mlc.storage import READ_ONLY_PROTOCOLS, protocol
 from mlc.train.checkpoint import find_resume, save_checkpoint, write_run_config
 from mlc.train.logs import (
     MetricsLog,
@@ -42,19 +43,24 @@ class TrainingError(RuntimeError):
 
 def dataset_classes(config: Config) -> tuple[list[str], np.ndarray]:
     """(class ids, positive counts of the training split): the head's classes, and the
-    frequency weights of validation's fwMAP."""
+    frequency weights of validation's fwMAP. data.dataset is a folder or a URL (mlc.storage)."""
     d = config.data
+    documents = {}
     for name in (CLASSES_FILE, stats_name(d.train_split)):
-        if not (Path(d.dataset) / name).is_file():
+        try:
+            documents[name] = read_dataset_json(d.dataset, name)
+        except FileNotFoundError:
+            make = f"`mlc shard ... --out {d.dataset}`"
+            if protocol(d.dataset) in READ_ONLY_PROTOCOLS:  # made elsewhere, then served
+                make = f"`mlc shard ... --out DIR`, served at {d.dataset}"
             raise TrainingError(
                 f"data.dataset {d.dataset}: no {name}, so not an `mlc shard` dataset with a "
-                f"{d.train_split!r} split. Make one with `mlc shard ... --out {d.dataset}` "
+                f"{d.train_split!r} split. Make one with {make} "
                 "(the demo's: `mlc demo`), or point data.dataset at one (--set data.dataset=DIR)"
-            )
-    classes = json.loads((Path(d.dataset) / CLASSES_FILE).read_text())
-    class_ids = [c["id"] for c in classes["classes"]]
-    stats = json.loads((Path(d.dataset) / stats_name(d.train_split)).read_text())
-    return class_ids, np.array([stats["positive_counts"][c] for c in class_ids], dtype=float)
+            ) from None
+    class_ids = [c["id"] for c in documents[CLASSES_FILE]["classes"]]
+    positives = documents[stats_name(d.train_split)]["positive_counts"]
+    return class_ids, np.array([positives[c] for c in class_ids], dtype=float)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from mlc.cli import main
 from mlc.config import ConfigError, load_config
 from mlc.data.urls import url_shards
-from mlc.extras import MissingExtraError, require
+from mlc.extras import PROTOCOL_EXTRAS, MissingExtraError, require
 from mlc.models.weights import read_keras_h5
 from mlc.train.logs import MetricsLog, summary_writer_class
 
@@ -17,8 +17,14 @@ TENSORBOARD = "torch.utils.tensorboard"
 
 
 def missing(monkeypatch, *modules):
+    # fsspec keeps the file-system classes it has loaded (an earlier test's s3:// reads):
+    # forget those of the missing packages too.
+    loaded = getattr(sys.modules.get("fsspec.registry"), "_registry", {})
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+        for protocol, (package, _) in PROTOCOL_EXTRAS.items():
+            if package == module:
+                monkeypatch.delitem(loaded, protocol, raising=False)
 
 
 def test_require_names_the_package_and_the_extra(monkeypatch):
