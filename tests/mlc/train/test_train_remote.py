@@ -74,17 +74,17 @@ def test_an_output_url_is_refused_before_any_work(mosaics, tmp_path, monkeypatch
 
 def test_shard_to_s3_then_train_and_evaluate_from_s3(s3_bucket, tmp_path, monkeypatch):
     """The whole path on object storage: `mlc shard --out s3://...`, `mlc train` reading it,
-    `mlc eval --data s3://...`. Skipped until `mlc shard` writes to object stores."""
+    `mlc eval --data s3://...`."""
     from tests.conftest import FASHION
 
     if not FASHION.is_dir():
         pytest.skip("Fashion-MNIST missing (apt-get install dataset-fashion-mnist)")
-    monkeypatch.chdir(tmp_path)  # a shard command that does not know URLs writes ./s3:/...
+    monkeypatch.chdir(tmp_path)  # nothing may be written here: no ./s3:/... folder
     url = f"{s3_bucket}/fm"
     counts = ["--train-count", "200", "--test-count", "100", "--shard-size", "100"]
-    code = main(["shard", "fashion-mnist", "--out", url, *counts, "--quiet"])
-    if code != 0 or not read_json(url, "test.stats.json"):
-        pytest.skip("`mlc shard --out s3://...` is not supported yet")
+    assert main(["shard", "fashion-mnist", "--out", url, *counts, "--quiet"]) == 0
+    assert read_json(url, "test.stats.json")["samples"] == 100
+    assert list(tmp_path.iterdir()) == []
     out = tmp_path / "run"
     args = tiny_config(url, out, "train.samples=80", "train.log_every=80")
     assert main(["train", *sets(args)]) == 0
