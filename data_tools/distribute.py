@@ -47,7 +47,7 @@ _LOCAL_TOKEN = secrets.token_hex(32)
 
 
 def _ray():
-    return require("ray", "mlc shard --distributor ray", "ray", "ray")
+    return require("ray", "--distributor ray", "ray", "ray")
 
 
 def check_distributor(distributor: str, ray_address: str | None = None) -> None:
