@@ -213,3 +213,25 @@ def test_on_shard_reports_each_shard_once(oi, tmp_path):
 
 def _append(seen: list):
     return lambda *args: seen.append(args)
+
+
+class _Cluster:
+    """ray's nodes() of a cluster of ``n`` live nodes."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def nodes(self):
+        return [{"Alive": True}] * self.n + [{"Alive": False}]
+
+
+@pytest.mark.parametrize(
+    "nodes, out, warned",
+    [(1, "data/out", False), (2, "data/out", True), (2, "s3://bucket/out", False)],
+)
+def test_a_local_out_on_a_cluster_of_several_nodes_is_warned_about(nodes, out, warned, capsys):
+    writer = RayShardWriter()
+    writer.ray = _Cluster(nodes)
+    writer._warn_if_not_shared(out)
+    err = capsys.readouterr().err
+    assert ("is a local folder and the Ray cluster has 2 nodes" in err) == warned
