@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
         seed=args.seed,
     )
-    check_distributor(args.distributor, args.ray_address)
+    check_distributor(args.distributor, args.ray_address, args.out)
     index, count = args.partition
     splits = []
     for split, catalog in _catalogs(args):

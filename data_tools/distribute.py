@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data_tools.catalog import Catalog, SkipLog
 from data_tools.writer import ShardOptions, write_split
 from mlc.extras import require
-from mlc.storage import is_local
+from mlc.storage import is_local, protocol
 
 DISTRIBUTORS = ("local", "ray")
 TASKS_PER_CPU = 4  # tasks per cluster CPU: even spread, small per-task cost
@@ -50,14 +50,22 @@ def _ray():
     return require("ray", "--distributor ray", "ray", "ray")
 
 
-def check_distributor(distributor: str, ray_address: str | None = None) -> None:
+def check_distributor(
+    distributor: str, ray_address: str | None = None, out: str | Path | None = None
+) -> None:
     """Refuse what shard_writer would refuse (an unknown distributor, an address without Ray,
-    Ray not installed), before a command spends minutes reading its labels."""
+    Ray not installed, an --out that Ray's worker processes cannot share), before a command
+    spends minutes reading its labels."""
     if distributor not in DISTRIBUTORS:
         raise ValueError(f"distributor must be one of {DISTRIBUTORS}, got {distributor!r}")
     if distributor != "ray" and ray_address is not None:
         raise ValueError("--ray-address needs --distributor ray")
     if distributor == "ray":
+        if out is not None and protocol(out) == "memory":
+            raise ValueError(
+                f"{out}: memory:// is private to a process, and Ray's tasks run in others; "
+                "use --distributor local --workers 1"
+            )
         _ray()
 
 
@@ -227,6 +235,7 @@ class RayShardWriter:
         the task (a ShardError, an OSError, ...)."""
         ray = self.ray
         out = str(out)  # a path or a URL, passed on as given
+        check_distributor("ray", out=out)
         self._warn_if_not_shared(out)
         index, count = partition
         if not 0 <= index < count:

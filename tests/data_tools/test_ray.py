@@ -10,6 +10,7 @@ command as a user does: in its own process, starting and stopping its own Ray.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -59,9 +60,13 @@ def ref(oi, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(request):
     """A local Ray with 2 CPUs for the module, started as `mlc shard` starts one (token in the
-    environment, no dashboard, Ray's output kept out of the tests')."""
+    environment, no dashboard, Ray's output kept out of the tests'). The local S3 server's
+    settings are put in the environment first, when it can run: Ray's worker processes take
+    the environment of ray.init."""
+    with contextlib.suppress(pytest.skip.Exception):
+        request.getfixturevalue("s3_server")
     with RayShardWriter(cpus=2) as writer:
         yield writer
 
@@ -102,6 +107,20 @@ def test_ray_partition_then_local_partition_then_merge(oi, ref, ray_session, tmp
     assert shard(oi, out, "--partition", "1/2") == 0
     assert main(["shard", "merge", "--out", str(out), "--split", "train"]) == 0
     assert folder_digests(out) == folder_digests(ref)
+
+
+def test_ray_tasks_write_into_s3_what_one_process_writes_locally(oi, ref, ray_session, s3_bucket):
+    import fsspec
+
+    url = f"{s3_bucket}/out"
+    assert shard(oi, url, "--distributor", "ray") == 0
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    written = {
+        path[len(root) + 1 :]: hashlib.sha256(fs.cat_file(path)).hexdigest()
+        for path in fs.find(root)
+    }
+    assert written == folder_digests(ref)
 
 
 @dataclass(frozen=True)
@@ -194,6 +213,11 @@ def test_without_ray_one_line_names_the_extra(oi, tmp_path, capsys, monkeypatch)
 def test_ray_address_needs_the_ray_distributor(oi, tmp_path, capsys):
     assert shard(oi, tmp_path / "out", "--ray-address", "auto") == 2
     assert "--ray-address needs --distributor ray" in capsys.readouterr().err
+
+
+def test_a_memory_out_is_refused(oi, capsys):
+    assert shard(oi, "memory://ds", "--distributor", "ray") == 2
+    assert "memory:// is private to a process" in capsys.readouterr().err
 
 
 def test_on_shard_reports_each_shard_once(oi, tmp_path):
