@@ -11,10 +11,12 @@ Why partitions as tasks: write_split already keeps the complete shards of an ear
 never leaves a half-written shard under its name, so a task that Ray retries (after a worker or
 node died, or an OSError such as a storage hiccup) resumes where it stopped: a retry costs at
 most the shard it was writing. The catalog goes to the cluster's object store once
-(``ray.put``); each task receives a reference. There are a few tasks per CPU, so the shards
-spread evenly although some are slower than others, and the per-task cost (reading the catalog,
-fixing the plan) stays small against writing its shards. The tasks report each finished shard
-to a small actor; the driver reads it to move its one progress bar.
+(``ray.put``), its rows already in the plan's order: the tasks of a node share them without a
+copy (a copy of OpenImages' table per running task would take the node's memory). There are a
+few tasks per CPU, so the shards spread evenly although some are slower than others, and the
+per-task cost (getting the catalog, checking the plan) stays small against writing its shards.
+The tasks report each finished shard to a small actor; the driver reads it to move its one
+progress bar.
 
 Ray is optional (``pip install 'mlc[ray]'``): it is imported only when asked for.
 """
@@ -22,6 +24,7 @@ Ray is optional (``pip install 'mlc[ray]'``): it is imported only when asked for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -30,10 +33,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from data_tools.catalog import Catalog, SkipLog
-from data_tools.writer import ShardOptions, write_split
+from data_tools.writer import ShardOptions, shuffled_rows, write_split
 from mlc.extras import require
 from mlc.storage import is_local, protocol
 
@@ -136,6 +140,7 @@ class _Progress:
 
 def _write_partition(
     catalog: Catalog,
+    shuffled: pa.Table,
     out: str,
     split: str,
     options: ShardOptions,
@@ -144,7 +149,9 @@ def _write_partition(
     progress,
 ) -> SkipLog:
     """A Ray task: write_split on one partition of the shards, in this worker's process,
-    reporting each shard done to the ``progress`` actor."""
+    reporting each shard done to the ``progress`` actor. ``shuffled``, the catalog's rows in
+    the plan's order, comes from the object store without a copy (arrow buffers in shared
+    memory, one per node), so concurrent tasks do not each hold the table."""
 
     def report(name: str, images: int, kept: bool) -> None:
         progress.shard.remote(name, images, kept)
@@ -159,6 +166,7 @@ def _write_partition(
         progress=False,
         retry_skipped=retry_skipped,
         on_shard=report,
+        shuffled=shuffled,
     )
 
 
@@ -247,13 +255,16 @@ class RayShardWriter:
         size = options.shard_size
         total = sum(min(size, rows - j * size) for j in range(index, shards, count))
 
-        catalog_ref = ray.put(catalog)
+        # The catalog goes to the object store once, its rows already in the plan's order (and
+        # only those: the tasks do not read its own table).
+        shuffled_ref = ray.put(shuffled_rows(catalog, options.seed))
+        catalog_ref = ray.put(dataclasses.replace(catalog, table=catalog.table.slice(0, 0)))
         counter = ray.remote(_Progress).options(num_cpus=0).remote()
         task = ray.remote(_write_partition).options(
             num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=[OSError]
         )
         refs = [
-            task.remote(catalog_ref, out, split, options, p, retry_skipped, counter)
+            task.remote(catalog_ref, shuffled_ref, out, split, options, p, retry_skipped, counter)
             for p in partitions
         ]
         bar = tqdm(
@@ -274,6 +285,7 @@ class RayShardWriter:
                         results[ref] = ray.get(ref)
                     images, kept = ray.get(counter.counts.remote())
                     bar.update(images - bar.n)
+                bar.update(total - bar.n)  # all done, whatever reports are still on their way
         except ray.exceptions.RayTaskError as e:
             _cancel(ray, pending)
             cause = getattr(e, "cause", None)

@@ -309,6 +309,7 @@ def write_split(
     progress: bool = True,
     retry_skipped: bool = False,
     on_shard: Callable[[str, int, bool], None] | None = None,
+    shuffled: pa.Table | None = None,
 ) -> SkipLog:
     """Write this partition's shards of the split (skipping complete ones); return its skips.
 
@@ -319,6 +320,9 @@ def write_split(
     process as each of the partition's shards is done: its file name, its candidate images
     (written + skipped), and whether it was kept from an earlier run; it lets a caller that runs
     partitions elsewhere (data_tools.distribute) show one progress bar for all of them.
+    ``shuffled`` is ``shuffled_rows(catalog, options.seed)`` made once by such a caller and
+    shared by its partitions (the catalog's own table is then not read): a copy of a large
+    table per partition running at once would take a node's memory.
     """
     index, count = partition
     if not 0 <= index < count:
@@ -327,7 +331,7 @@ def write_split(
     out.require_writable()
     out.makedirs(parts_name(split))
     _check_classes(out, catalog)
-    rows = shuffled_rows(catalog, options.seed)
+    rows = shuffled_rows(catalog, options.seed) if shuffled is None else shuffled
     n_shards = -(-rows.num_rows // options.shard_size)
     plan = {
         "format_version": FORMAT_VERSION,
