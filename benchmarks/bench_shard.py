@@ -260,9 +260,11 @@ def main() -> None:
         (tmp / "src").mkdir()
         paths = harness.make_jpegs(tmp / "src", args.images)
         size_kb = np.mean([p.stat().st_size for p in paths]) / 1024
+        machine = result.data["machine"]
         result.note(
-            f"{args.images} JPEGs 1024x768, {size_kb:.0f} KB average, "
-            f"{result.data['machine']['cores']} cores"
+            f"{args.images} JPEGs 1024x768, {size_kb:.0f} KB average, {machine['cores']} cores "
+            f"(load average {machine['load_average'][0]:.1f} at the start: other work running "
+            "lowers the 2-worker figures)"
         )
         copy = tarfile_copy(paths, tmp / "copy.tar")
         loop = minimal_loop(paths)
