@@ -13,8 +13,11 @@ writer's bookkeeping). Targets: pass-through (verify=structure) >= 80% of the ta
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import io
 import resource
+import shutil
 import tarfile
 import tempfile
 import time
@@ -25,12 +28,15 @@ from PIL import Image
 
 from benchmarks import harness
 from data_tools.catalog import Catalog, FileLoader, catalog_table
+from data_tools.merge import merge_split
 from data_tools.writer import ShardOptions, write_split
 
 NAME = "bench_shard"
 TARGET_COPY = 0.80  # pass-through, verify=structure, 2 workers: of the tarfile copy
 TARGET_LOOP = 0.80  # --max-side 512: of the minimal loop, per worker
+TARGET_RAY = 0.90  # --distributor ray, 2 CPUs: of the pool of 2 workers (start apart)
 TARGET_PEAK_MB = 2048
+SHARD_SIZE = 100
 
 
 def tarfile_copy(paths: list[Path], out: Path) -> float:
@@ -53,20 +59,144 @@ def minimal_loop(paths: list[Path], max_side: int = 512) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def mlc_shard(paths: list[Path], out: Path, workers: int, **options) -> float:
+def file_catalog(paths: list[Path]) -> Catalog:
+    """The files as a catalog of one class (every image positive)."""
     ids = [p.stem for p in paths]
     table = catalog_table(ids, [p.name for p in paths], [[0]] * len(ids), [[]] * len(ids))
-    catalog = Catalog(["c"], ["c"], table, FileLoader(str(paths[0].parent)), "full", len(ids))
+    return Catalog(["c"], ["c"], table, FileLoader(str(paths[0].parent)), "full", len(ids))
+
+
+def mlc_shard(paths: list[Path], out: Path, workers: int, **options) -> float:
+    catalog = file_catalog(paths)
     t0 = time.perf_counter()
     write_split(
         catalog,
         out,
         "train",
-        ShardOptions(shard_size=100, **options),
+        ShardOptions(shard_size=SHARD_SIZE, **options),
         workers=workers,
         progress=False,
     )
     return len(paths) / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- Ray against the pool
+
+
+def distributed(kind: str, src: str, out: str, images: int, cpus: int, max_side: int) -> dict:
+    """In a fresh process (harness.children): the first ``images`` files of ``src`` written
+    with --max-side ``max_side`` by a pool of ``cpus`` processes (kind "pool") or by the tasks
+    of a local Ray with ``cpus`` CPUs (kind "ray"), then published. Ray's start (ray.init) and
+    shutdown are timed apart from the writing, which is timed from the call that hands the
+    shards out to the return of the last one (the pool's start, and the Ray workers' first
+    imports, are in it)."""
+    from data_tools.distribute import RayShardWriter
+
+    catalog = file_catalog(sorted(Path(src).glob("*.jpg"))[:images])
+    options = ShardOptions(shard_size=SHARD_SIZE, max_side=max_side)
+    times = {"start_s": 0.0, "shutdown_s": 0.0}
+    if kind == "pool":
+        t0 = time.perf_counter()
+        write_split(catalog, out, "train", options, workers=cpus, progress=False)
+        times["seconds"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        with RayShardWriter(cpus=cpus) as writer:
+            t1 = time.perf_counter()
+            writer.write_split(catalog, out, "train", options, progress=False)
+            t2 = time.perf_counter()
+        times.update(start_s=t1 - t0, seconds=t2 - t1, shutdown_s=time.perf_counter() - t2)
+    merge_split(out, "train")
+    return {**times, "images_per_s": images / times["seconds"]}
+
+
+def folder_digest(folder: Path) -> str:
+    """One sha256 over every file's relative path and bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def ray_against_pool(result: harness.Result, src: Path, tmp: Path, images: int, rounds: int):
+    """Rounds of pool, Ray, pool, ...: Ray's images/s over the mean of the pool runs either
+    side (harness.bracketed); every output folder byte-identical. Returns the median ratio."""
+    cpus, max_side, runs = 2, 512, []
+
+    def run(kind: str) -> dict:
+        out = tmp / f"{kind}-{len(runs)}" / "out"  # the same folder name: _info.json names it
+        measured = harness.child(
+            NAME, kind, src=str(src), out=str(out), images=images, cpus=cpus, max_side=max_side
+        )
+        measured["digest"] = folder_digest(out)
+        shutil.rmtree(out.parent)
+        runs.append((kind, measured))
+        return measured
+
+    pools, rounds_ = harness.bracketed(lambda: run("pool"), [lambda: run("ray")], rounds)
+    digests = {m["digest"] for _, m in runs}
+    if len(digests) != 1:
+        raise SystemExit(
+            f"--distributor ray wrote other bytes than the pool: {len(digests)} digests"
+        )
+    ratio = harness.median(r.ratio("images_per_s") for r in rounds_)
+    rays = [r.result for r in rounds_]
+    start = harness.median(r["start_s"] for r in rays)
+    shutdown = harness.median(r["shutdown_s"] for r in rays)
+    pool_rate = harness.median(p["images_per_s"] for p in pools)
+    ray_rate = harness.median(r["images_per_s"] for r in rays)
+    pool_s = harness.median(p["seconds"] for p in pools)
+    ray_s = harness.median(r["seconds"] for r in rays)
+    with_start = pool_s / (ray_s + start + shutdown)
+    result.measure(
+        ray={
+            "images": images,
+            "cpus": cpus,
+            "max_side": max_side,
+            "pool": pools,
+            "ray": rays,
+            "ratio": ratio,
+            "ratio_with_start": with_start,
+        }
+    )
+    result.table(
+        ["run", "CPUs", "seconds", "images/s", "vs pool"],
+        [
+            [
+                "pool of processes (`--workers 2`, baseline)",
+                cpus,
+                f"{pool_s:.2f}",
+                f"{pool_rate:.0f}",
+                "",
+            ],
+            [
+                "Ray tasks (`--distributor ray --workers 2`)",
+                cpus,
+                f"{ray_s:.2f}",
+                f"{ray_rate:.0f}",
+                f"{ratio:.0%}",
+            ],
+            [
+                "Ray's start + shutdown (ray.init, ray.shutdown)",
+                "",
+                f"{start:.2f} + {shutdown:.2f}",
+                "",
+                "",
+            ],
+            [
+                "Ray tasks, start and shutdown included",
+                cpus,
+                f"{ray_s + start + shutdown:.2f}",
+                f"{images / (ray_s + start + shutdown):.0f}",
+                f"{with_start:.0%}",
+            ],
+        ],
+        "lrrrr",
+        title=f"--distributor ray against the pool: {images} images, --max-side {max_side}, "
+        f"shards of {SHARD_SIZE}, the same shards; medians of {rounds} round(s), each Ray run "
+        "between two pool runs, every output folder byte-identical",
+    )
+    return ratio, with_start
 
 
 def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
@@ -109,19 +239,32 @@ def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
 
 
 def main() -> None:
+    if harness.child_main(
+        {
+            "pool": functools.partial(distributed, "pool"),
+            "ray": functools.partial(distributed, "ray"),
+        }
+    ):
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--ray-images", type=int, default=6000)
+    p.add_argument("--ray-rounds", type=int, default=2)
     p.add_argument("--csv-rows", type=int, default=1_000_000)
-    args = harness.parse_args(p, quick={"images": 240, "csv_rows": 50_000})
+    args = harness.parse_args(
+        p, quick={"images": 240, "ray_images": 400, "ray_rounds": 1, "csv_rows": 50_000}
+    )
     result = harness.Result(NAME, args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "src").mkdir()
         paths = harness.make_jpegs(tmp / "src", args.images)
         size_kb = np.mean([p.stat().st_size for p in paths]) / 1024
+        machine = result.data["machine"]
         result.note(
-            f"{args.images} JPEGs 1024x768, {size_kb:.0f} KB average, "
-            f"{result.data['machine']['cores']} cores"
+            f"{args.images} JPEGs 1024x768, {size_kb:.0f} KB average, {machine['cores']} cores "
+            f"(load average {machine['load_average'][0]:.1f} at the start: other work running "
+            "lowers the 2-worker figures)"
         )
         copy = tarfile_copy(paths, tmp / "copy.tar")
         loop = minimal_loop(paths)
@@ -150,6 +293,10 @@ def main() -> None:
             shown = ["", ""] if ratio is None else [f"{ratio:.0%}", f"{ratio / workers:.0%}"]
             table.append([name, workers, f"{rate:.0f}", *shown])
         result.table(["run", "workers", "images/s", "vs baseline", "per worker"], table, "lrrrr")
+        harness.make_jpegs(tmp / "src", args.ray_images)  # the same files, more copies
+        ray_ratio, ray_with_start = ray_against_pool(
+            result, tmp / "src", tmp, args.ray_images, args.ray_rounds
+        )
         (tmp / "csv").mkdir()
         peak, seconds = label_csv_peak_memory(args.csv_rows, tmp / "csv")
         result.measure(label_csv={"rows": args.csv_rows, "peak_mb": peak, "seconds": seconds})
@@ -171,6 +318,14 @@ def main() -> None:
             resize,
             TARGET_LOOP,
         )
+    result.target(
+        ray_ratio >= TARGET_RAY,
+        f"--distributor ray, 2 CPUs >= {TARGET_RAY:.0%} of the pool of 2 workers writing the "
+        f"same shards, Ray's start and shutdown apart (got {ray_ratio:.0%}; "
+        f"{ray_with_start:.0%} with them)",
+        ray_ratio,
+        TARGET_RAY,
+    )
     result.target(
         peak <= TARGET_PEAK_MB,
         f"mlc shard openimages on a {args.csv_rows:,}-row label CSV: peak RSS <= "

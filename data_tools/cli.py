@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from data_tools.catalog import Catalog, SkipLog
+from data_tools.distribute import DISTRIBUTORS, check_distributor, shard_writer
 from data_tools.merge import StrictFailure, format_report, merge_split, strict_problems
 from data_tools.select import select_densest
-from data_tools.writer import PARTS_DIR, ShardError, ShardOptions, write_split
+from data_tools.writer import PARTS_DIR, ShardError, ShardOptions
 from mlc.config import HelpFormatter
 from mlc.extras import check_protocol
 from mlc.storage import READ_ONLY_PROTOCOLS, Folder, is_local, protocol
@@ -44,6 +45,19 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
     if split:
         p.add_argument("--split", default="train", help="split name (default train)")
     p.add_argument("--workers", type=int, default=1, help="processes (output is the same)")
+    p.add_argument(
+        "--distributor",
+        choices=DISTRIBUTORS,
+        default="local",
+        help="where the shards are written: local processes (--workers), or Ray tasks "
+        "(output is the same; needs mlc[ray])",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --distributor ray: the cluster to join ('auto', host:port, ray://...); "
+        "default: start a local Ray with --workers CPUs",
+    )
     p.add_argument(
         "--partition",
         type=_partition,
@@ -231,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
         seed=args.seed,
     )
+    check_distributor(args.distributor, args.ray_address, args.out)
     index, count = args.partition
     splits = []
     for split, catalog in _catalogs(args):
@@ -252,17 +267,17 @@ def run(args: argparse.Namespace) -> int:
             verdict = f"refused before writing any shard to {args.out}"
             return _refuse(verdict, [p for p in found if p])
     skips = {}
-    for split, catalog in splits:
-        skips[split] = write_split(
-            catalog,
-            args.out,
-            split,
-            options,
-            args.partition,
-            args.workers,
-            not args.quiet,
-            retry_skipped=args.strict,
-        )
+    with shard_writer(args.distributor, args.workers, args.ray_address) as write_split:
+        for split, catalog in splits:
+            skips[split] = write_split(
+                catalog,
+                args.out,
+                split,
+                options,
+                args.partition,
+                progress=not args.quiet,
+                retry_skipped=args.strict,
+            )
     if args.strict:  # what writing the images found: the shards stay staged, unpublished
         found = [strict_problems(split, log, SkipLog()) for split, log in skips.items()]
         if any(found):

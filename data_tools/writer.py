@@ -28,6 +28,7 @@ import os
 import re
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -307,13 +308,21 @@ def write_split(
     workers: int = 1,
     progress: bool = True,
     retry_skipped: bool = False,
+    on_shard: Callable[[str, int, bool], None] | None = None,
+    shuffled: pa.Table | None = None,
 ) -> SkipLog:
     """Write this partition's shards of the split (skipping complete ones); return its skips.
 
     The shards are staged in the split's bookkeeping folder until merge_split publishes them.
     ``retry_skipped`` (--strict) writes again a complete shard that skipped an image. The
     catalog-level skips and counts go to the split's plan file, which every partition writes
-    identically; merge_split reads it.
+    identically; merge_split reads it. ``on_shard(name, images, kept)`` is called in this
+    process as each of the partition's shards is done: its file name, its candidate images
+    (written + skipped), and whether it was kept from an earlier run; it lets a caller that runs
+    partitions elsewhere (data_tools.distribute) show one progress bar for all of them.
+    ``shuffled`` is ``shuffled_rows(catalog, options.seed)`` made once by such a caller and
+    shared by its partitions (the catalog's own table is then not read): a copy of a large
+    table per partition running at once would take a node's memory.
     """
     index, count = partition
     if not 0 <= index < count:
@@ -322,7 +331,7 @@ def write_split(
     out.require_writable()
     out.makedirs(parts_name(split))
     _check_classes(out, catalog)
-    rows = shuffled_rows(catalog, options.seed)
+    rows = shuffled_rows(catalog, options.seed) if shuffled is None else shuffled
     n_shards = -(-rows.num_rows // options.shard_size)
     plan = {
         "format_version": FORMAT_VERSION,
@@ -377,6 +386,8 @@ def write_split(
         if part is not None:
             skips.merge(SkipLog.from_dict(part["skips"]))
             done_samples += len(shard_rows)
+            if on_shard is not None:
+                on_shard(part["shard"], len(shard_rows), True)
             continue
         todo.append(
             ShardTask(out.url, split, j, first, shard_rows, options, catalog.loader, fingerprint)
@@ -402,7 +413,10 @@ def write_split(
             for part in results:
                 part_skips = SkipLog.from_dict(part["skips"])
                 skips.merge(part_skips)
-                bar.update(len(part["manifest"]["key"]) + part_skips.total)
+                images = len(part["manifest"]["key"]) + part_skips.total
+                bar.update(images)
+                if on_shard is not None:
+                    on_shard(part["shard"], images, False)
         finally:
             if pool is not None:
                 pool.terminate()
