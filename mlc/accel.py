@@ -107,7 +107,13 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
             "use device cpu or auto"
         )
     if spec in ("auto", "cuda"):
-        return torch.device("cuda", local_rank or 0)
+        index = local_rank or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"process LOCAL_RANK={index} has no GPU of its own (torch sees "
+                f"{torch.cuda.device_count()}): start one process per GPU, or use device cpu"
+            )
+        return torch.device("cuda", index)
     index = int(spec.split(":")[1])
     if local_rank is not None:
         raise DeviceError(

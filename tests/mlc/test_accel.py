@@ -66,6 +66,8 @@ def test_device_names_resolve(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda", 0)
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun's rank
+    with pytest.raises(DeviceError, match="LOCAL_RANK=2 has no GPU of its own"):
+        resolve_device("auto", local_rank=2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(DeviceError, match="torch sees 2 GPU"):
         resolve_device("cuda:2")
