@@ -59,6 +59,8 @@ def demo(out: str, data: str, precision: str, samples: int | None, train: int, t
         progress=False,
         log=lambda *a, **k: None,
     )
+    if "summary" not in result:  # stopped by a signal before its evaluation
+        raise SystemExit(f"the {precision} demo stopped: {result['train']['stopped_by']}")
     s = result["summary"]
     resolved = resolve_precision(precision, torch.device("cpu"))
     return {
