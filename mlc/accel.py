@@ -31,8 +31,8 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 # Does `precision: auto` choose bf16 autocast on a CPU with this instruction set? Only where
 # the demo (`mlc demo`, fp32 and bf16 side by side in one run) reached a fwMAP@100 inside the
-# fp32 run's 95% bootstrap interval AND finished faster end to end (docs/training.md has the
-# measurement and its command).
+# fp32 run's 95% bootstrap interval AND finished faster end to end: `python -m
+# benchmarks.bench_precision`, docs/benchmarks.md. Neither has a completed run yet.
 CPU_AUTO_BF16 = {"amx_bf16": False, "avx512_bf16": False}
 
 
