@@ -29,6 +29,8 @@ BENCHMARKS = (
     "bench_train",
     "bench_eval",
     "bench_async",
+    "bench_precision",
+    "bench_gpu",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 BLOCK = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->", re.S)

@@ -151,6 +151,8 @@ def _from_checkpoint(args: argparse.Namespace):
             fold=not args.no_fold,
             progress=not args.quiet,
             max_lost_fraction=args.allow_lost,
+            device=args.device,
+            precision=args.precision,
         )
         ok = True
         return report

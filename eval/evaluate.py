@@ -37,6 +37,7 @@ from eval.report import (
 )
 from eval.streaming import MAPAccumulator
 from mlc import dist as mlc_dist
+from mlc.accel import resolve_precision
 from mlc.config import Config
 from mlc.data import ShardLoader, counts
 from mlc.data.urls import read_dataset_json
@@ -225,7 +226,7 @@ class _RankState:
         }
 
 
-def _score_pass(model, loader, match, device, state, writer, progress, total, desc):
+def _score_pass(model, loader, match, device, precision, state, writer, progress, total, desc):
     """One pass of the eval loader: the valid rows (eval padding dropped), forward, labels in
     {1, 0, -1}, the evaluated columns, then the accumulators and the scores file."""
     from tqdm import tqdm
@@ -244,7 +245,7 @@ def _score_pass(model, loader, match, device, state, writer, progress, total, de
             batch = batch.valid_rows()  # eval padding (docs/loader.md)
             if not batch.keys:
                 continue
-            logits = batch_logits(model, batch.images, device)
+            logits = batch_logits(model, batch.images, device, precision)
             labels = torch.where(batch.mask.bool(), batch.targets.to(torch.int8), -1)
             if not match.identity:
                 logits, labels = logits[:, model_cols], labels[:, data_cols]
@@ -271,15 +272,19 @@ def evaluate_checkpoint(
     fold: bool = True,
     progress: bool = True,
     max_lost_fraction: float = 0.0,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> Report | None:
     """Score ``data``'s ``split`` with the checkpoint; the Report on rank 0, None elsewhere.
 
     Samples of the split that the loader could not deliver (missing or damaged shards, corrupt
     samples) are an error beyond ``max_lost_fraction`` of the split: every process raises
-    DataLossError, and nothing is written."""
+    DataLossError, and nothing is written. ``device`` and ``precision``: where and how the
+    network runs (mlc.accel)."""
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
-    rank, world, device = mlc_dist.setup()
+    rank, world, device = mlc_dist.setup(device)
+    precision = resolve_precision(precision, device)
     data = str(local_path(data)) if is_local(data) else str(data).rstrip("/")  # path or URL
     loaded = load_model(checkpoint)
     config, model_ids, info = loaded.config, loaded.class_ids, loaded.info
@@ -296,7 +301,9 @@ def evaluate_checkpoint(
     )
     weight_values, weight_source, reference, notes = _weights(weights, config, data, match)
     loader_settings = eval_loader_config(config, batch_size, workers)
-    loader = ShardLoader.from_dataset(data, split, loader_settings, rank=rank, world_size=world)
+    loader = ShardLoader.from_dataset(
+        data, split, loader_settings, rank=rank, world_size=world, pin_memory=device.type == "cuda"
+    )
     total = sum(s.samples for s in loader.shards)
     classes = len(match.ids)
     replicates = bootstrap_replicates(bootstrap, classes, k)
@@ -316,6 +323,7 @@ def evaluate_checkpoint(
         loader,
         match,
         device,
+        precision,
         state,
         writer,
         progress and rank == 0,
@@ -357,6 +365,8 @@ def evaluate_checkpoint(
         loader_problems=data_counts["problems"],
         weights=weight_source,
         processes=world,
+        device=str(device),
+        precision=str(precision),
         seconds=round(seconds, 3),
         images_per_s=round(s["images"] / max(seconds, 1e-9), 1),
         model_classes_not_evaluated=match.model_not_evaluated,

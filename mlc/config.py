@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,18 @@ CONFIG_VERSION = 2  # 2: batch_size and the loader seed moved from `train` to `d
 
 # Keys of older versions, and where they are now.
 MOVED = {"train.batch_size": "data.batch_size"}
+
+
+# train.precision and train.device (and --precision, --device): mlc.accel resolves them.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problem(spec) -> str | None:
+    """What is wrong with a device name, or None (auto, cpu, cuda, cuda:N)."""
+    if not isinstance(spec, str) or not DEVICE_PATTERN.fullmatch(spec):
+        return f"must be auto, cpu, cuda or cuda:N, got {spec!r}"
+    return None
 
 
 class ConfigError(ValueError):
@@ -104,7 +117,13 @@ class TrainConfig:
     samples: int = 1_000_000  # total training samples (all processes)
     seed: int = 0  # model initialisation and dropout (the data's seed is data.seed)
     deterministic: bool = False  # bitwise-reproducible (single process; slower)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU, with a grad scaler)
+    # Where and how the network runs (mlc.accel; docs/training.md). device: auto (cuda:LOCAL_RANK
+    # when torch sees a GPU, else cpu) | cpu | cuda | cuda:N. precision: auto (CUDA: bf16
+    # autocast, or fp16 with a gradient scaler on GPUs without bf16; CPU: fp32, or bf16 where
+    # it was measured to train as well and faster) | fp32 | bf16 | fp16 (CUDA only).
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the network's forward (off: no gain measured yet)
     ema_decay: float = 0.0  # 0 = no EMA of weights
     out: str = "runs/train"
     log_every: int = 5_000  # samples
@@ -344,10 +363,13 @@ def check(config: Config) -> None:
         raise ConfigError("data.max_lost_fraction must be in [0, 1]")
     if config.optim.name not in ("sgd", "rmsprop", "adamw"):
         raise ConfigError(f"optim.name must be sgd, rmsprop or adamw, got {config.optim.name!r}")
-    if config.train.precision not in ("fp32", "bf16", "fp16"):
+    if config.train.precision not in PRECISIONS:
         raise ConfigError(
-            f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}"
+            f"train.precision must be {', '.join(PRECISIONS)}, got {config.train.precision!r}"
         )
+    problem = device_problem(config.train.device)
+    if problem:
+        raise ConfigError(f"train.device {problem}")
     for key in ("samples", "log_every", "eval_every", "checkpoint_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
@@ -390,6 +412,13 @@ def _check_async(config: Config) -> None:
         raise ConfigError("train.ema_decay: the async mode keeps no EMA (set it to 0)")
     if config.train.precision == "fp16":
         raise ConfigError("train.precision: the async mode supports fp32 and bf16, not fp16")
+    if config.train.device.startswith("cuda"):
+        raise ConfigError(
+            f"train.device={config.train.device}: the async mode runs its servers and workers on "
+            "the CPU (train.device auto or cpu); train on GPUs with train.mode=sync (DDP)"
+        )
+    if config.train.compile:
+        raise ConfigError("train.compile: the async mode runs eager (set it to false)")
 
 
 def to_dict(config: Config) -> dict:
@@ -451,6 +480,21 @@ def add_pass_arguments(group, workers: str) -> None:
     )
     group.add_argument("--no-fold", action="store_true", help="keep batch norm unfolded (slower)")
     group.add_argument(
+        "--device",
+        default="auto",
+        type=_device,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the network runs (auto: the GPU when torch sees one; under torchrun "
+        "cuda:LOCAL_RANK)",
+    )
+    group.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="the forward's precision; auto: bf16 autocast on GPUs with bf16 (fp16 on older "
+        "ones), on CPUs what train.precision's auto picks (docs/training.md)",
+    )
+    group.add_argument(
         "--processes",
         type=positive_int,
         default=1,
@@ -459,6 +503,14 @@ def add_pass_arguments(group, workers: str) -> None:
         "decodes while another runs its forward pass; each costs a process start-up, so it "
         "pays off on long passes (docs/eval.md)",
     )
+
+
+def _device(text: str) -> str:
+    """An argparse type: a device name (auto, cpu, cuda, cuda:N)."""
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _int_at_least(text: str, low: int) -> int:

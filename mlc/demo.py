@@ -122,8 +122,15 @@ def run_demo(
 
     t0 = time.perf_counter()
     log(f"[3/3] evaluate {summary['checkpoint']} on {dataset} (test)")
+    # In the training's device and precision: the demo's figure is that of what it trained.
     report = evaluate_checkpoint(
-        summary["checkpoint"], dataset, "test", progress=progress, workers=0
+        summary["checkpoint"],
+        dataset,
+        "test",
+        progress=progress,
+        workers=0,
+        device=config.train.device,
+        precision=config.train.precision,
     )
     paths = write_report(report, out / "eval")
     times["eval"] = time.perf_counter() - t0

@@ -21,17 +21,21 @@ import torch
 import torch.distributed as dist
 
 
-def setup() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the torchrun process group when there is one."""
+def setup(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when there is one.
+
+    ``device`` is a train.device / --device name (mlc.accel.resolve_device): under torchrun
+    each rank takes cuda:LOCAL_RANK and the group talks NCCL; on CPUs, gloo."""
+    from mlc.accel import local_rank, resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", 1))
+    chosen = resolve_device(device, local_rank())
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)  # before the group: NCCL binds to the current device
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    return rank, world, chosen
 
 
 def teardown(finished: bool) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mlc.accel import Precision
 from mlc.config import Config, LoaderConfig
 from mlc.data import normalize
 from mlc.data.preprocess import EvalTransform
@@ -23,6 +24,8 @@ from mlc.format import CLASSES_FILE
 from mlc.io import InputFileError, read_classes
 from mlc.models import Xception, load_checkpoint_model
 from mlc.models.folder import is_model_folder, load_model_folder
+
+FP32 = Precision("fp32")
 
 
 @dataclass
@@ -97,6 +100,14 @@ def eval_transform(config: Config) -> EvalTransform:
     return EvalTransform.from_config(config.data)
 
 
-def batch_logits(model: Xception, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """float32 logits on the CPU of a uint8 [B, C, H, W] batch (call under inference_mode)."""
-    return model(normalize(images.to(device, non_blocking=True))).float().cpu()
+def batch_logits(
+    model: Xception,
+    images: torch.Tensor,
+    device: torch.device,
+    precision: Precision | None = None,
+) -> torch.Tensor:
+    """float32 logits on the CPU of a uint8 [B, C, H, W] batch (call under inference_mode): the
+    uint8 pixels go to ``device`` (without waiting, from pinned memory), are normalized there,
+    and the forward runs in ``precision`` (default fp32)."""
+    with (precision or FP32).autocast(device):
+        return model(normalize(images.to(device, non_blocking=True))).float().cpu()

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mlc import dist as mlc_dist
+from mlc.accel import resolve_device, resolve_precision
 from mlc.data import ShardLoader, dataset_shards, url_shards
 from mlc.data.decode import DecodeError
 from mlc.data.pipeline import SAMPLE_REASONS
@@ -65,11 +66,14 @@ class Predictor:
     ``info`` (where the weights came from)."""
 
     def __init__(
-        self, loaded: LoadedModel, device: torch.device | str | None = None, fold: bool = True
+        self,
+        loaded: LoadedModel,
+        device: torch.device | str | None = None,
+        fold: bool = True,
+        precision: str = "auto",
     ):
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device or "auto"))
+        self.precision = resolve_precision(precision, self.device)
         self.model = prepare_for_inference(loaded.model, fold, self.device)
         self.config, self.info = loaded.config, loaded.info
         self.class_ids, self.class_names = loaded.class_ids, loaded.class_names
@@ -80,7 +84,7 @@ class Predictor:
         return (
             f"Predictor({self.info['path']!r}: {self.config.model.name}, "
             f"{len(self.class_ids)} classes, {t.channels}x{t.image_size}x{t.image_size} input, "
-            f"{self.device})"
+            f"{self.device}, {self.precision.name})"
         )
 
     def preprocess(self, images) -> torch.Tensor:
@@ -106,7 +110,7 @@ class Predictor:
         out = []
         for start in range(0, len(items), batch_size):
             batch = self.preprocess(items[start : start + batch_size])
-            out.append(batch_logits(self.model, batch, self.device))
+            out.append(batch_logits(self.model, batch, self.device, self.precision))
         if not out:
             return torch.zeros(0, len(self.class_ids))
         return torch.cat(out)
@@ -136,10 +140,15 @@ class Predictor:
 
 
 def load(
-    path: str | Path, device: torch.device | str | None = None, fold: bool = True
+    path: str | Path,
+    device: torch.device | str | None = None,
+    fold: bool = True,
+    precision: str = "auto",
 ) -> Predictor:
-    """A Predictor of a checkpoint (`mlc train`'s .pt) or an `mlc export` folder."""
-    return Predictor(load_model(path), device, fold)
+    """A Predictor of a checkpoint (`mlc train`'s .pt) or an `mlc export` folder, on ``device``
+    (default: the GPU when torch sees one) in ``precision`` (mlc.accel: auto, fp32, bf16,
+    fp16)."""
+    return Predictor(load_model(path), device, fold, precision)
 
 
 def _as_list(images) -> tuple[list, bool]:
@@ -378,10 +387,12 @@ class _FilePass:
     """This process's contiguous share of the image files (the parts, joined in rank order,
     keep the input order), decoded by a DataLoader; no labels."""
 
-    def __init__(self, files: Files, settings, loaded: LoadedModel, out, rank, world, strict):
+    def __init__(
+        self, files: Files, settings, loaded: LoadedModel, out, rank, world, strict, pin=False
+    ):
         n = len(files.items)
         self.share = files.items[n * rank // world : n * (rank + 1) // world]
-        self.total, self.settings, self.strict = n, settings, strict
+        self.total, self.settings, self.strict, self.pin = n, settings, strict, pin
         self.transform = EvalTransform.from_config(settings)
         self.writer = PredictionsWriter(out, loaded.class_ids, rank=rank, world=world)
         self.skipped: list[tuple[str, str]] = []  # (file, problem)
@@ -403,7 +414,10 @@ class _FilePass:
                     continue
                 keys.append(key)
                 pixels.append(image)
-            yield keys, stack(pixels, self.transform), None, len(items)
+            images = stack(pixels, self.transform)
+            if self.pin:  # pinned NHWC storage, so that the copy to the GPU does not wait
+                images = images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
+            yield keys, images, None, len(items)
 
     def _skip(self, path: Path, problem: str) -> None:
         if self.strict:
@@ -420,7 +434,9 @@ class _ShardPass:
     """This process's share of the shards, read by the eval loader (the same batches as `mlc
     eval`); labels from the samples, in the data's class ids."""
 
-    def __init__(self, source: Shards, settings, loaded: LoadedModel, out, rank, world, strict):
+    def __init__(
+        self, source: Shards, settings, loaded: LoadedModel, out, rank, world, strict, pin=False
+    ):
         self.source, self.strict = source, strict
         self.loader = ShardLoader(
             source.shards,
@@ -429,6 +445,7 @@ class _ShardPass:
             full_annotation=not source.partial,
             rank=rank,
             world_size=world,
+            pin_memory=pin,
         )
         self.total = sum(s.samples for s in source.shards)
         self.writer = PredictionsWriter(
@@ -470,12 +487,16 @@ def predict_to_file(
     threshold: float | None = None,
     table: str | Path | None = None,
     progress: bool = True,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> dict | None:
     """Score every input image and write the predictions file ``out``; a summary on rank 0
     (None elsewhere). Unreadable images are skipped, counted and listed beside ``out`` in
     <name>.skipped.csv (``strict``: the first one is an error naming it). With ``top_k`` or
-    ``threshold``, also the compact table (write_table) at ``table`` (default <name>.top.csv)."""
-    rank, world, device = mlc_dist.setup()
+    ``threshold``, also the compact table (write_table) at ``table`` (default <name>.top.csv).
+    ``device`` and ``precision``: where and how the network runs (mlc.accel)."""
+    rank, world, device = mlc_dist.setup(device)
+    precision = resolve_precision(precision, device)
     out = Path(out)
     loaded = load_model(model_path)
     source = resolve_inputs(inputs, split, classes, key)
@@ -483,16 +504,17 @@ def predict_to_file(
         eval_loader_config(loaded.config, batch_size, workers), allow_pipe=allow_pipe
     )
     kind = _ShardPass if isinstance(source, Shards) else _FilePass
-    run = kind(source, settings, loaded, out, rank, world, strict)
+    run = kind(source, settings, loaded, out, rank, world, strict, device.type == "cuda")
     model = prepare_for_inference(loaded.model, fold, device)
     start = time.perf_counter()
-    _score(model, run, device, -(-run.total // world), progress and rank == 0)
+    _score(model, run, device, precision, -(-run.total // world), progress and rank == 0)
     parts = mlc_dist.gather_to_first(run.report(), rank, world)
     seconds = time.perf_counter() - start
     if rank != 0:
         return None
     run.writer.finish()
     summary = _summary(parts, source, loaded, out, seconds, world)
+    summary.update(device=str(device), precision=str(precision))
     skipped = [row for part in parts for row in part["skipped"]]
     if skipped:
         summary["skipped_list"] = str(out.with_name(out.stem + ".skipped.csv"))
@@ -505,7 +527,7 @@ def predict_to_file(
     return summary
 
 
-def _score(model, run, device, total: int, progress: bool) -> None:
+def _score(model, run, device, precision, total: int, progress: bool) -> None:
     """Every batch of ``run`` through the model into its writer; the part is removed when the
     pass fails."""
     from tqdm import tqdm
@@ -522,7 +544,8 @@ def _score(model, run, device, total: int, progress: bool) -> None:
         with torch.inference_mode(), bar:
             for keys, images, labels, read in run.batches():
                 if keys:
-                    run.writer.write(keys, batch_logits(model, images, device), labels)
+                    logits = batch_logits(model, images, device, precision)
+                    run.writer.write(keys, logits, labels)
                 bar.update(read)
         run.writer.close()
     except BaseException:

@@ -103,6 +103,8 @@ def _predict(args: argparse.Namespace) -> dict | None:
             threshold=args.threshold,
             table=args.table,
             progress=not args.quiet,
+            device=args.device,
+            precision=args.precision,
         )
         ok = True
         return summary
@@ -114,7 +116,8 @@ def _print_summary(s: dict) -> None:
     labels = f", with the labels of {s['labels']}" if "labels" in s else ""
     print(
         f"{s['images']} images x {s['classes']} classes -> {s['predictions']}{labels} "
-        f"({s['seconds']:.1f} s, {s['images_per_s']:.0f} images/s, {s['processes']} process(es))"
+        f"({s['seconds']:.1f} s, {s['images_per_s']:.0f} images/s, {s['processes']} process(es), "
+        f"{s['device']}, {s['precision']})"
     )
     if s["skipped"]:
         examples = ", ".join(s["skipped_examples"])

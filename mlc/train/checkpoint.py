@@ -69,13 +69,18 @@ def prepare_run_folder(out: str | Path, resume: str | None, restart: bool) -> No
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def write_run_config(out: str | Path, config) -> Path:
+def write_run_config(out: str | Path, config, resolved: dict | None = None) -> Path:
     """<out>/config.yaml: the run's resolved config (file, --set and defaults), which
-    `mlc train --config <out>/config.yaml` reads back."""
+    `mlc train --config <out>/config.yaml` reads back. ``resolved`` (e.g. the device and
+    precision that ``auto`` chose on this machine) goes into a comment at the top: the keys
+    keep their values, so the file means the same on another machine."""
     from mlc.config import to_yaml
 
+    header = "".join(f"# {key}: {value}\n" for key, value in (resolved or {}).items())
+    if header:
+        header = "# resolved on this machine:\n" + header
     path = Path(out) / "config.yaml"
-    atomic_write_text(path, to_yaml(config))
+    atomic_write_text(path, header + to_yaml(config))
     return path
 
 

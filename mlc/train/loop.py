@@ -11,7 +11,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mlc import dist
+from mlc.accel import Precision, resolve_precision
 from mlc.config import Config, config_from_dict, to_dict
 from mlc.data import ShardLoader, counts, normalize
 from mlc.data.urls import read_dataset_json
@@ -72,8 +73,11 @@ class Run:
     rank: int
     world: int
     device: torch.device
+    precision: Precision  # train.precision resolved for the device (mlc.accel)
     model: torch.nn.Module
-    ddp: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    # What the step calls: the model, in DistributedDataParallel under torchrun, compiled with
+    # train.compile (its parameters and state_dict are the model's).
+    forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
     ema: torch.optim.swa_utils.AveragedModel | None
     scaler: torch.amp.GradScaler
@@ -82,30 +86,55 @@ class Run:
     step: int = 0
     best: float = -math.inf
     checkpoint: Path | None = None  # the last one written
-    autocast: torch.dtype | None = field(init=False)
-
-    def __post_init__(self):
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            self.config.train.precision
-        )
 
     @classmethod
-    def create(cls, config: Config, class_ids: list[str], rank: int, world: int, device) -> Run:
+    def create(
+        cls,
+        config: Config,
+        class_ids: list[str],
+        rank: int,
+        world: int,
+        device: torch.device,
+        precision: Precision | None = None,
+    ) -> Run:
         t, d = config.train, config.data
+        precision = precision or resolve_precision(t.precision, device)
         model = build_model(config.model, len(class_ids), d.channels).to(device)
         # DDP first: it gives every rank rank 0's initial weights, which the EMA then copies.
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        forward = model
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if t.compile:
+            forward = torch.compile(forward)
         optimizer = make_optimizer(config, model.parameters())
         ema = None
         if t.ema_decay:
             multi_avg = torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay)
             ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=multi_avg)
-        scaler = torch.amp.GradScaler(
-            "cuda", enabled=t.precision == "fp16" and device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=precision.scaled and device.type == "cuda")
+        # To a GPU, batches are copied from pinned memory while the GPU works (non_blocking).
+        loader = ShardLoader.from_dataset(
+            d.dataset,
+            d.train_split,
+            d,
+            rank=rank,
+            world_size=world,
+            pin_memory=device.type == "cuda",
         )
-        loader = ShardLoader.from_dataset(d.dataset, d.train_split, d, rank=rank, world_size=world)
         return cls(
-            config, class_ids, rank, world, device, model, ddp, optimizer, ema, scaler, loader
+            config,
+            class_ids,
+            rank,
+            world,
+            device,
+            precision,
+            model,
+            forward,
+            optimizer,
+            ema,
+            scaler,
+            loader,
         )
 
     @property
@@ -177,12 +206,12 @@ class Run:
         lr = learning_rate(self.config, self.samples, self.world_batch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # uint8 to the device (4x fewer bytes than float), normalized there.
         images = normalize(batch.images.to(self.device, non_blocking=True))
-        targets, mask = batch.targets.to(self.device), batch.mask.to(self.device)
-        with torch.autocast(
-            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
-        ):
-            logits = self.ddp(images)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        mask = batch.mask.to(self.device, non_blocking=True)
+        with self.precision.autocast(self.device):
+            logits = self.forward(images)
         loss = masked_bce(logits, targets, mask)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -283,15 +312,20 @@ def crossed(samples: int, step_samples: int, every: int) -> bool:
 
 
 def train(config: Config, resume: str | None = None, log=print) -> dict:
-    rank, world, device = dist.setup()
     t = config.train
+    rank, world, device = dist.setup(t.device)
+    precision = resolve_precision(t.precision, device)
     say = log if rank == 0 else (lambda *a, **k: None)
     board = summary_writer_class(t.tensorboard, say)  # before any work: a missing package
     torch.manual_seed(t.seed + rank)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     class_ids, reference = dataset_classes(config)
-    run = Run.create(config, class_ids, rank, world, device)
+    run = Run.create(config, class_ids, rank, world, device, precision)
+    say(
+        f"device {device}{f' x {world} processes' if world > 1 else ''}, precision {precision}"
+        + (", torch.compile" if t.compile else "")
+    )
     found = find_resume(t.out, resume, say)
     if found is not None:
         run.restore(*found, say)
@@ -302,7 +336,7 @@ def train(config: Config, resume: str | None = None, log=print) -> dict:
             )
             return finished_summary(run)
     if rank == 0:
-        write_run_config(t.out, config)
+        write_run_config(t.out, config, resolved={"device": str(device), "precision": precision})
     metrics = MetricsLog(t.out, enabled=rank == 0, writer=board)
     with stop_signals() as stop:
         try:
@@ -356,7 +390,14 @@ def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) 
         ):
             model = run.ema.module if run.ema else run.model
             result = validate(
-                model, config, run.class_ids, reference, run.rank, run.world, run.device
+                model,
+                config,
+                run.class_ids,
+                reference,
+                run.rank,
+                run.world,
+                run.device,
+                run.precision,
             )
             result.update(samples=run.samples, step=run.step)
             metrics.write(result, kind="val")
@@ -398,6 +439,8 @@ def loop(run: Run, reference: np.ndarray, metrics: MetricsLog, stop: dict, say) 
         "stopped_by": stop["signal"],
         "last_saved": last_saved,
         "data": data,
+        "device": str(run.device),
+        "precision": str(run.precision),
     }
     if run.rank == 0:
         metrics.write(summary, kind="summary")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from eval.metrics import full_ap, weighted_mean
 from eval.torchmetric import MAPAtK
+from mlc.accel import Precision
 from mlc.config import Config
 from mlc.data import ShardLoader, counts, normalize
 from mlc.dist import all_gather
@@ -27,6 +28,7 @@ def validate(
     rank: int,
     world: int,
     device: torch.device,
+    precision: Precision | None = None,
 ) -> dict:
     """fwMAP@K weighted by the training split's positive counts, plain MAP@K, and full mAP when
     the scores fit in memory; every rank scores its share into an eval.MAPAtK, whose states
@@ -37,6 +39,7 @@ def validate(
     settings = dataclasses.replace(d, mode="eval")
     loader = ShardLoader.from_dataset(d.dataset, d.val_split, settings, rank=rank, world_size=world)
     model.eval()
+    autocast = (precision or Precision("fp32")).autocast
     weights = reference if reference.sum() > 0 else "uniform"
     # On the CPU, where its code runs; synced over the default process group when world > 1
     # (the async mode's validation runs alone beside an RPC group).
@@ -47,7 +50,8 @@ def validate(
         batch = batch.valid_rows()  # eval padding: no forward for it
         if not batch.keys:
             continue
-        logits = model(normalize(batch.images.to(device))).float().cpu()
+        with autocast(device):
+            logits = model(normalize(batch.images.to(device, non_blocking=True))).float().cpu()
         labels = torch.where(batch.mask.bool(), batch.targets.long(), -1)
         metric.update(logits, labels)
         known = batch.mask.bool()

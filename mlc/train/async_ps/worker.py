@@ -15,6 +15,7 @@ from collections import deque
 
 import torch
 
+from mlc.accel import resolve_precision
 from mlc.data import ShardLoader, normalize
 from mlc.models import build_model
 from mlc.train.async_ps import membership, protocol
@@ -38,7 +39,8 @@ class Worker:
         torch.manual_seed(t.seed + index + ps.workers * restart)  # dropout masks differ
         self.model = _training_model(config, num_classes)
         self.params = dict(self.model.named_parameters())
-        self.autocast = torch.bfloat16 if t.precision == "bf16" else None
+        # The async mode runs on the CPU (config.check refuses a cuda device).
+        self.autocast = resolve_precision(t.precision, torch.device("cpu")).dtype
         self.servers = [f"server{s}" for s in range(len(plan))]
 
     def send(self, to: str, endpoint, *args):
