@@ -21,9 +21,10 @@ from mlc.config import Config, LoaderConfig
 from mlc.data import normalize
 from mlc.data.preprocess import EvalTransform
 from mlc.format import CLASSES_FILE
-from mlc.io import InputFileError, read_classes
+from mlc.io import InputFileError
 from mlc.models import Xception, load_checkpoint_model
 from mlc.models.folder import is_model_folder, load_model_folder
+from mlc.storage import is_local, join, local_path, read_input_classes
 
 FP32 = Precision("fp32")
 
@@ -54,9 +55,10 @@ def load_model(path: str | Path, use_ema: bool = True) -> LoadedModel:
         info.update(kind="model folder", names_from=str(path / CLASSES_FILE))
     else:
         model, config, ids, info = load_checkpoint_model(path, use_ema)
-        names, found, source = ids, 0, Path(config.data.dataset) / CLASSES_FILE
-        # Without a (usable) class list on this machine the ids are the names.
-        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+        names, found, source = ids, 0, join(config.data.dataset, CLASSES_FILE)
+        # Without a (usable, reachable) class list the ids are the names: a model loads where
+        # its dataset is out of reach (no credentials, no s3fs, another machine).
+        with contextlib.suppress(ValueError, KeyError, TypeError, OSError, ImportError):
             names, found = class_names(ids, source)
         info.update(kind="checkpoint", names_from=str(source) if found else None)
     return LoadedModel(model, config, ids, names, {**info, "path": str(path)})
@@ -65,9 +67,10 @@ def load_model(path: str | Path, use_ema: bool = True) -> LoadedModel:
 def class_names(class_ids: list[str], source: str | Path) -> tuple[list[str], int]:
     """(a name per class id, how many were found) from a class list (mlc.io.read_classes:
     classes.json, a JSON list, an OpenImages class-descriptions CSV) or a folder holding a
-    classes.json; an id the list does not name is its own name."""
-    source = Path(source)
-    classes = read_classes(source / CLASSES_FILE if source.is_dir() else source)
+    classes.json, by path or URL; an id the list does not name is its own name."""
+    if is_local(source) and local_path(source).is_dir():
+        source = local_path(source) / CLASSES_FILE
+    classes = read_input_classes(source)
     names = dict(zip(classes.ids, classes.names, strict=True))
     return [names.get(cid, cid) for cid in class_ids], sum(cid in names for cid in class_ids)
 

@@ -75,3 +75,15 @@ def test_an_output_url_is_refused_before_any_work(
     err = predict_error(capsys, [*base, "--top-k", "3", "--table", "s3://bucket/t.csv"])
     assert "--table s3://bucket/t.csv" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["s3", "http"])
+def test_class_names_from_a_dataset_url(mosaics, where, request):
+    from mlc.inference import class_names
+    from mlc.io import read_classes
+
+    url = request.getfixturevalue(f"{where}_mosaics")
+    local = read_classes(mosaics / "classes.json")
+    ids = [*local.ids[::-1], "not-a-class"]
+    names, found = class_names(ids, f"{url}/classes.json")
+    assert names == [*local.names[::-1], "not-a-class"] and found == len(local)
