@@ -2,10 +2,12 @@
 
 On generated photo-like 1024x768 JPEGs: pass-through (verify=decode, verify=structure) against
 Python's tarfile adding the same files to one tar, and --max-side 512 against a single-core
-loop of open + draft + resize + JPEG encode, with 1 and 2 workers; then the peak memory of
+loop of open + draft + resize + JPEG encode, with 1 and 2 workers; pass-through into s3:// on a
+local S3 server (moto) against the same into a local folder; then the peak memory of
 `mlc shard openimages` on a generated label CSV (images absent: the label pipeline and the
 writer's bookkeeping). Targets: pass-through (verify=structure) >= 80% of the tarfile copy;
---max-side 512 >= 80% of the loop per worker; peak memory <= 2 GB at 1M label rows.
+--max-side 512 >= 80% of the loop per worker; s3:// >= 80% of the local folder; peak memory
+<= 2 GB at 1M label rows.
 
     python -m benchmarks.bench_shard [--images 2000] [--csv-rows 1000000] [--quick]
 """
@@ -13,11 +15,15 @@ writer's bookkeeping). Targets: pass-through (verify=structure) >= 80% of the ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import io
+import os
 import resource
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -30,11 +36,13 @@ from benchmarks import harness
 from data_tools.catalog import Catalog, FileLoader, catalog_table
 from data_tools.merge import merge_split
 from data_tools.writer import ShardOptions, write_split
+from mlc.dist import free_port
 
 NAME = "bench_shard"
 TARGET_COPY = 0.80  # pass-through, verify=structure, 2 workers: of the tarfile copy
 TARGET_LOOP = 0.80  # --max-side 512: of the minimal loop, per worker
 TARGET_RAY = 0.90  # --distributor ray, 2 CPUs: of the pool of 2 workers (start apart)
+TARGET_S3 = 0.80  # pass-through into the local S3 server, 2 workers: of the same into a folder
 TARGET_PEAK_MB = 2048
 SHARD_SIZE = 100
 
@@ -116,6 +124,158 @@ def folder_digest(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- S3 output against a local disk
+
+
+@contextlib.contextmanager
+def local_s3_server():
+    """moto's S3 server in its own process on 127.0.0.1 (as the tests use it), its endpoint and
+    dummy keys in this process's environment: nothing reaches a real cloud endpoint."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        import s3fs
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield "s3://bench"
+    finally:
+        server.terminate()
+        server.wait()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.update({key: value})
+
+
+def object_digest(url: str) -> str:
+    """folder_digest of a folder in an object store."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    digest = hashlib.sha256()
+    for key in sorted(fs.find(root)):
+        digest.update(key[len(root) + 1 :].encode() + b"\0" + fs.cat_file(key))
+    return digest.hexdigest()
+
+
+def s3_against_local(result: harness.Result, paths: list[Path], tmp: Path, rounds: int):
+    """Rounds of local, S3, upload, local, ...: `mlc shard`'s pass-through (verify=structure,
+    2 workers) into the local S3 server against the same into a local folder, each timed from
+    the call to the published split; the same bytes both ways. The upload (s3fs ``put`` of the
+    last local output folder, concurrent requests from one client) shows what the server takes
+    in at best: it runs on the same 2 cores, a handicap a real S3 does not have. Returns the
+    median ratios to the local folder and to the upload."""
+    digests, local_outputs = [], []
+
+    def run(where: str, root: str) -> dict:
+        out = f"{root}/out-{len(digests)}/ds"  # the same folder name: _info.json names it
+        catalog = file_catalog(paths)
+        options = ShardOptions(shard_size=SHARD_SIZE, verify="structure")
+        t0 = time.perf_counter()
+        write_split(catalog, out, "train", options, workers=2, progress=False)
+        merge_split(out, "train")
+        seconds = time.perf_counter() - t0
+        if where == "local":
+            local_outputs.append(out)
+            digests.append(folder_digest(Path(out)))
+        else:
+            digests.append(object_digest(out))
+        return {"seconds": seconds, "images_per_s": len(paths) / seconds}
+
+    def upload(bucket: str) -> dict:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(f"{bucket}/upload-{len(digests)}")
+        t0 = time.perf_counter()
+        fs.put(local_outputs[-1], root, recursive=True)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "images_per_s": len(paths) / seconds}
+
+    with local_s3_server() as bucket:
+        locals_, rounds_ = harness.bracketed(
+            lambda: run("local", str(tmp)),
+            [lambda: run("s3", bucket), lambda: upload(bucket)],
+            rounds,
+        )
+    if len(set(digests)) != 1:
+        raise SystemExit(
+            f"the S3 output differs from the local folder: {len(set(digests))} digests"
+        )
+    s3_runs = [r.result for r in rounds_ if r.index == 0]
+    uploads = [r.result for r in rounds_ if r.index == 1]
+    ratio = harness.median(r.ratio("images_per_s") for r in rounds_ if r.index == 0)
+    to_upload = harness.median(
+        s["images_per_s"] / u["images_per_s"] for s, u in zip(s3_runs, uploads, strict=True)
+    )
+    local_rate = harness.median(x["images_per_s"] for x in locals_)
+    s3_rate = harness.median(r["images_per_s"] for r in s3_runs)
+    upload_rate = harness.median(r["images_per_s"] for r in uploads)
+    megabytes = sum(p.stat().st_size for p in paths) / 1e6
+    result.measure(
+        s3={
+            "images": len(paths),
+            "megabytes": megabytes,
+            "local": locals_,
+            "s3": s3_runs,
+            "upload": uploads,
+            "ratio": ratio,
+            "ratio_to_upload": to_upload,
+        }
+    )
+    result.table(
+        ["run", "images/s", "MB/s", "vs local", "vs upload"],
+        [
+            [
+                "mlc shard into a local folder (baseline)",
+                f"{local_rate:.0f}",
+                f"{local_rate * megabytes / len(paths):.0f}",
+                "",
+                "",
+            ],
+            [
+                "mlc shard into s3:// (local S3 server)",
+                f"{s3_rate:.0f}",
+                f"{s3_rate * megabytes / len(paths):.0f}",
+                f"{ratio:.0%}",
+                f"{to_upload:.0%}",
+            ],
+            [
+                "s3fs put of the local output (the server's intake)",
+                f"{upload_rate:.0f}",
+                f"{upload_rate * megabytes / len(paths):.0f}",
+                "",
+                "",
+            ],
+        ],
+        "lrrrr",
+        title=f"pass-through (verify=structure, 2 workers) into S3 against a local folder: "
+        f"{len(paths)} images ({megabytes:.0f} MB), shards of {SHARD_SIZE}, published; medians "
+        f"of {rounds} round(s), each S3 run and upload between two local runs, the same bytes "
+        "both ways; the S3 server (moto) runs on the same cores",
+    )
+    return ratio, to_upload
 
 
 def ray_against_pool(result: harness.Result, src: Path, tmp: Path, images: int, rounds: int):
@@ -250,9 +410,17 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--ray-images", type=int, default=6000)
     p.add_argument("--ray-rounds", type=int, default=2)
+    p.add_argument("--s3-rounds", type=int, default=3)
     p.add_argument("--csv-rows", type=int, default=1_000_000)
     args = harness.parse_args(
-        p, quick={"images": 240, "ray_images": 400, "ray_rounds": 1, "csv_rows": 50_000}
+        p,
+        quick={
+            "images": 240,
+            "ray_images": 400,
+            "ray_rounds": 1,
+            "s3_rounds": 1,
+            "csv_rows": 50_000,
+        },
     )
     result = harness.Result(NAME, args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,6 +461,7 @@ def main() -> None:
             shown = ["", ""] if ratio is None else [f"{ratio:.0%}", f"{ratio / workers:.0%}"]
             table.append([name, workers, f"{rate:.0f}", *shown])
         result.table(["run", "workers", "images/s", "vs baseline", "per worker"], table, "lrrrr")
+        s3_ratio, s3_to_upload = s3_against_local(result, paths, tmp, args.s3_rounds)
         harness.make_jpegs(tmp / "src", args.ray_images)  # the same files, more copies
         ray_ratio, ray_with_start = ray_against_pool(
             result, tmp / "src", tmp, args.ray_images, args.ray_rounds
@@ -318,6 +487,14 @@ def main() -> None:
             resize,
             TARGET_LOOP,
         )
+    result.target(
+        s3_ratio >= TARGET_S3,
+        f"pass-through into s3:// (local S3 server), 2 workers >= {TARGET_S3:.0%} of the same "
+        f"into a local folder (got {s3_ratio:.0%}; {s3_to_upload:.0%} of an s3fs put of the same "
+        "files)",
+        s3_ratio,
+        TARGET_S3,
+    )
     result.target(
         ray_ratio >= TARGET_RAY,
         f"--distributor ray, 2 CPUs >= {TARGET_RAY:.0%} of the pool of 2 workers writing the "

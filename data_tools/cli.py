@@ -281,9 +281,10 @@ def run(args: argparse.Namespace) -> int:
     if args.strict:  # what writing the images found: the shards stay staged, unpublished
         found = [strict_problems(split, log, SkipLog()) for split, log in skips.items()]
         if any(found):
+            where = out.join(PARTS_DIR) if out.local else f"{args.out} without stats"
             verdict = (
-                f"nothing published in {args.out} (the shards written wait in "
-                f"{out.join(PARTS_DIR)} for a re-run)"
+                f"nothing published in {args.out} (the shards written wait in {where} for a "
+                "re-run)"
             )
             return _refuse(verdict, [p for p in found if p])
     if count > 1:

@@ -74,9 +74,9 @@ def strict_problems(split: str, image_skips: SkipLog, label_row_skips: SkipLog) 
 
 def _publish(out: Folder, split: str, shards: list[str]) -> None:
     """Move the split's staged shards into the dataset folder (those of an earlier publication
-    that a re-run kept are there already). On an object store a move is a copy on the server,
-    then a delete: killed in between, both copies remain, and a re-run moves the staged one
-    again (same bytes)."""
+    that a re-run kept are there already; in an object store the writer puts them there
+    directly, see data_tools.writer.shard_location). Staged shards in an object store (written
+    by an earlier version) are moved too: a copy on the server, then a delete."""
     staged = out.child(parts_name(split)).sizes()
     published = out.sizes()
     missing = [name for name in shards if name not in staged and name not in published]

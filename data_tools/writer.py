@@ -138,6 +138,16 @@ def parts_name(split: str, name: str = "") -> str:
     return f"{PARTS_DIR}/{split}/{name}" if name else f"{PARTS_DIR}/{split}"
 
 
+def shard_location(out: Folder, split: str, name: str) -> str:
+    """Where a shard is written, inside the dataset folder. In a local folder: staged in the
+    split's bookkeeping folder until merge_split renames it into place. In an object store:
+    under its final name at once, because there a rename is a copy of every byte on the server
+    and a delete, and an object appears only as a whole completed upload anyway; readers find
+    shards only through the split's stats and sizes.json, which merge_split writes, so the split
+    is still published by the merge."""
+    return parts_name(split, name) if out.local else name
+
+
 def prepare_row(loader, row: dict, options: ShardOptions) -> PreparedImage:
     """The image of a catalog row as its shard stores it; raises Skip when it cannot be."""
     data = loader.load(row["locator"])
@@ -152,7 +162,8 @@ def skip_example(row: dict, skip: Skip) -> str:
 
 
 def write_shard(task: ShardTask) -> dict:
-    """Write one shard (staged) and its part file; return the part (manifest columns, skips).
+    """Write one shard (where shard_location says) and its part file; return the part
+    (manifest columns, skips).
 
     Runs in a worker process: the Folder (and so an object store's client) is made here, after
     the fork, not inherited from the parent."""
@@ -164,7 +175,7 @@ def write_shard(task: ShardTask) -> dict:
     # No fsync here: the part file's size and CRC let a resume detect a shard lost in a crash,
     # and write_split flushes all its shards to disk before it returns (see _flush). On an
     # object store the shard object appears when its upload completes, before the part file.
-    with out.writer(parts_name(task.split, name), durable=False) as f:
+    with out.writer(shard_location(out, task.split, name), durable=False) as f:
         checked = _ChecksumFile(f)
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, row in enumerate(task.rows):
@@ -313,7 +324,7 @@ def write_split(
 ) -> SkipLog:
     """Write this partition's shards of the split (skipping complete ones); return its skips.
 
-    The shards are staged in the split's bookkeeping folder until merge_split publishes them.
+    The shards are staged (see shard_location) until merge_split publishes the split.
     ``retry_skipped`` (--strict) writes again a complete shard that skipped an image. The
     catalog-level skips and counts go to the split's plan file, which every partition writes
     identically; merge_split reads it. ``on_shard(name, images, kept)`` is called in this

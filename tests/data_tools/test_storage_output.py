@@ -144,21 +144,26 @@ def test_select_into_s3_equals_a_local_run(oi, s3_bucket, tmp_path):
 
 
 def test_partitions_resume_and_merge_in_s3(oi, local_ref, s3_bucket, capsys):
-    """Two partitions into s3://, one of them with a damaged staged shard and a damaged part
-    file rewritten on its re-run, then `mlc shard merge --out s3://...`."""
+    """Two partitions into s3://, one of them with a damaged shard and a damaged part file
+    rewritten on its re-run, then `mlc shard merge --out s3://...`. In an object store the
+    shards are written under their final names (no copy on the server); the split is
+    published (stats, manifest, sizes.json) by the merge."""
     url = f"{s3_bucket}/ds"
     fs = s3()
     root = url.removeprefix("s3://")
     assert shard(oi, url, "--partition", "0/2") == 0
     assert shard(oi, url, "--partition", "1/2") == 0
-    staged = f"{root}/_parts/train"
-    # Nothing is published before the merge.
-    assert not [p for p in fs.ls(root, detail=False) if p.endswith(".tar")]
-    good = {name: fs.cat_file(f"{staged}/{name}") for name in ("train-000002.tar",)}
-    fs.pipe_file(f"{staged}/train-000002.tar", good["train-000002.tar"][:1000])  # cut short
-    fs.pipe_file(f"{staged}/train-000004.tar.json", b"{not json")
+    # Not published before the merge: no stats, manifest or sizes.json.
+    assert not [
+        p
+        for p in fs.ls(root, detail=False)
+        if not p.endswith((".tar", "classes.json")) and "/_parts" not in p
+    ]
+    good = fs.cat_file(f"{root}/train-000002.tar")
+    fs.pipe_file(f"{root}/train-000002.tar", good[:1000])  # cut short
+    fs.pipe_file(f"{root}/_parts/train/train-000004.tar.json", b"{not json")
     assert shard(oi, url, "--partition", "0/2") == 0  # rewrites both shards
-    assert fs.cat_file(f"{staged}/train-000002.tar") == good["train-000002.tar"]
+    assert fs.cat_file(f"{root}/train-000002.tar") == good
     capsys.readouterr()
     assert main(["shard", "merge", "--out", url, "--split", "train"]) == 0
     assert capsys.readouterr().out.startswith("train: ")
@@ -180,7 +185,8 @@ def s3_part_files(fs, root: str) -> list[str]:
 def test_resume_after_sigkill_in_s3_equals_an_uninterrupted_run(tmp_path, s3_bucket):
     """`mlc shard --out s3://...` in a subprocess, SIGKILLed once some but not all part files
     are in the bucket; every shard object then is whole (an upload appears complete or not at
-    all); the same command again gives the objects of an uninterrupted run, byte for byte."""
+    all), and the split is not published; the same command again gives the objects of an
+    uninterrupted run, byte for byte."""
     fs = s3()
     for n in (60, 240, 960):
         data = many_images(tmp_path / f"data{n}", n)
@@ -206,17 +212,17 @@ def test_resume_after_sigkill_in_s3_equals_an_uninterrupted_run(tmp_path, s3_buc
         pytest.skip("every run finished before it could be killed: nothing to resume")
 
     objects = remote_files(url)
-    assert not [name for name in objects if "/" not in name and name.endswith(".tar")]
-    assert "train.manifest.parquet" not in objects  # nothing published
+    for published in ("train.manifest.parquet", "train.stats.json", "sizes.json"):
+        assert published not in objects  # the split is not published
     for name, content in objects.items():
-        if name.endswith(".tar"):  # staged shards: each complete, a valid tar to its end
+        if name.endswith(".tar"):  # each shard complete: a valid tar to its end
             with tarfile.open(fileobj=io.BytesIO(content)) as tar:
                 assert all(member.size for member in tar.getmembers())
             assert len(content) % 512 == 0 and content[-1024:] == bytes(1024)
     for part in parts:
         name = part.rsplit("/", 1)[-1]
         document = json.loads(objects[f"_parts/train/{name}"])
-        shard_data = objects[f"_parts/train/{name[: -len('.json')]}"]
+        shard_data = objects[name[: -len(".json")]]
         assert len(shard_data) == document["tar_bytes"]
         assert zlib.crc32(shard_data) == document["crc32"]
 
