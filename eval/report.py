@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import torch
 
 from eval.bootstrap import PoissonBootstrap, pool_size
-from eval.io import align, read_labels, read_predictions, read_weights
-from eval.metrics import ClassAP, class_ap_at_k, full_ap, image_ap_at_k, weighted_mean
+from eval.io import label_rows, open_predictions, read_labels, read_weights
+from eval.metrics import ClassAP, ImageAP, full_ap, image_ap_at_k, weighted_mean
+from eval.streaming import MAPAccumulator
 from mlc.data import counts
 from mlc.io import Classes, InputFileError, atomic_write_csv, atomic_write_text, read_classes
 
@@ -21,6 +24,10 @@ DEFAULT_REPLICATES = 200
 # Bootstrap replicates are capped so that ranking them at the end expands at most this many
 # (replicate, class, pool item) entries, which bounds the time and memory of that final step.
 BOOTSTRAP_MAX_ENTRIES = 400_000_000
+# `mlc eval --predictions` reads the scores in batches of about this many (80 MB as float32)
+# and keeps all of them, for full AP, only up to FULL_AP_LIMIT (5 bytes each with the label).
+STREAM_SCORES = 20_000_000
+FULL_AP_LIMIT = 50_000_000
 BOOTSTRAP_METHOD = (
     "Poisson bootstrap over images (each image weighted by a Poisson(1) count drawn from a hash "
     "of its key, per replicate), percentile interval; docs/eval.md"
@@ -171,33 +178,74 @@ def evaluate_files(
     strict: bool = False,
 ) -> Report:
     """Everything `mlc eval` computes, as a Report (nothing is written). Label rows with class
-    ids found nowhere are skipped and counted, or with ``strict`` refused (InputFileError)."""
+    ids found nowhere are skipped and counted, or with ``strict`` refused (InputFileError).
+
+    The predictions are read in batches of about STREAM_SCORES scores, each scored with the
+    labels of its rows and dropped: the streaming class-wise accumulator, image-wise AP@K and
+    the bootstrap hold O(classes x K) state, so memory does not grow with the images (full AP,
+    which needs every score, only up to FULL_AP_LIMIT scores). The results are those of
+    scoring all images at once, exactly: the accumulator, the image-wise sum and the bootstrap
+    do not depend on the batching."""
     class_list = read_classes(classes) if classes else None
-    preds = read_predictions(predictions)
-    vocab = _vocabulary(preds.class_ids, class_list, preds.scores.shape[1], predictions)
+    preds = open_predictions(predictions)
+    vocab = _vocabulary(preds.class_ids, class_list, preds.width, predictions)
     known = set(class_list.ids) if class_list else set()
     label_set = read_labels(labels, vocab, known, unlisted, strict)
-    data = align(preds, label_set, predictions, labels, allow_missing)
+    found = label_rows(preds.keys, label_set, len(vocab), predictions, labels, allow_missing)
     weight_spec = read_weights(weights, vocab)
+    keys = preds.keys.take(pa.array(found.rows))
     summary = {
         "k": k,
         "mode": mode,
         "predictions": str(predictions),
         "labels": str(labels),
-        "images": len(data.keys),
+        "images": len(keys),
         "classes": len(vocab),
-        "unlisted_pairs": "unknown" if label_set.unlisted == -1 else "negative",
-        "predictions_without_labels": data.predictions_without_labels,
-        "labels_without_predictions": data.labels_without_predictions,
+        "unlisted_pairs": "unknown" if found.unlisted == -1 else "negative",
+        "predictions_without_labels": found.predictions_without_labels,
+        "labels_without_predictions": found.labels_without_predictions,
         "label_rows_for_unscored_classes": label_set.skipped_other_classes,
         "label_rows_unknown_class": label_set.skipped_unknown_classes,
         "label_rows_unknown_class_examples": label_set.unknown_class_examples,
-        "positive_negative_conflicts": data.conflicts,
+        "positive_negative_conflicts": found.conflicts,
     }
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
-    images = image_ap_at_k(data.scores, data.labels, k)
-    if mode == "image":
+    del label_set  # the sparse pairs of `found` are what the pass needs
+    n, c = len(keys), len(vocab)
+    by_class = mode == "class"
+    accumulator = MAPAccumulator(c, k) if by_class else None
+    replicates = bootstrap_replicates(bootstrap, c, k) if by_class else 0
+    boot = PoissonBootstrap(c, k, replicates, seed) if replicates and n else None
+    keep_full = by_class and n * c <= FULL_AP_LIMIT
+    full_scores, full_labels = [], []
+    image_parts = []  # per batch: ImageAP
+    done = 0  # images scored so far
+    for first, scores in preds.batches(max(1, STREAM_SCORES // max(1, c))):
+        rows, batch_labels = found.block(first, first + len(scores))
+        if not len(rows):
+            continue
+        if len(rows) < len(scores):
+            scores = scores[rows]
+        s, lab = torch.from_numpy(scores), torch.from_numpy(batch_labels)
+        images = image_ap_at_k(s, lab, k)
+        image_parts.append(images)
+        if accumulator is not None:
+            accumulator.update(s, lab)
+        if boot is not None:
+            boot.update(keys.slice(done, len(rows)).to_pylist(), s, lab, images.ap)
+        if keep_full:
+            full_scores.append(s)
+            full_labels.append(lab)
+        done += len(rows)
+    images = ImageAP(
+        k,
+        *(
+            np.concatenate([getattr(p, f) for p in image_parts]) if image_parts else np.zeros(0)
+            for f in ("ap", "positives", "known")
+        ),
+    )
+    if not by_class:
         summary.update(
             image_map_at_k=_number(images.mean),
             images_evaluated=int(np.sum(images.positives > 0)),
@@ -206,21 +254,24 @@ def evaluate_files(
         rows = [
             [key, int(p), int(n), _number(ap)]
             for key, p, n, ap in zip(
-                data.keys.to_pylist(), images.positives, images.known, images.ap, strict=True
+                keys.to_pylist(), images.positives, images.known, images.ap, strict=True
             )
         ]
         return Report(summary, "per_image.csv", image_header(k), rows)
-    result = class_ap_at_k(data.scores, data.labels, k, weight_spec.values)
+    result = accumulator.compute(weight_spec.values)
     reference = weight_spec.values if not isinstance(weight_spec.values, str) else None
-    table = ClassTable(result, vocab.ids, vocab.names, reference, full_ap(data.scores, data.labels))
-    boot = None
-    replicates = bootstrap_replicates(bootstrap, len(vocab), k)
-    if replicates and len(data.keys):
-        boot = PoissonBootstrap(len(vocab), k, replicates, seed)
-        keys = data.keys.to_pylist()
-        for i in range(0, len(keys), 4096):
-            rows = slice(i, i + 4096)
-            boot.update(keys[rows], data.scores[rows], data.labels[rows], images.ap[rows])
+    notes = []
+    full = None
+    if keep_full:
+        scores = torch.cat(full_scores) if full_scores else torch.zeros(0, c)
+        labels_all = torch.cat(full_labels) if full_labels else torch.zeros(0, c, dtype=torch.int8)
+        full = full_ap(scores, labels_all)
+    else:
+        notes.append(
+            f"full mAP not computed: {c} classes x {n} images exceed the limit of "
+            f"{FULL_AP_LIMIT} scores held in memory"
+        )
+    table = ClassTable(result, vocab.ids, vocab.names, reference, full)
     summary.update(
         class_summary(
             table,
@@ -234,6 +285,8 @@ def evaluate_files(
         classes_without_reference_weight=weight_spec.unlisted,
         weight_file_classes_not_scored=weight_spec.extra,
     )
+    if notes:
+        summary["notes"] = notes
     return Report(summary, "per_class.csv", table.header(), table.rows(), table)
 
 
