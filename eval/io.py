@@ -254,7 +254,8 @@ def open_predictions(path: str | Path) -> PredictionsFile:
     read_predictions' messages."""
     path = existing_file(path)
     try:
-        pf = pq.ParquetFile(path)
+        # No pre-buffering: it would read every row group's column chunks into memory at once.
+        pf = pq.ParquetFile(path, pre_buffer=False)
     except pa.ArrowInvalid as e:
         raise InputFileError(f"{path}: not a Parquet file: {e}") from e
     metadata = pf.schema_arrow.metadata or {}

@@ -24,9 +24,10 @@ DEFAULT_REPLICATES = 200
 # Bootstrap replicates are capped so that ranking them at the end expands at most this many
 # (replicate, class, pool item) entries, which bounds the time and memory of that final step.
 BOOTSTRAP_MAX_ENTRIES = 400_000_000
-# `mlc eval --predictions` reads the scores in batches of about this many (80 MB as float32)
-# and keeps all of them, for full AP, only up to FULL_AP_LIMIT (5 bytes each with the label).
-STREAM_SCORES = 20_000_000
+# `mlc eval --predictions` scores batches of about this many scores (20 MB as float32; the
+# bootstrap's update takes about 40 bytes per score of the batch, briefly) and keeps all of
+# them, for full AP, only up to FULL_AP_LIMIT (5 bytes each with the label).
+STREAM_SCORES = 5_000_000
 FULL_AP_LIMIT = 50_000_000
 BOOTSTRAP_METHOD = (
     "Poisson bootstrap over images (each image weighted by a Poisson(1) count drawn from a hash "
