@@ -29,6 +29,7 @@ BENCHMARKS = (
     "bench_train",
     "bench_eval",
     "bench_async",
+    "bench_scale",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 BLOCK = re.compile(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->", re.S)
