@@ -22,7 +22,8 @@ before and after the command. Targets: peak RSS <= 2 GB; wall time <= 3x the bas
 
     python -m benchmarks.bench_scale [--rows 60000000] [--images 9000000] [--sample-shards 2]
                                      [--writer-rows 1000000] [--eval-images 41620]
-                                     [--dtypes float16,float32] [--keep DIR] [--quick]
+                                     [--dtypes float16,float32] [--bootstrap N]
+                                     [--skip-shard] [--skip-eval] [--tmp DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -151,7 +152,27 @@ def read_parquet_only(path: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "values": values}
 
 
-CHILDREN = {"csv_read_only": csv_read_only, "plan": plan, "read_parquet_only": read_parquet_only}
+def make_label_csv(path: str, rows: int, images: int, seed: int) -> dict:
+    from benchmarks import scale_data
+
+    t0 = time.perf_counter()
+    scale_data.label_csv(Path(path), rows, images, class_ids(), seed=seed)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def make_eval_inputs(folder: str, images: int, per_image: int, dtype: str) -> dict:
+    t0 = time.perf_counter()
+    predictions, labels = eval_inputs(Path(folder), images, per_image, dtype, class_ids())
+    return {"seconds": time.perf_counter() - t0, "predictions": str(predictions)}
+
+
+CHILDREN = {
+    "csv_read_only": csv_read_only,
+    "plan": plan,
+    "read_parquet_only": read_parquet_only,
+    "make_label_csv": make_label_csv,
+    "make_eval_inputs": make_eval_inputs,
+}
 
 
 # ---------------------------------------------------------------- data
@@ -207,13 +228,11 @@ def shard_command(labels: Path, out: Path, parts: int) -> list[str]:
 
 
 def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> list[list]:
-    from benchmarks import scale_data
-
     rows = []
     labels = folder / "labels.csv"
-    t0 = time.perf_counter()
-    scale_data.label_csv(labels, args.rows, args.images, ids, seed=0)
-    generated = time.perf_counter() - t0
+    generated = child(
+        "make_label_csv", path=str(labels), rows=args.rows, images=args.images, seed=0
+    )["seconds"]
     size_mb = labels.stat().st_size / 2**20
     result.note(
         f"shard: generated label CSV of {args.rows:,} rows over {args.images:,} ImageIDs, "
@@ -275,7 +294,7 @@ def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> li
     if args.writer_rows:  # the whole writer phase, partition 0/1, on a smaller file
         small = folder / "writer.csv"
         w_images = max(1, round(args.writer_rows * args.images / args.rows))
-        scale_data.label_csv(small, args.writer_rows, w_images, ids, seed=2)
+        child("make_label_csv", path=str(small), rows=args.writer_rows, images=w_images, seed=2)
         out = folder / "writer-out"
         whole_wall, whole_peak, _ = run_child(shard_command(small, out, 1))
         shutil.rmtree(out)
@@ -315,11 +334,15 @@ def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> li
 def eval_part(result: harness.Result, args, folder: Path, ids: list[str]) -> list[list]:
     rows = []
     for dtype in args.dtypes.split(","):
-        t0 = time.perf_counter()
-        predictions, labels = eval_inputs(
-            folder, args.eval_images, args.labels_per_image, dtype, ids
+        made = child(
+            "make_eval_inputs",
+            folder=str(folder),
+            images=args.eval_images,
+            per_image=args.labels_per_image,
+            dtype=dtype,
         )
-        made = time.perf_counter() - t0
+        predictions, labels = Path(made["predictions"]), folder / "labels.csv"
+        made = made["seconds"]
         size_mb = predictions.stat().st_size / 2**20
         result.note(
             f"eval: {args.eval_images:,} images x {len(ids):,} classes, {dtype} scores, row groups "
@@ -330,6 +353,8 @@ def eval_part(result: harness.Result, args, folder: Path, ids: list[str]) -> lis
             "eval", "--predictions", str(predictions), "--labels", str(labels), "--classes",
             str(CLASSES), "--out", str(folder / "eval-out"), "--no-plots", "--quiet",
         )  # fmt: skip
+        if args.bootstrap is not None:
+            cmd += ["--bootstrap", str(args.bootstrap)]
         before = child("read_parquet_only", path=str(predictions))
         wall, peak, _ = run_child(cmd)
         after = child("read_parquet_only", path=str(predictions))
@@ -387,12 +412,20 @@ def main(argv=None) -> None:
     p.add_argument("--eval-images", type=int, default=41_620)
     p.add_argument("--labels-per-image", type=int, default=15)
     p.add_argument("--dtypes", default="float16,float32", help="score types of the eval files")
+    p.add_argument("--bootstrap", type=int, help="mlc eval --bootstrap (default: its default)")
     p.add_argument("--skip-shard", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--tmp", default=None, help="folder for the generated files (default /tmp)")
     args = harness.parse_args(
         p,
-        quick={"rows": 300_000, "images": 45_000, "writer_rows": 50_000, "eval_images": 2000},
+        quick={
+            "rows": 300_000,
+            "images": 45_000,
+            "writer_rows": 50_000,
+            "eval_images": 500,
+            "dtypes": "float16",
+            "bootstrap": 0,
+        },
         argv=argv,
     )
     if not CLASSES.is_file():
@@ -417,6 +450,11 @@ def main(argv=None) -> None:
                 "llrrrl",
                 title=f"mlc eval --predictions, {args.eval_images:,} images",
             )
+    result.note(
+        f"peak RSS is each process's own, from wait4; the benchmark's parent process, whose "
+        f"pages a child shares until its exec, stayed at {peak_mb():.0f} MB (generation runs in "
+        "children too), a floor below every figure"
+    )
     result.note(
         "other developers' jobs loaded the 2 cores during the run (load average at the start "
         f"{result.data['machine']['load_average'][0]:.1f}): times and ratios are noisy, peak "
