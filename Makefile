@@ -37,7 +37,7 @@ test: $(VENV)/.installed fashion-mnist
 # Every benchmark (docs/benchmarks.md), each writing benchmarks/results/<name>.json; the rest
 # still run when one fails. BENCH_ARGS=--quick checks that they work (minutes, no figures).
 # Then `make bench-docs` puts the figures into docs/benchmarks.md.
-BENCHMARKS := bench_map bench_shard bench_loader bench_model bench_train bench_eval bench_async
+BENCHMARKS := bench_map bench_shard bench_loader bench_model bench_train bench_eval bench_async bench_scale
 BENCH_ARGS ?=
 
 bench: $(VENV)/.installed fashion-mnist

@@ -29,6 +29,7 @@ BENCHMARKS = (
     "bench_train",
     "bench_eval",
     "bench_async",
+    "bench_scale",
     "bench_precision",
     "bench_gpu",
 )

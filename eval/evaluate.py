@@ -30,6 +30,7 @@ from eval.io import read_weights
 from eval.metrics import full_ap, image_ap_at_k
 from eval.report import (
     DEFAULT_REPLICATES,
+    FULL_AP_LIMIT,
     ClassTable,
     Report,
     bootstrap_replicates,
@@ -47,7 +48,6 @@ from mlc.io import Classes, InputFileError
 from mlc.predictions import PredictionsWriter
 from mlc.storage import Folder, is_local, local_path
 
-FULL_AP_LIMIT = 50_000_000  # scores kept for full AP (5 bytes each with the label)
 EVAL_BATCH = 256
 # The metrics run on chunks of batches, since most of their cost per call is fixed (measured
 # by benchmarks/bench_eval.py). A chunk holds at most CHUNK_IMAGES images and, past that,

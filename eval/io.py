@@ -29,6 +29,7 @@ from mlc.io import Classes, InputFileError, check_unique_ids, existing_file
 from mlc.predictions import CLASS_IDS_METADATA
 
 EXAMPLES = 5  # skipped label rows named in the summary
+READ_SCORES = 5_000_000  # scores per read of a predictions file (PredictionsFile.batches)
 __all__ = ["CLASS_IDS_METADATA", "read_labels", "read_predictions", "read_weights"]
 OPENIMAGES_LABEL_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
 
@@ -182,6 +183,118 @@ def read_predictions(path: str | Path) -> Predictions:
             f"finite float32 ({int(bad.sum())} such value(s))"
         )
     return Predictions(keys, scores, class_ids)
+
+
+class PredictionsFile:
+    """A predictions file read in batches of rows, so that scoring it holds one batch of scores
+    at a time (``open_predictions``): the keys, class ids and score count are checked when it
+    is opened, each batch's scores as it is read. A batch with a bad score list (null, wrong
+    length, null or non-finite value) makes ``batches`` raise read_predictions' error for the
+    whole file (the same message, naming the first bad row and counting all of them), which
+    then reads the file at once: only a broken file costs its full size in memory."""
+
+    def __init__(self, path: Path, pf: pq.ParquetFile, keys: pa.Array, class_ids, width: int):
+        self.path, self._file, self.keys = path, pf, keys
+        self.class_ids = class_ids
+        self.width = width
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+    def _fail(self) -> None:
+        read_predictions(self.path)  # raises the whole file's error
+        raise InputFileError(f"{self.path}: cannot read its scores")  # (not reached)
+
+    def _scores(self, col: pa.Array) -> np.ndarray:
+        """One read's score lists -> [rows, width] numpy floats (float16 or float32, maybe
+        read-only), checked."""
+        if col.null_count:
+            self._fail()
+        if pa.types.is_fixed_size_list(col.type):
+            right_length = col.type.list_size == self.width or not len(col)
+        else:
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+            right_length = bool((lengths == self.width).all())
+        if not right_length:
+            self._fail()
+        values = col.flatten()
+        if values.null_count:
+            self._fail()
+        if not pa.types.is_float16(values.type):  # float16 is exact in float32: numpy converts
+            values = values.cast(pa.float32())
+        scores = values.to_numpy(zero_copy_only=False).reshape(len(col), self.width)
+        if scores.size and not (np.isfinite(scores.min()) and np.isfinite(scores.max())):
+            self._fail()
+        return scores
+
+    def batches(self, rows: int):
+        """(first row, scores float32 [n, width]) for consecutive batches of ``rows`` rows (the
+        last one shorter), in file order. The file is read READ_SCORES scores at a time into
+        each batch's array: pyarrow's reader needs several times the memory of what it reads."""
+        step = max(1, min(rows, READ_SCORES // max(1, self.width)))
+        first, batch, filled = 0, None, 0
+        for part in self._file.iter_batches(batch_size=step, columns=["scores"]):
+            scores = self._scores(part.column(0))
+            at = 0
+            while at < len(scores):
+                if batch is None:
+                    batch = np.empty((min(rows, self.rows - first), self.width), np.float32)
+                n = min(len(scores) - at, len(batch) - filled)
+                batch[filled : filled + n] = scores[at : at + n]
+                at, filled = at + n, filled + n
+                if filled == len(batch):
+                    yield first, batch
+                    first, batch, filled = first + filled, None, 0
+
+
+def open_predictions(path: str | Path) -> PredictionsFile:
+    """A predictions file for reading in batches (PredictionsFile); the checks that need no
+    scores (class ids, columns, keys, the type of ``scores``) are done here, with
+    read_predictions' messages."""
+    path = existing_file(path)
+    try:
+        # No pre-buffering: it would read every row group's column chunks into memory at once.
+        pf = pq.ParquetFile(path, pre_buffer=False)
+    except pa.ArrowInvalid as e:
+        raise InputFileError(f"{path}: not a Parquet file: {e}") from e
+    metadata = pf.schema_arrow.metadata or {}
+    class_ids = None
+    if CLASS_IDS_METADATA in metadata:
+        class_ids = [str(x) for x in json.loads(metadata[CLASS_IDS_METADATA])]
+        check_unique_ids(class_ids, path, "its mlc.class_ids metadata")
+    names = pf.schema_arrow.names
+    missing = [c for c in ["key", "scores"] if c not in names]
+    if missing:
+        raise InputFileError(f"{path}: missing column(s) {missing}; found {names}")
+    keys = pf.read(columns=["key"])["key"].combine_chunks().cast(pa.string())
+    row = lambda i: f"row {i} (key {keys[i].as_py()!r})"  # noqa: E731
+    if keys.null_count:
+        raise InputFileError(
+            f"{path}: {keys.null_count} row(s) without a key, first {row(_first_null(keys))}"
+        )
+    _duplicate_keys(keys, path, row)
+    kind = pf.schema_arrow.field("scores").type
+    if (
+        not pa.types.is_list(kind)
+        and not pa.types.is_large_list(kind)
+        and not pa.types.is_fixed_size_list(kind)
+    ):
+        raise InputFileError(
+            f"{path}: column 'scores' must hold one list of floats per row, found {kind}"
+        )
+    if class_ids is not None:
+        width = len(class_ids)
+    elif pa.types.is_fixed_size_list(kind):
+        width = kind.list_size
+    elif len(keys):  # the length of row 0, as read_predictions takes it
+        first = next(pf.iter_batches(batch_size=1, columns=["scores"])).column(0)
+        if first.null_count:
+            read_predictions(path)  # raises: row 0 has no scores
+        width = int(pc.list_value_length(first)[0].as_py())
+    else:
+        width = 0
+    return PredictionsFile(path, pf, keys, class_ids, width)
 
 
 # ---------------------------------------------------------------- labels
@@ -475,26 +588,57 @@ def _examples(keys: pa.Array, mask: np.ndarray, n: int = 3) -> str:
     return ", ".join(repr(k) for k in keys.filter(pa.array(mask)).slice(0, n).to_pylist())
 
 
-def align(
-    predictions: Predictions,
+@dataclass
+class LabelRows:
+    """The labels of the prediction rows, sparse: which rows have labels (``rows``, ascending;
+    the others are left out) and, per such row, its labelled (class, 0 or 1) pairs. ``block``
+    makes the dense labels of a batch of rows, so the labels of all images never need a dense
+    [images, classes] matrix."""
+
+    rows: np.ndarray  # [m] prediction rows with labels, ascending
+    offsets: np.ndarray  # [m + 1]: the pairs of rows[i] are offsets[i] .. offsets[i + 1] - 1
+    cols: np.ndarray  # [pairs] class column
+    values: np.ndarray  # [pairs] int8: 0 negative, then 1 positive (positive wins)
+    classes: int
+    unlisted: int  # the label of every other pair: 0 or -1
+    predictions_without_labels: int
+    labels_without_predictions: int
+    conflicts: int  # (image, class) pairs listed as positive and negative: positive wins
+
+    def block(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prediction rows first .. last - 1: (those with labels, minus ``first``; their dense
+        labels int8 [n, classes] in {1, 0, -1})."""
+        a, b = np.searchsorted(self.rows, [first, last])
+        labels = np.full((b - a, self.classes), self.unlisted, dtype=np.int8)
+        lo, hi = self.offsets[a], self.offsets[b]
+        row = np.repeat(np.arange(b - a), np.diff(self.offsets[a : b + 1]))
+        cols, values = self.cols[lo:hi], self.values[lo:hi]
+        negative = values == 0
+        labels[row[negative], cols[negative]] = 0
+        labels[row[~negative], cols[~negative]] = 1  # after negatives: positive wins
+        return self.rows[a:b] - first, labels
+
+
+def label_rows(
+    keys: pa.Array,
     labels: Labels,
+    classes: int,
     predictions_path: str | Path,
     labels_path: str | Path,
     allow_missing: bool = False,
-) -> Aligned:
-    c = predictions.scores.shape[1]
-    label_row = pc.index_in(predictions.keys, value_set=labels.keys)
+) -> LabelRows:
+    """Match the prediction keys to the labels' keys: an error naming both sides' unmatched
+    keys unless ``allow_missing``; then the labels of the matched rows, sparse (LabelRows)."""
+    label_row = pc.index_in(keys, value_set=labels.keys)
     has_labels = label_row.is_valid().to_numpy(zero_copy_only=False)
-    has_prediction = pc.is_in(labels.keys, value_set=predictions.keys).to_numpy(
-        zero_copy_only=False
-    )
+    has_prediction = pc.is_in(labels.keys, value_set=keys).to_numpy(zero_copy_only=False)
     no_labels, no_prediction = int((~has_labels).sum()), int((~has_prediction).sum())
     if (no_labels or no_prediction) and not allow_missing:
         parts = []
         if no_labels:
             parts.append(
                 f"{no_labels} of {len(has_labels)} predicted images have no labels in "
-                f"{labels_path} (e.g. {_examples(predictions.keys, ~has_labels)})"
+                f"{labels_path} (e.g. {_examples(keys, ~has_labels)})"
             )
         if no_prediction:
             parts.append(
@@ -509,20 +653,46 @@ def align(
     row_of_label[label_row.to_numpy(zero_copy_only=False)[keep].astype(np.int64)] = np.arange(
         len(keep)
     )
-    matrix = np.full((len(keep), c), labels.unlisted, dtype=np.int8)
     neg_rows, pos_rows = row_of_label[labels.neg_rows], row_of_label[labels.pos_rows]
     neg_ok, pos_ok = neg_rows >= 0, pos_rows >= 0
-    matrix[neg_rows[neg_ok], labels.neg_cols[neg_ok]] = 0
-    matrix[pos_rows[pos_ok], labels.pos_cols[pos_ok]] = 1  # after negatives: positive wins
     conflicts = np.intersect1d(
-        neg_rows[neg_ok] * c + labels.neg_cols[neg_ok],
-        pos_rows[pos_ok] * c + labels.pos_cols[pos_ok],
+        neg_rows[neg_ok] * classes + labels.neg_cols[neg_ok],
+        pos_rows[pos_ok] * classes + labels.pos_cols[pos_ok],
     ).size
-    return Aligned(
-        predictions.keys.take(pa.array(keep)),
-        predictions.scores[keep],
-        matrix,
+    rows = np.concatenate([neg_rows[neg_ok], pos_rows[pos_ok]])
+    order = np.argsort(rows, kind="stable")  # per row: its negatives, then its positives
+    cols = np.concatenate([labels.neg_cols[neg_ok], labels.pos_cols[pos_ok]])[order]
+    values = np.repeat(np.array([0, 1], dtype=np.int8), [int(neg_ok.sum()), int(pos_ok.sum())])
+    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(keep)), out=offsets[1:])
+    return LabelRows(
+        keep,
+        offsets,
+        cols.astype(np.int32),
+        values[order],
+        classes,
+        labels.unlisted,
         no_labels,
         no_prediction,
         int(conflicts),
+    )
+
+
+def align(
+    predictions: Predictions,
+    labels: Labels,
+    predictions_path: str | Path,
+    labels_path: str | Path,
+    allow_missing: bool = False,
+) -> Aligned:
+    c = predictions.scores.shape[1]
+    found = label_rows(predictions.keys, labels, c, predictions_path, labels_path, allow_missing)
+    _, matrix = found.block(0, len(predictions.keys))
+    return Aligned(
+        predictions.keys.take(pa.array(found.rows)),
+        predictions.scores[found.rows],
+        matrix,
+        found.predictions_without_labels,
+        found.labels_without_predictions,
+        found.conflicts,
     )

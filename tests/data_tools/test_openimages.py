@@ -9,6 +9,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -295,3 +296,137 @@ def test_real_class_list_reaches_classes_json(oi, tmp_path):
     assert stats["negative_counts"][FIAT] == 1
     assert sum(stats["positive_counts"].values()) == 4
     assert list(stats["positive_counts"]) == [cid for cid, _ in real]
+
+
+# ---------------------------------------------------------------- against a brute-force reader
+
+
+def brute_force(class_ids: list[str], vocab: list[str], paths: list[Path]) -> dict:
+    """What read_openimages should make of label CSVs, by a plain Python loop over the rows
+    (independently of the reader's batches, dictionaries and sorted keys)."""
+    column = {cid: i for i, cid in enumerate(vocab)}
+    known = set(class_ids)
+    skips: dict[str, int] = {}
+    rows_read = 0
+    labels: dict[str, dict[int, list[bool]]] = {}  # image -> class -> its rows (positive?)
+    not_trainable: set[str] = set()
+
+    def skip(reason: str) -> None:
+        skips[reason] = skips.get(reason, 0) + 1
+
+    for path in paths:
+        with path.open(newline="") as f:
+            lines = list(csv.reader(f))
+        header = lines[0]
+        for row in lines[1:]:
+            rows_read += 1
+            if len(row) != len(header):
+                skip("malformed line")
+                continue
+            fields = dict(zip(header, row, strict=True))
+            image, label = fields["ImageID"].strip(), fields["LabelName"].strip()
+            if not image:
+                skip("no ImageID")
+                continue
+            labels.setdefault(image, {})  # an image, in order of first appearance
+            conf = fields["Confidence"].strip()
+            positive = conf in ("1", "1.0", "1.00")
+            if not positive and conf not in ("0", "0.0", "0.00"):
+                skip("bad Confidence (not 0 or 1)")
+            elif label in column:
+                labels[image].setdefault(column[label], []).append(positive)
+            elif label in known:
+                skip("not a trainable class")
+                not_trainable.add(image)
+            else:
+                skip("unknown class id")
+    expected, image_skips = {}, {}
+    for image, pairs in labels.items():
+        if not pairs:
+            reason = "no trainable labels" if image in not_trainable else "no known labels"
+            image_skips[reason] = image_skips.get(reason, 0) + 1
+            continue
+        pos, neg = [], []
+        for cls in sorted(pairs):
+            rows = pairs[cls]
+            if any(rows):
+                pos.append(cls)
+                for _ in range(rows.count(False)):
+                    skip("positive and negative (kept positive)")
+                for _ in range(rows.count(True) - 1):
+                    skip("duplicate (image, class) row")
+            else:
+                neg.append(cls)
+                for _ in range(len(rows) - 1):
+                    skip("duplicate (image, class) row")
+        expected[image] = (pos, neg, len(pairs))
+    return {
+        "rows": expected,
+        "skips": skips,
+        "image_skips": image_skips,
+        "rows_read": rows_read,
+        "images_read": len(labels),
+    }
+
+
+def random_label_csvs(folder: Path, class_ids: list[str], seed: int) -> list[Path]:
+    """Two OpenImages-style label CSVs: 60 images in random order, ids recurring across rows
+    and files, long-tailed classes (duplicates and conflicts among them), some unknown class
+    ids, bad confidences, blank ids, padded fields and malformed lines."""
+    rng = np.random.default_rng(seed)
+    images = [f"{x:016x}" for x in rng.integers(0, 2**63, 60)]
+    weights = 1.0 / np.arange(1, len(class_ids) + 1)
+    paths = []
+    for part in range(2):
+        lines = ["ImageID,Source,LabelName,Confidence"]
+        for _ in range(700):
+            image = images[int(rng.integers(0, 60 if part else 40))]
+            u = rng.random()
+            if u < 0.03:
+                label = "/m/0notaclass"
+            else:
+                label = class_ids[rng.choice(len(class_ids), p=weights / weights.sum())]
+            conf = str(int(rng.random() < 0.6))
+            if u > 0.98:
+                conf = rng.choice(["0.5", "yes", "1.0", " 0 "])
+            if 0.5 < u < 0.51:
+                image = " "
+            if 0.3 < u < 0.31:
+                image = f" {image} "
+            lines.append(f"{image},verification,{label},{conf}")
+            if 0.7 < u < 0.705:
+                lines.append(f"{image},{label},1")  # a malformed line
+        paths.append(folder / f"labels-{part}.csv")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_catalog_equals_a_brute_force_reading(oi, tmp_path, monkeypatch, seed, trainable):
+    """Random label CSVs read in tiny batches (so images recur across batches and files): the
+    catalog, its skip counts and its image order are those of a plain Python loop."""
+    import data_tools.sources.openimages as source
+
+    monkeypatch.setattr(source, "BLOCK_BYTES", 2048)
+    paths = random_label_csvs(tmp_path, CLASS_IDS, seed)
+    vocab = TRAINABLE if trainable else CLASS_IDS
+    want = brute_force(CLASS_IDS, vocab, paths)
+    catalog = read_openimages(
+        oi.classes, paths, oi.images, trainable=oi.trainable if trainable else None
+    )
+    table = catalog.table.to_pydict()
+    got = {
+        i: (p, n, r)
+        for i, p, n, r in zip(
+            table["id"], table["positives"], table["negatives"], table["label_rows"], strict=True
+        )
+    }
+    assert table["id"] == list(want["rows"])  # the order of first appearance
+    assert got == want["rows"]
+    assert dict(catalog.label_row_skips.counts) == want["skips"]
+    assert dict(catalog.image_skips.counts) == want["image_skips"]
+    assert catalog.label_rows_read == want["rows_read"]
+    assert catalog.images_read == want["images_read"]
+    assert want["skips"]["duplicate (image, class) row"] > 0
+    assert want["skips"]["positive and negative (kept positive)"] > 0
