@@ -7,10 +7,9 @@ process (peak RSS from the kernel's accounting of that process):
 - the baseline: pyarrow's streaming CSV reader over the file with the reader's options, alone;
 - labels -> Catalog (read_openimages), then the writer's plan and the first --sample-shards
   shards of 5,000 images (every image skipped as a missing file), timed apart;
-- the command itself, `mlc shard openimages ... --partition 0/P` with P chosen so that it writes
-  --sample-shards shards: the labels, the shuffle, the split's plan and its shards' bookkeeping.
-  (A whole run, partition 0/1, would go on to skip every image of every shard: the rows below
-  measure that writer phase at --writer-rows to give its cost per image.)
+- the command itself, `mlc shard openimages ... --workers 2`, the whole run: the labels, the
+  shuffle, the split's plan, every shard's bookkeeping (every image skipped as a missing file)
+  and the merge.
 Target: peak RSS <= 4 GB for the command; the planning time per million rows is stated.
 
 Eval: a predictions file of --eval-images x 19,994 classes (float16 and/or float32 scores,
@@ -21,7 +20,7 @@ same file's row groups with pyarrow and converting the scores to numpy, in its o
 before and after the command. Targets: peak RSS <= 2 GB; wall time <= 3x the baseline.
 
     python -m benchmarks.bench_scale [--rows 60000000] [--images 9000000] [--sample-shards 2]
-                                     [--writer-rows 1000000] [--eval-images 41620]
+                                     [--workers 2] [--eval-images 41620]
                                      [--dtypes float16,float32] [--bootstrap N]
                                      [--skip-shard] [--skip-eval] [--tmp DIR] [--quick]
 """
@@ -218,12 +217,12 @@ def eval_inputs(folder: Path, images: int, per_image: int, dtype: str, ids: list
 # ---------------------------------------------------------------- main
 
 
-def shard_command(labels: Path, out: Path, parts: int) -> list[str]:
-    """`mlc shard openimages` on ``labels``, images absent, partition 0 of ``parts``."""
+def shard_command(labels: Path, out: Path, workers: int) -> list[str]:
+    """`mlc shard openimages` on ``labels``, images absent: the whole run."""
     return harness.mlc_command(
         "shard", "openimages", "--classes", str(CLASSES), "--labels", str(labels),
         "--images", str(out.parent / "no-images"), "--out", str(out), "--quiet",
-        "--shard-size", str(SHARD_SIZE), "--partition", f"0/{parts}",
+        "--shard-size", str(SHARD_SIZE), "--workers", str(workers),
     )  # fmt: skip
 
 
@@ -249,7 +248,8 @@ def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> li
         partition=[0, parts],
     )
     shutil.rmtree(folder / "plan-out")
-    cli_wall, cli_peak, _ = run_child(shard_command(labels, folder / "cli-out", parts))
+    cli_wall, cli_peak, _ = run_child(shard_command(labels, folder / "cli-out", args.workers))
+    report = json.loads((folder / "cli-out" / "train.report.json").read_text())
     shutil.rmtree(folder / "cli-out")
     written = math.ceil(n_shards / parts)  # shards 0, P, 2P, ...
     per_m = 1e6 / args.rows
@@ -268,9 +268,11 @@ def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> li
         f"{skipped:,} images skipped: {', '.join(timed['shard_skips'])}",
     ])  # fmt: skip
     rows.append([
-        f"`mlc shard openimages --partition 0/{parts}` (the command)", f"{cli_wall:.1f}",
-        f"{cli_wall * per_m:.2f}", f"{cli_wall / csv_s:.2f}", f"{cli_peak:.0f}",
-        f"labels, plan, {written} shard(s) of the {n_shards:,}",
+        f"`mlc shard openimages --workers {args.workers}` (the command, whole run)",
+        f"{cli_wall:.1f}", f"{cli_wall * per_m:.2f}", f"{cli_wall / csv_s:.2f}",
+        f"{cli_peak:.0f}",
+        f"{report['images_read']:,} images read, {report['skipped']:,} skipped "
+        f"({', '.join(report['image_skips'])}), in {n_shards:,} shards' bookkeeping",
     ])  # fmt: skip
     result.measure(
         shard={
@@ -280,53 +282,17 @@ def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> li
             "generate_seconds": generated,
             "csv_read_only": csv_only,
             "plan": timed,
-            "cli": {"seconds": cli_wall, "peak_mb": cli_peak, "partition": [0, parts]},
+            "cli": {"seconds": cli_wall, "peak_mb": cli_peak, "workers": args.workers},
         }
     )
     result.target(
         cli_peak <= TARGET_SHARD_MB,
         f"mlc shard openimages, {args.rows:,} label rows over {args.images:,} images: peak RSS "
-        f"<= {TARGET_SHARD_MB} MB (got {cli_peak:.0f} MB; labels and plan "
-        f"{cli_wall * per_m:.2f} s per million rows, {cli_wall / csv_s:.2f}x the CSV read alone)",
+        f"<= {TARGET_SHARD_MB} MB (got {cli_peak:.0f} MB; labels to Catalog "
+        f"{cat_s * per_m:.2f} s per million rows, the whole run {cli_wall * per_m:.2f})",
         cli_peak,
         TARGET_SHARD_MB,
     )
-    if args.writer_rows:  # the whole writer phase, partition 0/1, on a smaller file
-        small = folder / "writer.csv"
-        w_images = max(1, round(args.writer_rows * args.images / args.rows))
-        child("make_label_csv", path=str(small), rows=args.writer_rows, images=w_images, seed=2)
-        out = folder / "writer-out"
-        whole_wall, whole_peak, _ = run_child(shard_command(small, out, 1))
-        shutil.rmtree(out)
-        w_parts = max(1, math.ceil(math.ceil(w_images / SHARD_SIZE) / args.sample_shards))
-        part_wall, part_peak, _ = run_child(shard_command(small, out, w_parts))
-        shutil.rmtree(out)
-        small.unlink()
-        us = (whole_wall - part_wall) / w_images * 1e6
-        kb = (whole_peak - part_peak) * 1024 / w_images
-        rows.append([
-            f"the command, whole run (0/1), {args.writer_rows:,} rows over {w_images:,} images",
-            f"{whole_wall:.1f}", "", "", f"{whole_peak:.0f}",
-            f"against 0/{w_parts} on the same file ({part_wall:.1f} s, {part_peak:.0f} MB): "
-            f"about {us:.0f} us and {kb:.2f} KB more per image",
-        ])  # fmt: skip
-        result.measure(
-            writer={
-                "rows": args.writer_rows,
-                "images": w_images,
-                "whole": {"seconds": whole_wall, "peak_mb": whole_peak},
-                "partition": {"seconds": part_wall, "peak_mb": part_peak, "parts": w_parts},
-                "us_per_image": us,
-                "kb_per_image": kb,
-            }
-        )
-        result.note(
-            f"shard: a whole run (partition 0/1) also skips every image of every shard; on "
-            f"{args.writer_rows:,} rows that took about {us:.0f} us and {kb:.2f} KB of peak RSS "
-            f"per image more than the sample, i.e. about {us * args.images / 1e6:,.0f} s and "
-            f"{kb * args.images / 1024:,.0f} MB more at {args.images:,} images (extrapolated, "
-            "not run: the writer keeps every shard's rows as Python dicts until it starts)"
-        )
     labels.unlink()
     return rows
 
@@ -408,7 +374,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=60_000_000, help="label rows (shard)")
     p.add_argument("--images", type=int, default=9_000_000, help="ImageIDs (shard)")
     p.add_argument("--sample-shards", type=int, default=2, help="shards the sample writes")
-    p.add_argument("--writer-rows", type=int, default=1_000_000, help="0: no whole-run rows")
+    p.add_argument("--workers", type=int, default=2, help="mlc shard --workers")
     p.add_argument("--eval-images", type=int, default=41_620)
     p.add_argument("--labels-per-image", type=int, default=15)
     p.add_argument("--dtypes", default="float16,float32", help="score types of the eval files")
@@ -421,7 +387,6 @@ def main(argv=None) -> None:
         quick={
             "rows": 300_000,
             "images": 45_000,
-            "writer_rows": 50_000,
             "eval_images": 500,
             "dtypes": "float16",
             "bootstrap": 0,

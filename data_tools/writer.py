@@ -78,14 +78,32 @@ class ShardOptions:
 
 @dataclass(frozen=True)
 class ShardTask:
+    """One shard to write: its rows are ``count`` rows of the split's rows in plan order from
+    ``first_position``. The task names them rather than holding them: a list of every pending
+    shard's rows as Python objects would take gigabytes at OpenImages' 9 million images."""
+
     out: str
     split: str
     index: int  # shard number
-    first_position: int  # position of rows[0] in the split's shuffled order
-    rows: list[dict]
+    first_position: int  # position of the shard's first row in the split's shuffled order
+    count: int
     options: ShardOptions
     loader: object
     fingerprint: str
+
+
+# The split's rows in plan order, in a pool's worker process: inherited through the fork by
+# _pool_worker (as a Pool's initargs are with the fork start method), never pickled.
+_pool_rows: pa.Table | None = None
+
+
+def _pool_worker(rows: pa.Table) -> None:
+    global _pool_rows
+    _pool_rows = rows
+
+
+def _write_in_pool(task: ShardTask) -> dict:
+    return write_shard(task, _pool_rows)
 
 
 # ---------------------------------------------------------------- one shard (in a worker)
@@ -161,9 +179,9 @@ def skip_example(row: dict, skip: Skip) -> str:
     return f"{row['id']}: {skip.detail}" if skip.detail else row["id"]
 
 
-def write_shard(task: ShardTask) -> dict:
+def write_shard(task: ShardTask, rows: pa.Table) -> dict:
     """Write one shard (where shard_location says) and its part file; return the part
-    (manifest columns, skips).
+    (manifest columns, skips). ``rows``: the split's rows in plan order.
 
     Runs in a worker process: the Folder (and so an object store's client) is made here, after
     the fork, not inherited from the parent."""
@@ -178,7 +196,8 @@ def write_shard(task: ShardTask) -> dict:
     with out.writer(shard_location(out, task.split, name), durable=False) as f:
         checked = _ChecksumFile(f)
         with tarfile.open(fileobj=checked, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, row in enumerate(task.rows):
+            shard_rows = rows.slice(task.first_position, task.count).to_pylist()
+            for offset, row in enumerate(shard_rows):
                 try:
                     image = prepare_row(task.loader, row, task.options)
                 except Skip as skip:
@@ -401,9 +420,18 @@ def write_split(
                 on_shard(part["shard"], len(shard_rows), True)
             continue
         todo.append(
-            ShardTask(out.url, split, j, first, shard_rows, options, catalog.loader, fingerprint)
+            ShardTask(
+                out.url,
+                split,
+                j,
+                first,
+                len(shard_rows),
+                options,
+                catalog.loader,
+                fingerprint,
+            )
         )
-    total = sum(len(t.rows) for t in todo)
+    total = sum(t.count for t in todo)
     bar = tqdm(
         total=total,
         unit="img",
@@ -415,11 +443,12 @@ def write_split(
         print(f"{split}: kept {done_samples} images in shards completed by an earlier run")
     with bar:
         if workers <= 1:
-            results = map(write_shard, todo)
+            results = (write_shard(task, rows) for task in todo)
             pool = None
         else:
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap_unordered(write_shard, todo)
+            context = multiprocessing.get_context("fork")
+            pool = context.Pool(workers, initializer=_pool_worker, initargs=(rows,))
+            results = pool.imap_unordered(_write_in_pool, todo)
         try:
             for part in results:
                 part_skips = SkipLog.from_dict(part["skips"])
