@@ -337,6 +337,14 @@ def eval_part(result: harness.Result, args, folder: Path, ids: list[str]) -> lis
             note += ", full mAP not computed (too many scores to hold)"
         rows.append([dtype, "`mlc eval --predictions --labels --classes` (the command)",
                      f"{wall:.1f}", f"{ratio:.2f}", f"{peak:.0f}", note])  # fmt: skip
+        plain = None
+        if args.bootstrap is None:  # where the time goes: the same without the intervals
+            plain_wall, plain_peak, _ = run_child([*cmd, "--bootstrap", "0"])
+            shutil.rmtree(folder / "eval-out")
+            plain = {"seconds": plain_wall, "peak_mb": plain_peak, "ratio": plain_wall / base}
+            rows.append([dtype, "the same with `--bootstrap 0` (no intervals; for comparison)",
+                         f"{plain_wall:.1f}", f"{plain_wall / base:.2f}", f"{plain_peak:.0f}",
+                         ""])  # fmt: skip
         result.measure(
             **{
                 f"eval_{dtype}": {
@@ -345,6 +353,7 @@ def eval_part(result: harness.Result, args, folder: Path, ids: list[str]) -> lis
                     "seconds": wall,
                     "peak_mb": peak,
                     "ratio": ratio,
+                    "without_bootstrap": plain,
                     "summary": {k: summary.get(k) for k in ("weighted_map_at_k", "images")},
                 }
             }

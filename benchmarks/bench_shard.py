@@ -19,11 +19,8 @@ import contextlib
 import functools
 import hashlib
 import io
-import os
 import resource
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -36,7 +33,6 @@ from benchmarks import harness
 from data_tools.catalog import Catalog, FileLoader, catalog_table
 from data_tools.merge import merge_split
 from data_tools.writer import ShardOptions, write_split
-from mlc.dist import free_port
 
 NAME = "bench_shard"
 TARGET_COPY = 0.80  # pass-through, verify=structure, 2 workers: of the tarfile copy
@@ -130,43 +126,13 @@ def folder_digest(folder: Path) -> str:
 
 
 @contextlib.contextmanager
-def local_s3_server():
-    """moto's S3 server in its own process on 127.0.0.1 (as the tests use it), its endpoint and
-    dummy keys in this process's environment: nothing reaches a real cloud endpoint."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    settings = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "AWS_CONFIG_FILE": "/nonexistent",
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        import s3fs
+def local_s3_bucket():
+    """A bucket on a local S3 server (harness.local_s3_server): s3://bench."""
+    import s3fs
 
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    with harness.local_s3_server():
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
         yield "s3://bench"
-    finally:
-        server.terminate()
-        server.wait()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.update({key: value})
 
 
 def object_digest(url: str) -> str:
@@ -213,7 +179,7 @@ def s3_against_local(result: harness.Result, paths: list[Path], tmp: Path, round
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "images_per_s": len(paths) / seconds}
 
-    with local_s3_server() as bucket:
+    with local_s3_bucket() as bucket:
         locals_, rounds_ = harness.bracketed(
             lambda: run("local", str(tmp)),
             [lambda: run("s3", bucket), lambda: upload(bucket)],

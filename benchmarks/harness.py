@@ -5,6 +5,7 @@ the machine, and the result files (benchmarks/results/<name>.json, read by bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlc.dist import free_port
 from mlc.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,3 +389,52 @@ class Result:
         atomic_write_json(path, self.data)  # never a half-written result file
         print(f"\nresult: {shown(path)}" + (" (quick run)" if self.data["quick"] else ""))
         return path
+
+
+# ---------------------------------------------------------------- a local S3 API server
+
+
+@contextlib.contextmanager
+def local_s3_server():
+    """moto's standalone S3 server in its own process, bound to 127.0.0.1, with its endpoint
+    and dummy keys in this process's environment (so child processes reach it too, and nothing
+    reaches a real cloud endpoint); yields the endpoint URL. The tests' S3 fixtures
+    (tests/conftest.py) and bench_shard use it."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it answers
+            try:
+                urllib.request.urlopen(endpoint, timeout=5).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answered
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the local S3 server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

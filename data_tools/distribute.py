@@ -34,10 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from data_tools.catalog import Catalog, SkipLog
-from data_tools.writer import ShardOptions, shuffled_rows, write_split
+from data_tools.writer import ShardOptions, progress_bar, shuffled_rows, write_split
 from mlc.extras import require
 from mlc.storage import is_local, protocol
 
@@ -267,13 +266,7 @@ class RayShardWriter:
             task.remote(catalog_ref, shuffled_ref, out, split, options, p, retry_skipped, counter)
             for p in partitions
         ]
-        bar = tqdm(
-            total=total,
-            unit="img",
-            desc=f"{split} {index}/{count}" if count > 1 else split,
-            disable=not progress,
-            smoothing=0.1,
-        )
+        bar = progress_bar(total, split, partition, progress)
         results, pending, kept = {}, list(refs), 0
         try:
             with bar:

@@ -329,6 +329,13 @@ def _check_classes(out: Folder, catalog: Catalog) -> None:
     out.write_text(CLASSES_FILE, json.dumps(document, indent=1) + "\n")
 
 
+def progress_bar(total: int, split: str, partition: tuple[int, int], show: bool) -> tqdm:
+    """The one progress bar of a split's (partition's) shards, in images."""
+    index, count = partition
+    desc = f"{split} {index}/{count}" if count > 1 else split
+    return tqdm(total=total, unit="img", desc=desc, disable=not show, smoothing=0.1)
+
+
 def write_split(
     catalog: Catalog,
     out: str | Path,
@@ -432,13 +439,7 @@ def write_split(
             )
         )
     total = sum(t.count for t in todo)
-    bar = tqdm(
-        total=total,
-        unit="img",
-        desc=f"{split} {index}/{count}" if count > 1 else split,
-        disable=not progress,
-        smoothing=0.1,
-    )
+    bar = progress_bar(total, split, partition, progress)
     if done_samples and progress:
         print(f"{split}: kept {done_samples} images in shards completed by an earlier run")
     with bar:

@@ -284,7 +284,7 @@ def evaluate_checkpoint(
     if mode not in ("class", "image"):
         raise InputFileError(f"mode must be 'class' or 'image', got {mode!r}")
     rank, world, device = mlc_dist.setup(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, training=False)
     data = str(local_path(data)) if is_local(data) else str(data).rstrip("/")  # path or URL
     loaded = load_model(checkpoint)
     config, model_ids, info = loaded.config, loaded.class_ids, loaded.info

@@ -125,9 +125,15 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     return torch.device("cuda", index)
 
 
-def resolve_precision(spec: str, device: torch.device, flags: set[str] | None = None) -> Precision:
+def resolve_precision(
+    spec: str, device: torch.device, flags: set[str] | None = None, training: bool = True
+) -> Precision:
     """The Precision of ``spec`` (auto, fp32, bf16, fp16) on ``device``; DeviceError for fp16
-    on a CPU (no gradient scaler there, and no fast fp16 kernels)."""
+    on a CPU (no gradient scaler there, and no fast fp16 kernels). Inference (``training``
+    False: `mlc eval`, `mlc predict`, `mlc.load`) on a CPU resolves ``auto`` to fp32: CPU bf16
+    kernels round differently with the batch's shape, and an evaluation's scores must not
+    depend on its batching or process count (tested); CPU_AUTO_BF16 was measured for
+    training."""
     if spec not in PRECISIONS:
         raise DeviceError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec!r}")
     if device.type == "cuda":
@@ -140,6 +146,8 @@ def resolve_precision(spec: str, device: torch.device, flags: set[str] | None = 
         raise DeviceError("precision fp16 runs on CUDA only: use bf16 or fp32 on a CPU")
     if spec != "auto":
         return Precision(spec)
+    if not training:
+        return Precision("fp32", "auto: inference on a CPU, exact whatever the batching")
     isa = cpu_bf16_isa(flags)
     if isa is None:
         return Precision("fp32", "auto: no bf16 instruction set")

@@ -130,7 +130,7 @@ def run_demo(
         progress=progress,
         workers=0,
         device=config.train.device,
-        precision=config.train.precision,
+        precision=summary["precision"].split()[0],  # the name the training resolved
     )
     paths = write_report(report, out / "eval")
     times["eval"] = time.perf_counter() - t0

@@ -73,7 +73,7 @@ class Predictor:
         precision: str = "auto",
     ):
         self.device = resolve_device(str(device or "auto"))
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, training=False)
         self.model = prepare_for_inference(loaded.model, fold, self.device)
         self.config, self.info = loaded.config, loaded.info
         self.class_ids, self.class_names = loaded.class_ids, loaded.class_names
@@ -496,7 +496,7 @@ def predict_to_file(
     ``threshold``, also the compact table (write_table) at ``table`` (default <name>.top.csv).
     ``device`` and ``precision``: where and how the network runs (mlc.accel)."""
     rank, world, device = mlc_dist.setup(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, training=False)
     out = Path(out)
     loaded = load_model(model_path)
     source = resolve_inputs(inputs, split, classes, key)

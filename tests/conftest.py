@@ -8,7 +8,6 @@ server over a folder. s3_mosaics, http_mosaics: copies of `mosaics` on them (the
 
 import functools
 import http.server
-import os
 import shutil
 import threading
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import local_s3_server
 from mlc.cli import main
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -48,35 +48,14 @@ def mosaics(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A local S3 API server (moto's standalone server, bound to 127.0.0.1) for the whole
-    session, reached through s3fs as users reach S3. The endpoint and dummy credentials go into
-    the environment, so subprocesses (`mlc shard --out s3://...`) use it too and no test can
-    reach a real cloud endpoint. Yields the endpoint URL."""
+    """A local S3 API server (moto's standalone server in its own process, bound to 127.0.0.1)
+    for the whole session, reached through s3fs as users reach S3. The endpoint and dummy
+    credentials go into the environment, so subprocesses (`mlc shard --out s3://...`) use it
+    too and no test can reach a real cloud endpoint. Yields the endpoint URL."""
     pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    settings = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "AWS_CONFIG_FILE": "/nonexistent",
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
+    pytest.importorskip("moto.server")
+    with local_s3_server() as endpoint:
         yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture

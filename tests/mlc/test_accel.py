@@ -33,6 +33,10 @@ def test_auto_precision_on_a_cpu_follows_the_measured_table(monkeypatch):
     assert avx.name == "fp32" and avx.dtype is None and "avx512_bf16" in avx.how
     plain = resolve_precision("auto", CPU, {"avx2"})
     assert plain.name == "fp32" and str(plain) == "fp32 (auto: no bf16 instruction set)"
+    # Inference on a CPU: fp32 whatever the instruction set (exact whatever the batching).
+    inference = resolve_precision("auto", CPU, {"amx_bf16"}, training=False)
+    assert inference.name == "fp32" and "inference" in inference.how
+    assert resolve_precision("bf16", CPU, {"avx2"}, training=False).name == "bf16"
     # Given names are taken as they are, whatever the CPU.
     assert str(resolve_precision("bf16", CPU, set())) == "bf16"
     assert resolve_precision("fp32", CPU, {"amx_bf16"}).name == "fp32"
