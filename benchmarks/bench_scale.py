@@ -430,9 +430,9 @@ def main(argv=None) -> None:
         "children too), a floor below every figure"
     )
     result.note(
-        "other developers' jobs loaded the 2 cores during the run (load average at the start "
-        f"{result.data['machine']['load_average'][0]:.1f}): times and ratios are noisy, peak "
-        "memory is not"
+        f"load average at the start {result.data['machine']['load_average'][0]:.1f} (on 2 "
+        "cores, above 1 means other work ran beside it: times and ratios are then noisy, peak "
+        "memory is not)"
     )
     result.write()
 
