@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,27 +53,10 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd`` (repository root, output captured) and wait for it with wait4: (wall seconds,
-    the peak RSS of that process alone in MB, stdout)."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(cmd, cwd=harness.ROOT, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - t0
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if process.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    return wall, usage.ru_maxrss / 1024, stdout
-
-
 def child(kind: str, **kwargs) -> dict:
     """benchmarks.bench_scale's ``kind`` in a fresh process; its result with its peak RSS."""
     cmd = [sys.executable, "-m", f"benchmarks.{NAME}", "--child", kind, json.dumps(kwargs)]
-    wall, peak, out = run_child(cmd)
+    wall, peak, out = harness.run_with_peak(cmd)
     lines = [x for x in out.splitlines() if x.startswith(harness.RESULT)]
     result = json.loads(lines[-1][len(harness.RESULT) :])
     return {**result, "process_seconds": wall, "peak_mb": peak}
@@ -248,7 +229,9 @@ def shard_part(result: harness.Result, args, folder: Path, ids: list[str]) -> li
         partition=[0, parts],
     )
     shutil.rmtree(folder / "plan-out")
-    cli_wall, cli_peak, _ = run_child(shard_command(labels, folder / "cli-out", args.workers))
+    cli_wall, cli_peak, _ = harness.run_with_peak(
+        shard_command(labels, folder / "cli-out", args.workers)
+    )
     report = json.loads((folder / "cli-out" / "train.report.json").read_text())
     shutil.rmtree(folder / "cli-out")
     written = math.ceil(n_shards / parts)  # shards 0, P, 2P, ...
@@ -322,7 +305,7 @@ def eval_part(result: harness.Result, args, folder: Path, ids: list[str]) -> lis
         if args.bootstrap is not None:
             cmd += ["--bootstrap", str(args.bootstrap)]
         before = child("read_parquet_only", path=str(predictions))
-        wall, peak, _ = run_child(cmd)
+        wall, peak, _ = harness.run_with_peak(cmd)
         after = child("read_parquet_only", path=str(predictions))
         summary = json.loads((folder / "eval-out" / "summary.json").read_text())
         shutil.rmtree(folder / "eval-out")
@@ -339,7 +322,7 @@ def eval_part(result: harness.Result, args, folder: Path, ids: list[str]) -> lis
                      f"{wall:.1f}", f"{ratio:.2f}", f"{peak:.0f}", note])  # fmt: skip
         plain = None
         if args.bootstrap is None:  # where the time goes: the same without the intervals
-            plain_wall, plain_peak, _ = run_child([*cmd, "--bootstrap", "0"])
+            plain_wall, plain_peak, _ = harness.run_with_peak([*cmd, "--bootstrap", "0"])
             shutil.rmtree(folder / "eval-out")
             plain = {"seconds": plain_wall, "peak_mb": plain_peak, "ratio": plain_wall / base}
             rows.append([dtype, "the same with `--bootstrap 0` (no intervals; for comparison)",

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import resource
 import shutil
 import tarfile
 import tempfile
@@ -360,8 +359,8 @@ def label_csv_peak_memory(rows: int, folder: Path) -> tuple[float, float]:
         "--shard-size",
         "5000",
     )
-    _, seconds = harness.run(cmd)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, seconds
+    seconds, peak, _ = harness.run_with_peak(cmd)
+    return peak, seconds
 
 
 def main() -> None:

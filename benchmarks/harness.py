@@ -158,6 +158,24 @@ def run(cmd: list[str], env: dict | None = None, timeout: float | None = None):
     return done, wall
 
 
+def run_with_peak(cmd: list[str]) -> tuple[float, float, str]:
+    """Run ``cmd`` (repository root, output captured) and wait for it with wait4: (wall seconds,
+    the peak RSS of that process alone in MB, stdout). Not getrusage(RUSAGE_CHILDREN), whose
+    peak is the largest of every child waited for so far (a server started earlier, ...)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - t0
+        returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if returncode:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return wall, usage.ru_maxrss / 1024, stdout
+
+
 def child_main(functions: dict[str, Callable[..., dict]], argv=None) -> bool:
     """In a process started by children(): run the function it names on its JSON arguments,
     print the result after RESULT and return True. False in any other process."""
