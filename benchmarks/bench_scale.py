@@ -408,9 +408,8 @@ def main(argv=None) -> None:
                 title=f"mlc eval --predictions, {args.eval_images:,} images",
             )
     result.note(
-        f"peak RSS is each process's own, from wait4; the benchmark's parent process, whose "
-        f"pages a child shares until its exec, stayed at {peak_mb():.0f} MB (generation runs in "
-        "children too), a floor below every figure"
+        "peak RSS is each process's own, from wait4 in a small launcher that forks it (harness."
+        "run_with_peak: a process's peak starts at its parent's RSS)"
     )
     result.note(
         f"load average at the start {result.data['machine']['load_average'][0]:.1f} (on 2 "

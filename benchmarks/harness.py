@@ -158,22 +158,35 @@ def run(cmd: list[str], env: dict | None = None, timeout: float | None = None):
     return done, wall
 
 
+# Runs argv[2:] and writes its peak RSS (KB, from wait4) to the file argv[1]; exits with its
+# code. A process's peak RSS starts at its parent's RSS when it is forked (the pages it shares
+# until its exec count), so the command is forked by this small launcher, not by a benchmark
+# that holds gigabytes of test data.
+_LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_with_peak(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd`` (repository root, output captured) and wait for it with wait4: (wall seconds,
-    the peak RSS of that process alone in MB, stdout). Not getrusage(RUSAGE_CHILDREN), whose
-    peak is the largest of every child waited for so far (a server started earlier, ...)."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
+    """Run ``cmd`` (repository root, output captured): (wall seconds, the peak RSS of that
+    process alone in MB, stdout). Not getrusage(RUSAGE_CHILDREN), whose peak is the largest of
+    every child waited for so far (a server started earlier, ...), and not the benchmark's own
+    fork (see _LAUNCHER); the floor is the launcher's small Python process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        launcher = [sys.executable, "-c", _LAUNCHER, str(peak_file), *cmd]
+        t0 = time.perf_counter()
+        done = subprocess.run(launcher, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if returncode:
-        raise SystemExit(f"{shlex.join(cmd)} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    return wall, usage.ru_maxrss / 1024, stdout
+        if done.returncode:
+            raise SystemExit(
+                f"{shlex.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            )
+        return wall, int(peak_file.read_text()) / 1024, done.stdout
 
 
 def child_main(functions: dict[str, Callable[..., dict]], argv=None) -> bool:
