@@ -127,10 +127,11 @@ def _line_namer(path: Path, header_lines: int):
 # ---------------------------------------------------------------- predictions
 
 
-def read_predictions(path: str | Path) -> Predictions:
-    path = existing_file(path)
+def _open_parquet(path: Path) -> tuple[pq.ParquetFile, list[str] | None]:
+    """A predictions file opened, and the class ids of its metadata (None without them)."""
     try:
-        pf = pq.ParquetFile(path)
+        # No pre-buffering: it would read every row group's column chunks into memory at once.
+        pf = pq.ParquetFile(path, pre_buffer=False)
     except pa.ArrowInvalid as e:
         raise InputFileError(f"{path}: not a Parquet file: {e}") from e
     metadata = pf.schema_arrow.metadata or {}
@@ -138,6 +139,12 @@ def read_predictions(path: str | Path) -> Predictions:
     if CLASS_IDS_METADATA in metadata:
         class_ids = [str(x) for x in json.loads(metadata[CLASS_IDS_METADATA])]
         check_unique_ids(class_ids, path, "its mlc.class_ids metadata")
+    return pf, class_ids
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    path = existing_file(path)
+    pf, class_ids = _open_parquet(path)
     table = pf.read()
     _require_columns(table, path, ["key", "scores"])
     keys = table["key"].combine_chunks().cast(pa.string())
@@ -253,16 +260,7 @@ def open_predictions(path: str | Path) -> PredictionsFile:
     scores (class ids, columns, keys, the type of ``scores``) are done here, with
     read_predictions' messages."""
     path = existing_file(path)
-    try:
-        # No pre-buffering: it would read every row group's column chunks into memory at once.
-        pf = pq.ParquetFile(path, pre_buffer=False)
-    except pa.ArrowInvalid as e:
-        raise InputFileError(f"{path}: not a Parquet file: {e}") from e
-    metadata = pf.schema_arrow.metadata or {}
-    class_ids = None
-    if CLASS_IDS_METADATA in metadata:
-        class_ids = [str(x) for x in json.loads(metadata[CLASS_IDS_METADATA])]
-        check_unique_ids(class_ids, path, "its mlc.class_ids metadata")
+    pf, class_ids = _open_parquet(path)
     names = pf.schema_arrow.names
     missing = [c for c in ["key", "scores"] if c not in names]
     if missing:

@@ -9,6 +9,7 @@ import pytest
 from mlc.cli import main
 
 from .conftest import tiny_config
+from .test_train import train_error
 
 SHORT = ["data.num_workers=2", "train.samples=160"]  # 10 steps, then validation
 
@@ -22,15 +23,6 @@ def records(out) -> list[dict]:
     timed = {"time", "samples_per_s", "seconds", "curves", "checkpoint"}
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in timed} for line in lines]
-
-
-def train_error(capsys, args: list[str]) -> str:
-    """`mlc train` must end with exit 2 and one line on stderr; that line."""
-    capsys.readouterr()
-    assert main(["train", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
