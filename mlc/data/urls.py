@@ -23,7 +23,7 @@ from braceexpand import braceexpand
 
 from mlc.extras import check_protocol
 from mlc.format import OPENCLIP_SIZES_FILE, stats_name
-from mlc.storage import Folder
+from mlc.storage import Folder, open_input
 
 
 class ShardOpenError(OSError):
@@ -138,14 +138,7 @@ def open_url(url: str, allow_pipe: bool = False):
                 "to true if this shard list is yours"
             )
         return _PipeStream(url[len("pipe:") :])
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (scheme checked above)
-    if _through_fsspec(url):
-        import fsspec  # imported here: it takes a moment, and local shards do not need it
-
-        check_protocol(url)
-        return fsspec.open(url, "rb").open()
-    return open(url.removeprefix("file://"), "rb")
+    return open_input(url)  # a path, file://, http(s):// or any fsspec protocol (mlc.storage)
 
 
 def _through_fsspec(url: str) -> bool:
