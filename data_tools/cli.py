@@ -283,8 +283,7 @@ def run(args: argparse.Namespace) -> int:
         if any(found):
             where = out.join(PARTS_DIR) if out.local else f"{args.out} without stats"
             verdict = (
-                f"nothing published in {args.out} (the shards written wait in {where} for a "
-                "re-run)"
+                f"nothing published in {args.out} (the shards written wait in {where} for a re-run)"
             )
             return _refuse(verdict, [p for p in found if p])
     if count > 1:

@@ -23,10 +23,12 @@ behaviour and needs no global view of the data:
   former in exact fixed point (each term rounded to 2**-40), so the intervals do not depend on
   batching or process count: a file of predictions scores as the checkpoint pass that wrote it.
 
-Per batch this costs a hash per key, B multiplicities per image, two small matrix products and
-a top-POOL merge per class; the replicates are ranked once, at the end. An interval is the
-2.5th and 97.5th percentile of the B replicate values (percentile method). Imports only torch
-and numpy.
+Per batch this costs a hash per key, B multiplicities per image, the sums (a matrix product,
+or for a batch given as its known items (eval.metrics.KnownItems) a sum over those items) and a
+merge into the pools of the items scored above their pool's lowest score. The replicates are
+scored once, at the end, from the pool's tie blocks in closed form (_replicate_ap), at a few
+operations per pool item and replicate. An interval is the 2.5th and 97.5th percentile of the B
+replicate values (percentile method). Imports only torch and numpy.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ import torch
 
 from eval.metrics import (
     NEG_INF,
+    KnownItems,
     MetricInputError,
-    TopK,
-    ap_from_top_k,
     check_k,
     check_scores_labels,
+    pad_groups,
     resolve_weights,
 )
 
@@ -72,7 +74,7 @@ def _block_counts() -> np.ndarray:
 
 _COUNT_OF_BLOCK = _block_counts()
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-# Pool entries x replicates expanded at a time when the replicates are ranked: bounds memory.
+# Pool items x replicates scored at a time at the end: bounds memory.
 _CHUNK = 4_000_000
 _POOL_FIELDS = ("pool_values", "pool_labels", "pool_hashes")
 
@@ -128,6 +130,13 @@ def counts_of_uniform(u: np.ndarray) -> np.ndarray:
     return counts
 
 
+def _exclusive_cumsum(x: np.ndarray, first: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Per group of rows (group g starts at row first[g]; owner[i] is row i's group), the sum
+    of the rows above each row within its group."""
+    before = np.cumsum(x, axis=0) - x
+    return before - before[first][owner]
+
+
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
     """[low, high] percentile interval of the defined (non-NaN) replicate values."""
     values = values[~np.isnan(values)]
@@ -161,11 +170,7 @@ class PoissonBootstrap:
 
     def update(self, keys: list[str], scores, labels, image_ap: np.ndarray | None = None):
         s, lab = check_scores_labels(scores, labels)
-        if len(keys) != s.shape[0] or s.shape[1] != self.num_classes:
-            raise MetricInputError(
-                f"bootstrap batch: {len(keys)} keys, scores {tuple(s.shape)}; expected one key "
-                f"per row and {self.num_classes} classes"
-            )
+        self._check_batch(len(keys), s.shape)
         hashes = key_hashes(keys, self.seed)
         counts = poisson_counts(hashes, self.replicates)
         # One float64 product in torch (exact: integer sums far below 2**53), not numpy's: its
@@ -175,31 +180,72 @@ class PoissonBootstrap:
         sums = (torch.from_numpy(counts.T).double() @ indicators).round().long().numpy()
         self.positives += sums[:, : self.num_classes]
         self.known += sums[:, self.num_classes :]
-        if image_ap is not None:
-            has = ~np.isnan(image_ap)
-            counted = counts if has.all() else counts[has]  # (no copy when every image has AP)
-            terms = np.rint(counted * image_ap[has, None] * IMAGE_SUM_UNIT).astype(np.int64)
-            self.image_sums += terms.sum(0).astype(object)
-            self.image_counts += counted.sum(0)
-        batch = (
-            s.T.masked_fill(lab.T == -1, NEG_INF),  # unknown items are in no ranking
-            lab.T.contiguous(),
-            torch.from_numpy(hashes.view(np.int64))[None, :].expand(self.num_classes, -1),
-        )
-        self._merge_pool(batch)
+        self._add_image_sums(counts, image_ap)
+        # Pool candidates: the known items above their class's lowest pool score.
+        keep = (s > self._pool_floor(s.dtype)) & (lab != -1)
+        rows, cols = keep.nonzero(as_tuple=True)
+        self._add_to_pool(cols, s[rows, cols], lab[rows, cols], hashes[rows.numpy()])
 
-    def _merge_pool(self, items) -> None:
-        """Keep each class's POOL best known items (value, label, key hash)."""
-        if self._pool is not None:
-            if items[0].dtype != self._pool[0].dtype:
-                raise MetricInputError(
-                    f"scores are {items[0].dtype}, earlier batches were "
-                    f"{self._pool[0].dtype}: use one dtype"
-                )
-            items = tuple(torch.cat([a, b], 1) for a, b in zip(self._pool, items, strict=True))
-        width = min(pool_size(self.k), items[0].shape[1])
-        values, index = torch.topk(items[0], width, dim=1)
-        self._pool = (values, items[1].gather(1, index), items[2].gather(1, index))
+    def update_items(self, keys: list[str], items: KnownItems, image_ap: np.ndarray | None = None):
+        """``update`` with a batch given as its known items (the other pairs unknown)."""
+        self._check_batch(len(keys), (items.images, items.classes))
+        hashes = key_hashes(keys, self.seed)
+        counts = poisson_counts(hashes, self.replicates)
+        item_counts = torch.from_numpy(counts)[items.rows]  # [items, replicates]
+        positive = items.labels == 1
+        # [classes, replicates] views of the [replicates, classes] sums: added to in place
+        torch.from_numpy(self.known.T).index_add_(0, items.cols, item_counts)
+        torch.from_numpy(self.positives.T).index_add_(
+            0, items.cols[positive], item_counts[positive]
+        )
+        self._add_image_sums(counts, image_ap)
+        keep = items.values > self._pool_floor(items.values.dtype)[items.cols]
+        rows = items.rows[keep].numpy()
+        self._add_to_pool(items.cols[keep], items.values[keep], items.labels[keep], hashes[rows])
+
+    def _check_batch(self, keys: int, shape: tuple[int, int]) -> None:
+        if keys != shape[0] or shape[1] != self.num_classes:
+            raise MetricInputError(
+                f"bootstrap batch: {keys} keys, scores {tuple(shape)}; expected one key "
+                f"per row and {self.num_classes} classes"
+            )
+
+    def _add_image_sums(self, counts: np.ndarray, image_ap: np.ndarray | None) -> None:
+        if image_ap is None:
+            return
+        has = ~np.isnan(image_ap)
+        counted = counts if has.all() else counts[has]  # (no copy when every image has AP)
+        terms = np.rint(counted * image_ap[has, None] * IMAGE_SUM_UNIT).astype(np.int64)
+        self.image_sums += terms.sum(0).astype(object)
+        self.image_counts += counted.sum(0)
+
+    def _pool_floor(self, dtype: torch.dtype) -> torch.Tensor:
+        """Each class's lowest pool score, -inf while its pool is not full: only known items
+        scored above it can enter the pool."""
+        if self._pool is None:
+            size = pool_size(self.k)
+            self._pool = (
+                torch.full((self.num_classes, size), NEG_INF, dtype=dtype),
+                torch.full((self.num_classes, size), -1, dtype=torch.int8),
+                torch.zeros((self.num_classes, size), dtype=torch.int64),
+            )
+        if dtype != self._pool[0].dtype:
+            raise MetricInputError(
+                f"scores are {dtype}, earlier batches were {self._pool[0].dtype}: use one dtype"
+            )
+        return self._pool[0][:, -1]
+
+    def _add_to_pool(self, cols, values, labels, hashes: np.ndarray) -> None:
+        """Merge candidate items (class, score, label, key hash) into their classes' pools,
+        which keep each class's POOL best known items in descending order."""
+        hashes = torch.from_numpy(hashes.view(np.int64))
+        fields = [(values, NEG_INF), (labels, -1), (hashes, 0)]
+        present, candidates = pad_groups(cols, fields)
+        both = [torch.cat([p[present], c], 1) for p, c in zip(self._pool, candidates, strict=True)]
+        top, index = torch.topk(both[0], self._pool[0].shape[1], dim=1)
+        merged = (top, both[1].gather(1, index), both[2].gather(1, index))
+        for pool, part in zip(self._pool, merged, strict=True):
+            pool[present] = part  # in place: the pool's tensors are this object's own
 
     def merge(self, other: PoissonBootstrap) -> None:
         """Add another accumulator's images (e.g. another process's) to this one: exact."""
@@ -214,21 +260,25 @@ class PoissonBootstrap:
         self.image_sums += other.image_sums
         self.image_counts += other.image_counts
         if other._pool is not None:
-            self._merge_pool(other._pool)
+            values, labels, hashes = other._pool
+            keep = values > self._pool_floor(values.dtype)[:, None]
+            cls, _ = keep.nonzero(as_tuple=True)
+            self._add_to_pool(cls, values[keep], labels[keep], hashes[keep].numpy())
 
     def state_dict(self) -> dict:
+        """Copies of the state (later updates change this object's arrays in place)."""
         state = {
             "num_classes": self.num_classes,
             "k": self.k,
             "replicates": self.replicates,
             "seed": self.seed,
-            "positives": self.positives,
-            "known": self.known,
-            "image_sums": self.image_sums,
-            "image_counts": self.image_counts,
+            "positives": self.positives.copy(),
+            "known": self.known.copy(),
+            "image_sums": self.image_sums.copy(),
+            "image_counts": self.image_counts.copy(),
         }
         if self._pool is not None:
-            state.update(zip(_POOL_FIELDS, self._pool, strict=True))
+            state.update(zip(_POOL_FIELDS, (t.clone() for t in self._pool), strict=True))
         return state
 
     @classmethod
@@ -238,53 +288,61 @@ class PoissonBootstrap:
             setattr(boot, name, np.array(state[name], dtype=np.int64))
         boot.image_sums = np.array([int(x) for x in state["image_sums"]], dtype=object)
         if "pool_values" in state:
-            boot._pool = tuple(torch.as_tensor(state[f]) for f in _POOL_FIELDS)
+            boot._pool = tuple(torch.as_tensor(state[f]).clone() for f in _POOL_FIELDS)
         return boot
 
     # ------------------------------------------------------------------ the replicates
 
-    def _replicate_tops(self, first: int, count: int) -> tuple[TopK, np.ndarray]:
-        """The TopK summaries of replicates first .. first + count - 1 (query b * C + c), and
-        which of them are exact (their top K and K-th tie block inside the pool)."""
+    def _replicate_ap(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class-wise AP@K of replicates first .. first + count - 1 ([count, classes]), and
+        which of them are exact (their top K and K-th tie block inside the pool).
+
+        In a replicate the pool's items form tie blocks: runs of equal scores within a class,
+        each item repeated by its multiplicity. A block of M copies holding T positive copies,
+        with a copies and p positive copies above it, adds to AP@K (the tie-averaged terms of
+        eval.metrics.ap_from_top_k at its ranks i = a+1 .. e = min(a + M, K))
+        T/M * sum_i (p + 1 + (i-a-1)(T-1)/(M-1)) / i, which in harmonic numbers H is
+        T/M * ((p + 1 - (a+1)B) (H_e - H_a) + B (e - a)) with B = (T-1)/(M-1) (0 if M = 1).
+        So a replicate costs a few operations per pool item, not a ranking of its copies.
+        """
         c, k = self.num_classes, self.k
         values, labels, hashes = (t.numpy() for t in self._pool)
-        pool = values.shape[1]
         valid = values != NEG_INF
-        m = poisson_counts(hashes.reshape(-1).view(np.uint64), count, first)
-        m = m.reshape(c, pool, count).transpose(2, 0, 1) * valid  # [count, C, pool]
-        q = count * c
-        # Expand every pool item into its m copies, in descending score order per replicate.
-        m_flat = m.reshape(q, pool)
-        copies = np.repeat(np.arange(q * pool), m_flat.reshape(-1))
-        row = copies // pool
-        per_row = m_flat.sum(1)
-        slot = np.arange(len(copies)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        keep = slot < k
-        top_values = torch.full((q, k), NEG_INF, dtype=self._pool[0].dtype)
-        top_labels = torch.full((q, k), -1, dtype=torch.int8)
-        item = copies[keep] % pool
-        cls_of_row = row[keep] % c
-        index = (torch.from_numpy(row[keep]), torch.from_numpy(slot[keep]))
-        top_values[index] = torch.from_numpy(values[cls_of_row, item])
-        top_labels[index] = torch.from_numpy(labels[cls_of_row, item])
-        # The tie block at rank K: every pool copy scored exactly the K-th score.
-        kth = top_values[:, -1].numpy().reshape(count, c, 1)
-        tied = (values[None] == kth) & valid
-        tie_count = (m * tied).sum(-1).reshape(q)
-        tie_positives = (m * (tied & (labels[None] == 1))).sum(-1).reshape(q)
-        top = TopK(
-            top_values,
-            top_labels,
-            torch.from_numpy(tie_count),
-            torch.from_numpy(tie_positives),
-            torch.from_numpy(self.positives[first : first + count].reshape(q)),
-            torch.from_numpy(self.known[first : first + count].reshape(q)),
-        )
+        cls, slot = np.nonzero(valid)  # by class, then descending score
+        value, positive = values[cls, slot], (labels[cls, slot] == 1)[:, None]
+        m = poisson_counts(hashes[cls, slot].view(np.uint64), count, first)  # [items, count]
+        starts = np.ones(len(cls), dtype=bool)
+        starts[1:] = (cls[1:] != cls[:-1]) | (value[1:] != value[:-1])
+        starts = np.flatnonzero(starts)
+        copies = np.add.reduceat(m, starts, axis=0) if len(starts) else m  # M per block
+        hits = np.add.reduceat(m * positive, starts, axis=0) if len(starts) else m  # T
+        block_cls = cls[starts]
+        new_class = np.ones(len(starts), dtype=bool)
+        new_class[1:] = block_cls[1:] != block_cls[:-1]
+        first_block, owner = np.flatnonzero(new_class), np.cumsum(new_class) - 1
+        above = _exclusive_cumsum(copies, first_block, owner)  # a
+        hits_above = _exclusive_cumsum(hits, first_block, owner)  # p
+        a = np.minimum(above, k)
+        e = np.minimum(above + copies, k)
+        harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, k + 1))])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pair = np.where(copies > 1, (hits - 1) / np.maximum(copies - 1, 1), 0.0)
+            term = (hits_above + 1 - (a + 1) * pair) * (harmonic[e] - harmonic[a]) + pair * (e - a)
+            term = np.where(copies > 0, hits / np.maximum(copies, 1) * term, 0.0)
+        total = np.zeros((c, count))
+        if len(first_block):
+            total[block_cls[first_block]] = np.add.reduceat(term, first_block, axis=0)
+        positives = self.positives[first : first + count].T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap = np.where(positives > 0, total / np.clip(positives, 1, k), np.nan)
         # Exact when the pool holds every known item of the class (it is not full), or when
         # the copies scored above the pool's lowest score number at least K.
-        full = valid[:, -1]
-        above = (m * (values[None] > values[None, :, -1:])).sum(-1)
-        return top, (~full[None, :] | (above >= k)).reshape(q)
+        high = np.zeros((c, count), dtype=np.int64)
+        if len(first_block):
+            above_lowest = m * (value > values[cls, -1])[:, None]
+            high[block_cls[first_block]] = np.add.reduceat(above_lowest, starts[first_block], 0)
+        exact = ~valid[:, -1:] | (high >= k)
+        return ap.T, exact.T
 
     def replicate_values(self, weights="positives") -> dict[str, np.ndarray]:
         """Each replicate's weighted and unweighted MAP@K and image-wise AP@K ([B] arrays).
@@ -303,12 +361,12 @@ class PoissonBootstrap:
                 "image": images,
             }
         ap = np.empty((b, c))
-        step = max(1, _CHUNK // (c * self._pool[0].shape[1]))
+        items = max(1, int((self._pool[0] != NEG_INF).sum()))
+        step = max(1, _CHUNK // items)
         self.inexact = 0
         for first in range(0, b, step):
             count = min(step, b - first)
-            top, exact = self._replicate_tops(first, count)
-            ap[first : first + count] = ap_from_top_k(top, self.k).reshape(count, c)
+            ap[first : first + count], exact = self._replicate_ap(first, count)
             self.inexact += int((~exact).sum())
         if isinstance(weights, str) and weights == "positives":
             w = self.positives.astype(np.float64)

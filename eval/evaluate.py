@@ -27,7 +27,7 @@ import torch.distributed as dist
 from eval.bootstrap import PoissonBootstrap
 from eval.classmap import ClassMatch, match_classes, read_class_map
 from eval.io import read_weights
-from eval.metrics import full_ap, image_ap_at_k
+from eval.metrics import KnownItems, full_ap, mostly_unknown
 from eval.report import (
     DEFAULT_REPLICATES,
     FULL_AP_LIMIT,
@@ -35,6 +35,7 @@ from eval.report import (
     Report,
     bootstrap_replicates,
     class_summary,
+    score_batch,
 )
 from eval.streaming import MAPAccumulator
 from mlc import dist as mlc_dist
@@ -194,14 +195,12 @@ class _RankState:
         self._update(keys, scores, labels)
 
     def _update(self, keys: list[str], scores: torch.Tensor, labels: torch.Tensor) -> None:
-        self.accumulator.update(scores, labels)
-        images = image_ap_at_k(scores, labels, self.k)
+        batch = KnownItems.of(scores, labels) if mostly_unknown(labels) else labels
+        images = score_batch(keys, scores, batch, self.k, self.accumulator, self.bootstrap)
         defined = ~np.isnan(images.ap)
         _exact_add(self.image_partials, images.ap[defined])
         self.images_with_ap += int(defined.sum())
         self.images_without_ap += int((~defined).sum())
-        if self.bootstrap is not None:
-            self.bootstrap.update(keys, scores, labels, images.ap)
         if self.full is not None:
             self.full[0].append(scores)
             self.full[1].append(labels)

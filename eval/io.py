@@ -15,6 +15,8 @@ File formats (docs/eval.md has the full description):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,10 +237,15 @@ class PredictionsFile:
             self._fail()
         return scores
 
-    def batches(self, rows: int):
+    def batches(self, rows: int, read_ahead: bool = False):
         """(first row, scores float32 [n, width]) for consecutive batches of ``rows`` rows (the
         last one shorter), in file order. The file is read READ_SCORES scores at a time into
-        each batch's array: pyarrow's reader needs several times the memory of what it reads."""
+        each batch's array: pyarrow's reader needs several times the memory of what it reads.
+        ``read_ahead``: the next batch is read by a thread while the caller scores this one
+        (one batch more in memory)."""
+        return _read_ahead(self._batches(rows)) if read_ahead else self._batches(rows)
+
+    def _batches(self, rows: int):
         step = max(1, min(rows, READ_SCORES // max(1, self.width)))
         first, batch, filled = 0, None, 0
         for part in self._file.iter_batches(batch_size=step, columns=["scores"]):
@@ -253,6 +260,17 @@ class PredictionsFile:
                 if filled == len(batch):
                     yield first, batch
                     first, batch, filled = first + filled, None, 0
+
+
+def _read_ahead(items: Iterator) -> Iterator:
+    """The items of ``items``, each next one made by a thread while the caller works on the
+    current one (pyarrow's reading and numpy's copies release the GIL)."""
+    end = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as thread:
+        coming = thread.submit(next, items, end)
+        while (item := coming.result()) is not end:
+            coming = thread.submit(next, items, end)
+            yield item
 
 
 def open_predictions(path: str | Path) -> PredictionsFile:
@@ -615,6 +633,21 @@ class LabelRows:
         labels[row[negative], cols[negative]] = 0
         labels[row[~negative], cols[~negative]] = 1  # after negatives: positive wins
         return self.rows[a:b] - first, labels
+
+    def pairs(self, first: int, last: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Prediction rows first .. last - 1 as ``block`` gives them, with their labels as the
+        labelled pairs alone: (index into those rows, class column, label 0 or 1), one per
+        pair (positive wins), for labels whose other pairs are unknown."""
+        a, b = np.searchsorted(self.rows, [first, last])
+        lo, hi = self.offsets[a], self.offsets[b]
+        row = np.repeat(np.arange(b - a, dtype=np.int64), np.diff(self.offsets[a : b + 1]))
+        pair = row * self.classes + self.cols[lo:hi]
+        order = np.lexsort((-self.values[lo:hi], pair))  # per pair: its positive first
+        pair, values = pair[order], self.values[lo:hi][order]
+        once = np.ones(len(pair), dtype=bool)
+        once[1:] = pair[1:] != pair[:-1]
+        pair = pair[once]
+        return self.rows[a:b] - first, (pair // self.classes, pair % self.classes, values[once])
 
 
 def label_rows(

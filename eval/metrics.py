@@ -35,22 +35,18 @@ def check_k(k: int) -> int:
     return int(k)
 
 
-def check_scores_labels(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate ``scores[n, c]`` and ``labels[n, c]``; return (float scores, int8 labels) on CPU."""
+def check_scores(scores) -> torch.Tensor:
+    """Validate ``scores[n, c]`` (2-D, real, finite); return them on CPU as float32 (16-bit
+    floats too) or float64 (integers too)."""
     s = torch.as_tensor(scores).cpu()
-    lab = torch.as_tensor(labels).cpu()
     if s.ndim != 2:
         raise MetricInputError(f"scores must be 2-D [images, classes], got shape {tuple(s.shape)}")
-    if lab.shape != s.shape:
-        raise MetricInputError(
-            f"labels shape {tuple(lab.shape)} does not match scores shape {tuple(s.shape)}"
-        )
     if s.dtype == torch.bool or s.is_complex():
         raise MetricInputError(f"scores must be real numbers, got dtype {s.dtype}")
-    if s.dtype in (torch.float16, torch.bfloat16):
-        s = s.float()
-    elif not s.is_floating_point():
+    if not s.is_floating_point():
         s = s.double()
+    elif s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
     if s.numel():
         lo, hi = torch.aminmax(s)  # NaN propagates: one cheap pass instead of isfinite
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
@@ -60,6 +56,23 @@ def check_scores_labels(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
                 f"scores contain {len(bad)} NaN or infinite value(s); first at image row {r}, "
                 f"class column {c} ({s[r, c].item()})"
             )
+    return s
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type scores are ranked in: 16-bit floats as float32 (what check_scores returns)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_scores_labels(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``scores[n, c]`` and ``labels[n, c]``; return (float scores, int8 labels) on CPU."""
+    lab = torch.as_tensor(labels).cpu()
+    shape = torch.as_tensor(scores).shape
+    if len(shape) == 2 and lab.shape != shape:
+        raise MetricInputError(
+            f"labels shape {tuple(lab.shape)} does not match scores shape {tuple(shape)}"
+        )
+    s = check_scores(scores)
     if lab.dtype == torch.bool:
         return s, lab.to(torch.int8)
     if lab.numel():
@@ -172,6 +185,105 @@ def top_k_columns(scores: torch.Tensor, labels: torch.Tensor, k: int) -> TopK:
                 pos[straddles] = (eq & (lab[:, straddles] == 1)).sum(0)
         tie_count[c0:c1], tie_positives[c0:c1] = count, pos
     return TopK(values, top_labels, tie_count, tie_positives, positives, known)
+
+
+@dataclass(frozen=True)
+class KnownItems:
+    """The known (image, class) pairs of a batch of ``images`` x ``classes`` scores, with their
+    score and label (0 or 1); every other pair is unknown (-1). The sparse form of a batch
+    whose labels are mostly unknown, as OpenImages' are: its metrics cost O(known pairs), not
+    O(images x classes)."""
+
+    rows: torch.Tensor  # [m] int64: image row in the batch
+    cols: torch.Tensor  # [m] int64: class column
+    values: torch.Tensor  # [m] scores (float32 or float64)
+    labels: torch.Tensor  # [m] int8: 1 positive, 0 negative
+    images: int
+    classes: int
+
+    @classmethod
+    def of(cls, scores, labels) -> KnownItems:
+        """The known pairs of dense ``scores[n, c]`` and ``labels[n, c]`` (validated)."""
+        s, lab = check_scores_labels(scores, labels)
+        rows, cols = (lab != -1).nonzero(as_tuple=True)
+        return cls(rows, cols, s[rows, cols], lab[rows, cols], *s.shape)
+
+    @classmethod
+    def gather(cls, scores: torch.Tensor, rows, cols, labels) -> KnownItems:
+        """The items of validated ``scores[n, c]`` at pairs (rows, cols), one per pair, with
+        their labels (0 or 1)."""
+        rows, cols = (
+            torch.as_tensor(rows, dtype=torch.int64),
+            torch.as_tensor(cols, dtype=torch.int64),
+        )
+        values = scores[rows, cols]
+        return cls(
+            rows,
+            cols,
+            values.to(score_dtype(values.dtype)),
+            torch.as_tensor(labels, dtype=torch.int8),
+            *scores.shape,
+        )
+
+    def dense_labels(self) -> torch.Tensor:
+        """The labels as a dense int8 [images, classes] matrix (-1 where unknown)."""
+        labels = torch.full((self.images, self.classes), -1, dtype=torch.int8)
+        labels[self.rows, self.cols] = self.labels
+        return labels
+
+
+def mostly_unknown(labels: torch.Tensor) -> bool:
+    """Whether at most an eighth of ``labels`` are known: KnownItems then score them faster."""
+    return int(count_true(labels != -1, 0).sum()) * 8 <= labels.numel()
+
+
+def group_slots(query: torch.Tensor, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For items in query order: each query's item count and each item's place in its query."""
+    counts = torch.bincount(query, minlength=queries)
+    return counts, torch.arange(len(query)) - (counts.cumsum(0) - counts)[query]
+
+
+def pad_groups(query: torch.Tensor, fields: list[tuple[torch.Tensor, float]], extra: int = 0):
+    """Items grouped into one row per query present: (those queries, ascending; per (field,
+    fill) a matrix [queries present, most items of a query + extra], ``fill`` after a query's
+    items)."""
+    order = torch.argsort(query, stable=True)
+    present, per = torch.unique_consecutive(query[order], return_counts=True)
+    row = torch.repeat_interleave(torch.arange(len(present)), per)
+    slot = torch.arange(len(order)) - (per.cumsum(0) - per)[row]
+    width = (int(per.max()) if len(per) else 0) + extra
+    matrices = []
+    for field, fill in fields:
+        matrix = torch.full((len(present), width), fill, dtype=field.dtype)
+        matrix[row, slot] = field[order]
+        matrices.append(matrix)
+    return present, matrices
+
+
+def top_k_of_items(query, values, labels, queries: int, k: int) -> TopK:
+    """The TopK summary of each of ``queries`` rankings from its known items, listed as
+    (query index, score, label 0 or 1) triples in any order; the same summary top_k_columns
+    makes of the dense scores with every other item unknown."""
+    order = torch.argsort(values, descending=True, stable=True)
+    order = order[torch.argsort(query[order], stable=True)]  # by query, then score descending
+    query, values, labels = query[order], values[order], labels[order]
+    known, slot = group_slots(query, queries)
+    top_values = torch.full((queries, k), NEG_INF, dtype=values.dtype)
+    top_labels = torch.full((queries, k), -1, dtype=torch.int8)
+    keep = slot < k
+    top_values[query[keep], slot[keep]] = values[keep]
+    top_labels[query[keep], slot[keep]] = labels[keep]
+    positive = labels == 1
+    # The tie block at rank K, beyond rank K too (-inf, never tied, for lists shorter than K).
+    tied = values == top_values[query, -1]
+    return TopK(
+        top_values,
+        top_labels,
+        torch.bincount(query[tied], minlength=queries),
+        torch.bincount(query[tied & positive], minlength=queries),
+        torch.bincount(query[positive], minlength=queries),
+        known,
+    )
 
 
 def _ties_at(part: TopK, kth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +431,15 @@ def image_ap_at_k(scores, labels, k: int = 100) -> ImageAP:
     # (a table padded to K columns would rank mostly padding when c is small); the
     # normalisation min(P_i, K) still uses K.
     top = top_k_columns(s.T, lab.T, min(k, max(1, s.shape[1])))
+    return ImageAP(k, ap_from_top_k(top, k), top.positives.numpy(), top.known.numpy())
+
+
+def image_ap_of_items(items: KnownItems, k: int = 100) -> ImageAP:
+    """image_ap_at_k of a batch given as its known items."""
+    k = check_k(k)
+    top = top_k_of_items(
+        items.rows, items.values, items.labels, items.images, min(k, max(1, items.classes))
+    )
     return ImageAP(k, ap_from_top_k(top, k), top.positives.numpy(), top.known.numpy())
 
 

@@ -16,7 +16,15 @@ import torch
 
 from eval.bootstrap import PoissonBootstrap, pool_size
 from eval.io import label_rows, open_predictions, read_labels, read_weights
-from eval.metrics import ClassAP, ImageAP, full_ap, image_ap_at_k, weighted_mean
+from eval.metrics import (
+    ClassAP,
+    ImageAP,
+    KnownItems,
+    full_ap,
+    image_ap_at_k,
+    image_ap_of_items,
+    weighted_mean,
+)
 from eval.streaming import MAPAccumulator
 from mlc.data import counts
 from mlc.io import Classes, InputFileError, atomic_write_csv, atomic_write_text, read_classes
@@ -101,6 +109,32 @@ def _number(x: float) -> float | None:
 
 def _count(x: float):
     return None if math.isnan(x) else (int(x) if float(x).is_integer() else float(x))
+
+
+def score_batch(
+    keys: list[str] | None,
+    scores: torch.Tensor,
+    labels: torch.Tensor | KnownItems,
+    k: int,
+    accumulator: MAPAccumulator | None,
+    bootstrap: PoissonBootstrap | None,
+) -> ImageAP:
+    """Add a batch to the class-wise accumulator and the bootstrap (either may be None) and
+    return its image-wise AP@K. ``labels``: dense [n, c], or the batch's KnownItems (then
+    ``scores`` are not read again)."""
+    if isinstance(labels, KnownItems):
+        images = image_ap_of_items(labels, k)
+        if accumulator is not None:
+            accumulator.update_items(labels)
+        if bootstrap is not None:
+            bootstrap.update_items(keys, labels, images.ap)
+        return images
+    images = image_ap_at_k(scores, labels, k)
+    if accumulator is not None:
+        accumulator.update(scores, labels)
+    if bootstrap is not None:
+        bootstrap.update(keys, scores, labels, images.ap)
+    return images
 
 
 def image_header(k: int) -> list[str]:
@@ -242,25 +276,27 @@ def evaluate_files(
     replicates = bootstrap_replicates(bootstrap, c, k) if by_class else 0
     boot = PoissonBootstrap(c, k, replicates, seed) if replicates and n else None
     keep_full = by_class and n * c <= FULL_AP_LIMIT
+    # Labels whose unlisted pairs are unknown (OpenImages') are scored from their labelled pairs
+    # alone: O(labelled pairs) per batch instead of O(images x classes), the same results.
+    sparse = found.unlisted == -1
     full_scores, full_labels = [], []
     image_parts = []  # per batch: ImageAP
     done = 0  # images scored so far
-    for first, scores in preds.batches(max(1, STREAM_SCORES // max(1, c))):
-        rows, batch_labels = found.block(first, first + len(scores))
+    for first, scores in preds.batches(max(1, STREAM_SCORES // max(1, c)), read_ahead=True):
+        last = first + len(scores)
+        rows, batch_labels = found.pairs(first, last) if sparse else found.block(first, last)
         if not len(rows):
             continue
         if len(rows) < len(scores):
             scores = scores[rows]
-        s, lab = torch.from_numpy(scores), torch.from_numpy(batch_labels)
-        images = image_ap_at_k(s, lab, k)
+        batch_keys = keys.slice(done, len(rows)).to_pylist() if boot is not None else None
+        s = torch.from_numpy(scores)  # float32, finite: checked as it was read
+        batch = KnownItems.gather(s, *batch_labels) if sparse else torch.from_numpy(batch_labels)
+        images = score_batch(batch_keys, s, batch, k, accumulator, boot)
         image_parts.append(images)
-        if accumulator is not None:
-            accumulator.update(s, lab)
-        if boot is not None:
-            boot.update(keys.slice(done, len(rows)).to_pylist(), s, lab, images.ap)
         if keep_full:
             full_scores.append(s)
-            full_labels.append(lab)
+            full_labels.append(batch.dense_labels() if sparse else batch)
         done += len(rows)
         if len(image_parts) % TRIM_BATCHES == 0:
             _release_freed_memory()

@@ -14,6 +14,7 @@ import torch
 from eval.metrics import (
     NEG_INF,
     ClassAP,
+    KnownItems,
     MetricInputError,
     TopK,
     check_k,
@@ -22,6 +23,7 @@ from eval.metrics import (
     count_columns,
     count_true,
     merge_top_k,
+    pad_groups,
     top_k_columns,
 )
 
@@ -50,8 +52,37 @@ class MAPAccumulator:
             raise MetricInputError(
                 f"batch has {s.shape[1]} classes, the accumulator was built for {self.num_classes}"
             )
-        batch = self._candidates(s, lab) if self._top is not None else None
-        self._merge_top(batch or top_k_columns(s, lab, self.k), s.shape[0])
+        if self._top is not None:
+            self._check_dtype(s.dtype)
+            # An item scored below a class's current K-th score can neither enter its top K nor
+            # tie at the new K-th score (which never decreases): only the known items at or
+            # above it count. After the first batches they are a few per class, and collecting
+            # them is much cheaper than a top-K over the whole batch. A class with fewer than K
+            # known items so far has a K-th score of -inf: all its known items count.
+            keep = (s >= self._top.values[:, -1]) & (lab != -1)
+            if int(count_true(keep, 0).max()) * 4 <= s.shape[0]:
+                rows, cols = keep.nonzero(as_tuple=True)
+                positives, known = count_columns(lab)
+                self._add(cols, s[rows, cols], lab[rows, cols], positives, known, s.shape[0])
+                return
+        self._merge_top(top_k_columns(s, lab, self.k), s.shape[0])
+
+    def update_items(self, items: KnownItems) -> None:
+        """``update`` with a batch given as its known items (the other pairs unknown)."""
+        if items.classes != self.num_classes:
+            raise MetricInputError(
+                f"batch has {items.classes} classes, the accumulator was built for "
+                f"{self.num_classes}"
+            )
+        if self._top is None:
+            self._top = self._empty(items.values.dtype)
+        self._check_dtype(items.values.dtype)
+        keep = items.values >= self._top.values[items.cols, -1]  # as in update
+        c = self.num_classes
+        positives = torch.bincount(items.cols[items.labels == 1], minlength=c)
+        known = torch.bincount(items.cols, minlength=c)
+        cols = items.cols[keep]
+        self._add(cols, items.values[keep], items.labels[keep], positives, known, items.images)
 
     def merge(self, other: MAPAccumulator) -> None:
         """Add another accumulator's images (e.g. from another process) to this one."""
@@ -70,7 +101,7 @@ class MAPAccumulator:
         """Plain tensors, for torch.save or torch.distributed's all_gather_object."""
         state = {"num_classes": self.num_classes, "k": self.k, "images": self.images}
         if self._top is not None:
-            state.update({f: getattr(self._top, f) for f in STATE_FIELDS})
+            state.update({f: getattr(self._top, f).clone() for f in STATE_FIELDS})
         return state
 
     def empty_state(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -84,7 +115,7 @@ class MAPAccumulator:
         acc = cls(int(state["num_classes"]), int(state["k"]))
         acc.images = int(state["images"])
         if "values" in state:
-            acc._top = TopK(*(torch.as_tensor(state[f]) for f in STATE_FIELDS))
+            acc._top = TopK(*(torch.as_tensor(state[f]).clone() for f in STATE_FIELDS))
             if acc._top.values.shape != (acc.num_classes, acc.k):
                 raise MetricInputError(
                     f"state values have shape {tuple(acc._top.values.shape)}, expected "
@@ -92,46 +123,35 @@ class MAPAccumulator:
                 )
         return acc
 
-    def _candidates(self, s: torch.Tensor, lab: torch.Tensor) -> TopK | None:
-        """The batch's items that can still matter, or None when too many can (then rank all).
+    def _add(self, cols, values, labels, positives, known, images: int) -> None:
+        """Merge candidate items (class, score, label) into the classes they belong to; then
+        add the batch's positive and known counts (of all its items) to every class."""
+        # One -inf column more than needed: the candidates' own "K-th" value is then -inf, so
+        # the merge counts their ties at the new K-th score from the candidates themselves.
+        present, (v, lab) = pad_groups(cols, [(values, NEG_INF), (labels, -1)], extra=1)
+        zeros = torch.zeros(len(present), dtype=torch.int64)
+        top = self._top
+        merged = merge_top_k(
+            TopK(*(getattr(top, f)[present] for f in STATE_FIELDS)),
+            TopK(v, lab, zeros, zeros, zeros, zeros),
+        )
+        for f in ("values", "labels", "tie_count", "tie_positives"):
+            getattr(top, f)[present] = getattr(merged, f)  # in place: tensors of this object's own
+        top.positives += positives
+        top.known += known
+        self.images += images
 
-        An item scored below a class's current K-th score can neither enter its top K nor tie
-        at the new K-th score (which never decreases), so only the known items at or above it
-        count. After the first batches they are a few per class, and collecting them is much
-        cheaper than a top-K over the whole batch. A class with fewer than K known items so far
-        has a K-th score of -inf: all its known items are candidates.
-        """
-        kth = self._top.values[:, -1]
-        if s.dtype != kth.dtype:
-            return None  # _merge_top reports the mismatch
-        keep = (s >= kth) & (lab != -1)
-        per_class = count_true(keep, 0)
-        width = int(per_class.max()) if len(per_class) else 0
-        if width * 4 > s.shape[0]:
-            return None
-        rows, cols = keep.nonzero(as_tuple=True)
-        order = torch.argsort(cols, stable=True)
-        rows, cols = rows[order], cols[order]
-        slot = torch.arange(len(cols)) - (per_class.cumsum(0) - per_class)[cols]
-        c = self.num_classes
-        # One -inf column more than needed: the candidates' own "K-th" value is then -inf, so a
-        # merge counts their ties at the new K-th score from the candidates themselves.
-        values = torch.full((c, width + 1), NEG_INF, dtype=s.dtype)
-        labels = torch.full((c, width + 1), -1, dtype=torch.int8)
-        values[cols, slot] = s[rows, cols]
-        labels[cols, slot] = lab[rows, cols]
-        counts = count_columns(lab)
-        zeros = torch.zeros(c, dtype=torch.int64)
-        return TopK(values, labels, zeros, zeros, *counts)
+    def _check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype != self._top.values.dtype:
+            raise MetricInputError(
+                f"scores are {dtype}, earlier batches were {self._top.values.dtype}: "
+                "convert them to one dtype (mixing precisions changes which scores tie)"
+            )
 
     def _merge_top(self, top: TopK, images: int) -> None:
         if self._top is None:
             self._top = self._empty(top.values.dtype)
-        if top.values.dtype != self._top.values.dtype:
-            raise MetricInputError(
-                f"scores are {top.values.dtype}, earlier batches were {self._top.values.dtype}: "
-                "convert them to one dtype (mixing precisions changes which scores tie)"
-            )
+        self._check_dtype(top.values.dtype)
         self._top = merge_top_k(self._top, top)
         self.images += images
 

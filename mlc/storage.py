@@ -37,7 +37,7 @@ class StorageError(OSError):
 
 
 def protocol(location: str | Path) -> str:
-    """"s3" for s3://bucket/x; "file" for a local path or file:// URL."""
+    """ "s3" for s3://bucket/x; "file" for a local path or file:// URL."""
     text = str(location)
     return text.split("://", 1)[0].lower() if "://" in text else "file"
 

@@ -9,11 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import eval.report as report
 from eval.bootstrap import PoissonBootstrap
 from eval.io import CLASS_IDS_METADATA, align, read_labels, read_predictions
-from eval.metrics import class_ap_at_k, full_ap, image_ap_at_k
+from eval.metrics import KnownItems, class_ap_at_k, full_ap, image_ap_at_k
+from eval.streaming import MAPAccumulator
 from mlc.io import Classes, InputFileError
 
 CLASS_IDS = [f"/m/c{i}" for i in range(23)]
@@ -143,3 +145,28 @@ def test_bad_score_in_a_later_batch_is_the_whole_files_error(tmp_path, monkeypat
     assert str(streamed.value) == str(whole.value)
     assert "row 17 (key 'k17')" in str(streamed.value)
     assert "(2 such value(s))" in str(streamed.value)
+
+
+def test_score_batch_is_the_same_for_dense_labels_and_known_items():
+    """The checkpoint pass scores batches whose labels are mostly unknown as KnownItems: the
+    class-wise state, the bootstrap and the image-wise AP are those of the dense labels."""
+    rng = np.random.default_rng(3)
+    n, c, k = 130, 9, 5
+    keys = [f"img{i}" for i in range(n)]
+    scores = torch.from_numpy(np.round(rng.normal(size=(n, c)), 1).astype(np.float32))
+    labels = torch.from_numpy(rng.choice([-1, 0, 1], p=[0.85, 0.1, 0.05], size=(n, c)))
+    labels = labels.to(torch.int8)
+    results = {}
+    for form in ("dense", "items"):
+        acc, boot, image_ap = MAPAccumulator(c, k), PoissonBootstrap(c, k, 20, seed=1), []
+        for i in range(0, n, 25):
+            s, lab = scores[i : i + 25], labels[i : i + 25]
+            batch = KnownItems.of(s, lab) if form == "items" else lab
+            image_ap.append(report.score_batch(keys[i : i + 25], s, batch, k, acc, boot).ap)
+        results[form] = (acc.state_dict(), boot.replicate_values(), np.concatenate(image_ap))
+    (acc_a, boot_a, ap_a), (acc_b, boot_b, ap_b) = results["dense"], results["items"]
+    for name in ("values", "tie_count", "tie_positives", "positives", "known"):
+        assert torch.equal(acc_a[name], acc_b[name]), name
+    for name in boot_a:
+        assert np.array_equal(boot_a[name], boot_b[name], equal_nan=True), name
+    assert np.array_equal(ap_a, ap_b, equal_nan=True)

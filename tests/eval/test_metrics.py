@@ -8,7 +8,18 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.metrics import average_precision_score
 
-from eval.metrics import MetricInputError, class_ap_at_k, full_ap, image_ap_at_k
+from eval.metrics import (
+    KnownItems,
+    MetricInputError,
+    ap_from_top_k,
+    class_ap_at_k,
+    full_ap,
+    image_ap_at_k,
+    image_ap_of_items,
+    mostly_unknown,
+    top_k_columns,
+    top_k_of_items,
+)
 
 from .reference import brute_force_ap, brute_force_class_ap
 
@@ -198,3 +209,31 @@ def test_accepts_torch_tensors_and_bool_labels():
 def test_bad_input_raises_clear_error(scores, labels, kwargs, message):
     with pytest.raises(MetricInputError, match=message):
         class_ap_at_k(np.array(scores), np.array(labels), **kwargs)
+
+
+@pytest.mark.parametrize("known_rate", [0.05, 0.4, 1.0])
+def test_known_items_summarise_as_the_dense_matrix(known_rate):
+    """A batch given as its known (image, class) items ranks as the dense matrix with the
+    other pairs unknown: the same TopK per class (ties at rank K counted beyond it, lists
+    shorter than K) and the same image-wise AP@K, for K below and above the class count."""
+    rng = np.random.default_rng(int(known_rate * 100))
+    for _ in range(30):
+        n, c, k = int(rng.integers(1, 60)), int(rng.integers(1, 25)), int(rng.integers(1, 30))
+        scores = np.round(rng.normal(size=(n, c)), 1).astype(np.float32)  # many ties
+        labels = rng.choice([0, 1], p=[0.6, 0.4], size=(n, c)).astype(np.int8)
+        labels[rng.random((n, c)) > known_rate] = -1
+        items = KnownItems.of(scores, labels)
+        assert len(items.values) == int((labels != -1).sum())
+        assert torch.equal(items.dense_labels(), torch.from_numpy(labels))
+        dense = top_k_columns(torch.from_numpy(scores), torch.from_numpy(labels), k)
+        sparse = top_k_of_items(items.cols, items.values, items.labels, c, k)
+        for field in ("values", "tie_count", "tie_positives", "positives", "known"):
+            assert torch.equal(getattr(sparse, field), getattr(dense, field)), field
+        assert np.array_equal(ap_from_top_k(sparse, k), ap_from_top_k(dense, k), equal_nan=True)
+        want, got = image_ap_at_k(scores, labels, k), image_ap_of_items(items, k)
+        assert np.array_equal(got.ap, want.ap, equal_nan=True)
+        assert np.array_equal(got.positives, want.positives)
+        assert np.array_equal(got.known, want.known)
+    assert mostly_unknown(torch.tensor([[-1] * 7 + [0]])) and not mostly_unknown(
+        torch.tensor([[-1] * 6 + [0, 1]])
+    )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import MetricInputError, class_ap_at_k
+from eval.metrics import KnownItems, MetricInputError, class_ap_at_k
 from eval.streaming import MAPAccumulator
 
 
@@ -103,16 +103,40 @@ def test_candidate_prefilter_is_used_and_exact(monkeypatch, known_rate):
     labels[rng.random((n, c)) > known_rate] = -1
     labels[:, :5] = np.where(rng.random((n, 5)) < 0.01, labels[:, :5], -1)  # never reach K
     calls = {"prefiltered": 0, "ranked": 0}
-    original = MAPAccumulator._candidates
+    add, merge_top = MAPAccumulator._add, MAPAccumulator._merge_top
 
-    def spy(self, s, lab):
-        out = original(self, s, lab)
-        calls["prefiltered" if out is not None else "ranked"] += 1
-        return out
+    def spy_add(self, *args):
+        calls["prefiltered"] += 1
+        return add(self, *args)
 
-    monkeypatch.setattr(MAPAccumulator, "_candidates", spy)
+    def spy_merge_top(self, *args):
+        calls["ranked"] += 1
+        return merge_top(self, *args)
+
+    monkeypatch.setattr(MAPAccumulator, "_add", spy_add)
+    monkeypatch.setattr(MAPAccumulator, "_merge_top", spy_merge_top)
     acc = MAPAccumulator(c, k=30)
     for i in range(0, n, 200):
         acc.update(scores[i : i + 200], labels[i : i + 200])
     assert calls["prefiltered"] >= 10  # the fast path ran, and gave the exact answer
     assert_same(acc.compute(), class_ap_at_k(scores, labels, k=30))
+
+
+@pytest.mark.parametrize("rows", [1, 37, 4000])
+def test_known_items_give_the_dense_answer(rows):
+    """update_items (a batch as its known pairs) = class_ap_at_k on the dense matrix, ties at
+    rank K, classes that never reach K items and classes without positives included."""
+    rng = np.random.default_rng(12)
+    n, c = 4000, 40
+    scores = rng.integers(0, 30, size=(n, c)).astype(np.float32)
+    labels = rng.integers(0, 2, size=(n, c)).astype(np.int8)
+    labels[rng.random((n, c)) > 0.1] = -1
+    labels[:, :3] = np.where(rng.random((n, 3)) < 0.003, labels[:, :3], -1)  # never reach K
+    labels[:, 3] = np.minimum(labels[:, 3], 0)  # no positives
+    acc = MAPAccumulator(c, k=30)
+    for i in range(0, n, rows):
+        acc.update_items(KnownItems.of(scores[i : i + rows], labels[i : i + rows]))
+    assert acc.images == n
+    assert_same(acc.compute(), class_ap_at_k(scores, labels, k=30))
+    with pytest.raises(MetricInputError, match="convert them to one dtype"):
+        acc.update_items(KnownItems.of(scores[:2].astype(np.float64), labels[:2]))
