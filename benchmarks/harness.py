@@ -425,6 +425,36 @@ class Result:
 # ---------------------------------------------------------------- a local S3 API server
 
 
+def _wait_until_answering(endpoint: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=5).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local server did not start on {endpoint}") from None
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def null_s3_endpoint():
+    """benchmarks.null_s3 (takes an s3fs put, discards the bytes) in its own process, bound to
+    127.0.0.1; yields its URL."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.null_s3", endpoint.rsplit(":", 1)[1]], cwd=ROOT
+    )
+    try:
+        _wait_until_answering(endpoint, server)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
+
+
 @contextlib.contextmanager
 def local_s3_server():
     """moto's standalone S3 server in its own process, bound to 127.0.0.1, with its endpoint
@@ -449,17 +479,7 @@ def local_s3_server():
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # until it answers
-            try:
-                urllib.request.urlopen(endpoint, timeout=5).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answered
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the local S3 server did not start on {endpoint}") from None
-                time.sleep(0.1)
+        _wait_until_answering(endpoint, server)
         yield endpoint
     finally:
         server.terminate()

@@ -183,6 +183,14 @@ def class_summary(
             **intervals,
             # replicate-classes whose top K was not provably in the pool (approximated)
             "inexact_replicate_classes": bootstrap.inexact,
+            # figures whose estimate lies outside its own interval (docs/eval.md: bias)
+            "estimate_outside_interval": [
+                name
+                for name, interval in intervals.items()
+                if interval is not None
+                and summary[name] is not None
+                and not interval[0] <= summary[name] <= interval[1]
+            ],
         }
     return summary
 
@@ -440,6 +448,12 @@ def format_summary(report: Report) -> str:
         ]
         if s["mode"] == "image":
             lines.insert(0, lines.pop(3))
+    outside = (s.get("confidence_intervals") or {}).get("estimate_outside_interval")
+    if outside:
+        lines.append(
+            f"note: {', '.join(outside)}: the estimate lies outside its bootstrap interval "
+            "(the replicates are biased; see 'Confidence intervals' in docs/eval.md)"
+        )
     lines += [f"note: {text}" for text in skip_notes(s, examples=1)]
     lines += [f"note: {text}" for text in s.get("notes", [])]
     if data_line(s):

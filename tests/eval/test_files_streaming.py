@@ -170,3 +170,29 @@ def test_score_batch_is_the_same_for_dense_labels_and_known_items():
     for name in boot_a:
         assert np.array_equal(boot_a[name], boot_b[name], equal_nan=True), name
     assert np.array_equal(ap_a, ap_b, equal_nan=True)
+
+
+def test_an_estimate_outside_its_interval_is_named(tmp_path):
+    """Classes of two known images, a negative ranked above the positive (AP 1/2 each): a
+    replicate that drops the negative scores 1, one that counts it twice 1/3 (the positive
+    once), so the replicates average well above 1/2 and the percentile interval excludes the
+    estimate."""
+    keys = [f"img{i:03d}" for i in range(2 * len(CLASS_IDS))]
+    scores = np.zeros((len(keys), len(CLASS_IDS)))
+    lines = ["ImageID,Source,LabelName,Confidence"]
+    for c, cls in enumerate(CLASS_IDS):
+        negative, positive = keys[2 * c], keys[2 * c + 1]
+        scores[2 * c, c], scores[2 * c + 1, c] = 0.9, 0.1
+        lines += [f"{negative},verification,{cls},0", f"{positive},verification,{cls},1"]
+    preds = write_predictions(tmp_path / "p.parquet", keys, scores, pa.float32(), 10)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines) + "\n")
+    got = report.evaluate_files(preds, labels, bootstrap=200)
+    summary = got.summary
+    assert summary["unweighted_map_at_k"] == 0.5
+    low, high = summary["confidence_intervals"]["unweighted_map_at_k"]
+    assert 0.5 < low < high
+    assert "unweighted_map_at_k" in summary["confidence_intervals"]["estimate_outside_interval"]
+    assert "unweighted_map_at_k: the estimate lies outside its bootstrap interval" in (
+        report.format_summary(got)
+    )
