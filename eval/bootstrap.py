@@ -46,6 +46,7 @@ from eval.metrics import (
     check_scores_labels,
     pad_groups,
     resolve_weights,
+    state_mode,
 )
 
 # P(X <= j) for X ~ Poisson(1), j = 0..19: inverse-CDF sampling of the multiplicities
@@ -168,6 +169,7 @@ class PoissonBootstrap:
 
     # ------------------------------------------------------------------ accumulate
 
+    @state_mode
     def update(self, keys: list[str], scores, labels, image_ap: np.ndarray | None = None):
         s, lab = check_scores_labels(scores, labels)
         self._check_batch(len(keys), s.shape)
@@ -186,6 +188,7 @@ class PoissonBootstrap:
         rows, cols = keep.nonzero(as_tuple=True)
         self._add_to_pool(cols, s[rows, cols], lab[rows, cols], hashes[rows.numpy()])
 
+    @state_mode
     def update_items(self, keys: list[str], items: KnownItems, image_ap: np.ndarray | None = None):
         """``update`` with a batch given as its known items (the other pairs unknown)."""
         self._check_batch(len(keys), (items.images, items.classes))
@@ -247,6 +250,7 @@ class PoissonBootstrap:
         for pool, part in zip(self._pool, merged, strict=True):
             pool[present] = part  # in place: the pool's tensors are this object's own
 
+    @state_mode
     def merge(self, other: PoissonBootstrap) -> None:
         """Add another accumulator's images (e.g. another process's) to this one: exact."""
         same = (other.num_classes, other.k, other.replicates, other.seed)
@@ -282,6 +286,7 @@ class PoissonBootstrap:
         return state
 
     @classmethod
+    @state_mode
     def from_state_dict(cls, state: dict) -> PoissonBootstrap:
         boot = cls(state["num_classes"], state["k"], state["replicates"], state["seed"])
         for name in ("positives", "known", "image_counts"):

@@ -29,6 +29,13 @@ class MetricInputError(ValueError):
     """Input a metric cannot score; the message says what is wrong and where."""
 
 
+# The accumulators update their state in place, which torch refuses for tensors made under
+# torch.inference_mode (the checkpoint pass runs the model in it) once outside it: their
+# methods that make or change state run with inference mode off, so their state is made of
+# normal tensors wherever they are called from (inputs made in inference mode are only read).
+state_mode = torch.inference_mode(False)
+
+
 def check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise MetricInputError(f"k must be an integer >= 1, got {k!r}")

@@ -24,6 +24,7 @@ from eval.metrics import (
     count_true,
     merge_top_k,
     pad_groups,
+    state_mode,
     top_k_columns,
 )
 
@@ -46,6 +47,7 @@ class MAPAccumulator:
         self.images = 0
         self._top: TopK | None = None
 
+    @state_mode
     def update(self, scores, labels) -> None:
         s, lab = check_scores_labels(scores, labels)
         if s.shape[1] != self.num_classes:
@@ -67,6 +69,7 @@ class MAPAccumulator:
                 return
         self._merge_top(top_k_columns(s, lab, self.k), s.shape[0])
 
+    @state_mode
     def update_items(self, items: KnownItems) -> None:
         """``update`` with a batch given as its known items (the other pairs unknown)."""
         if items.classes != self.num_classes:
@@ -84,6 +87,7 @@ class MAPAccumulator:
         cols = items.cols[keep]
         self._add(cols, items.values[keep], items.labels[keep], positives, known, items.images)
 
+    @state_mode
     def merge(self, other: MAPAccumulator) -> None:
         """Add another accumulator's images (e.g. from another process) to this one."""
         if (other.num_classes, other.k) != (self.num_classes, self.k):
@@ -111,6 +115,7 @@ class MAPAccumulator:
         return {f: getattr(top, f) for f in STATE_FIELDS}
 
     @classmethod
+    @state_mode
     def from_state_dict(cls, state: dict) -> MAPAccumulator:
         acc = cls(int(state["num_classes"]), int(state["k"]))
         acc.images = int(state["images"])

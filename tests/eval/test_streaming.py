@@ -140,3 +140,33 @@ def test_known_items_give_the_dense_answer(rows):
     assert_same(acc.compute(), class_ap_at_k(scores, labels, k=30))
     with pytest.raises(MetricInputError, match="convert them to one dtype"):
         acc.update_items(KnownItems.of(scores[:2].astype(np.float64), labels[:2]))
+
+
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_state_made_in_inference_mode_updates_outside_it(first_inside):
+    """The checkpoint pass scores some chunks inside torch.inference_mode and flushes the last
+    one outside it: the accumulators update their state in place either way, with the same
+    result as without inference mode."""
+    from eval.bootstrap import PoissonBootstrap
+
+    rng = np.random.default_rng(2)
+    scores = torch.from_numpy(rng.integers(0, 9, size=(300, 5)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(-1, 2, size=(300, 5)).astype(np.int8))
+    keys = [f"k{i}" for i in range(300)]
+    acc, boot = MAPAccumulator(5, k=20), PoissonBootstrap(5, 20, 10)
+    for i, part in enumerate((slice(0, 100), slice(100, 200), slice(200, 300))):
+        inside = (i % 2 == 0) == first_inside
+        with torch.inference_mode(inside):
+            if i == 1:  # a batch as its known items
+                acc.update_items(KnownItems.of(scores[part], labels[part]))
+                boot.update_items(keys[part], KnownItems.of(scores[part], labels[part]))
+            else:
+                acc.update(scores[part], labels[part])
+                boot.update(keys[part], scores[part], labels[part])
+    with torch.inference_mode():
+        acc.merge(MAPAccumulator.from_state_dict(MAPAccumulator(5, k=20).state_dict()))
+    acc.update(scores[:0], labels[:0])
+    assert_same(acc.compute(), class_ap_at_k(scores, labels, k=20))
+    plain = PoissonBootstrap(5, 20, 10)
+    plain.update(keys, scores, labels)
+    assert np.array_equal(boot.replicate_values()["weighted"], plain.replicate_values()["weighted"])
