@@ -132,10 +132,10 @@ def counts_of_uniform(u: np.ndarray) -> np.ndarray:
 
 
 def _exclusive_cumsum(x: np.ndarray, first: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Per group of rows (group g starts at row first[g]; owner[i] is row i's group), the sum
-    of the rows above each row within its group."""
-    before = np.cumsum(x, axis=0) - x
-    return before - before[first][owner]
+    """Per group of columns (group g starts at column first[g]; owner[j] is column j's group),
+    each row's sum of the columns before each column within its group."""
+    before = np.cumsum(x, axis=1) - x
+    return before - before[:, first][:, owner]
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
@@ -314,13 +314,17 @@ class PoissonBootstrap:
         values, labels, hashes = (t.numpy() for t in self._pool)
         valid = values != NEG_INF
         cls, slot = np.nonzero(valid)  # by class, then descending score
-        value, positive = values[cls, slot], (labels[cls, slot] == 1)[:, None]
-        m = poisson_counts(hashes[cls, slot].view(np.uint64), count, first)  # [items, count]
+        value, positive = values[cls, slot], labels[cls, slot] == 1
+        # [count, items]: a replicate per row, so that every sum below runs along a row
+        m = poisson_counts(hashes[cls, slot].view(np.uint64), count, first).T.copy()
         starts = np.ones(len(cls), dtype=bool)
         starts[1:] = (cls[1:] != cls[:-1]) | (value[1:] != value[:-1])
         starts = np.flatnonzero(starts)
-        copies = np.add.reduceat(m, starts, axis=0) if len(starts) else m  # M per block
-        hits = np.add.reduceat(m * positive, starts, axis=0) if len(starts) else m  # T
+        if len(starts) < len(cls):  # tied scores: sum the copies of each block
+            copies = np.add.reduceat(m, starts, axis=1)  # M
+            hits = np.add.reduceat(m * positive, starts, axis=1)  # T
+        else:  # every item its own block
+            copies, hits = m, m * positive
         block_cls = cls[starts]
         new_class = np.ones(len(starts), dtype=bool)
         new_class[1:] = block_cls[1:] != block_cls[:-1]
@@ -334,20 +338,19 @@ class PoissonBootstrap:
             pair = np.where(copies > 1, (hits - 1) / np.maximum(copies - 1, 1), 0.0)
             term = (hits_above + 1 - (a + 1) * pair) * (harmonic[e] - harmonic[a]) + pair * (e - a)
             term = np.where(copies > 0, hits / np.maximum(copies, 1) * term, 0.0)
-        total = np.zeros((c, count))
+        total = np.zeros((count, c))
+        high = np.zeros((count, c), dtype=np.int64)  # copies above the pool's lowest score
         if len(first_block):
-            total[block_cls[first_block]] = np.add.reduceat(term, first_block, axis=0)
-        positives = self.positives[first : first + count].T
+            present = block_cls[first_block]
+            total[:, present] = np.add.reduceat(term, first_block, axis=1)
+            above_lowest = m * (value > values[cls, -1])
+            high[:, present] = np.add.reduceat(above_lowest, starts[first_block], axis=1)
+        positives = self.positives[first : first + count]
         with np.errstate(invalid="ignore", divide="ignore"):
             ap = np.where(positives > 0, total / np.clip(positives, 1, k), np.nan)
         # Exact when the pool holds every known item of the class (it is not full), or when
         # the copies scored above the pool's lowest score number at least K.
-        high = np.zeros((c, count), dtype=np.int64)
-        if len(first_block):
-            above_lowest = m * (value > values[cls, -1])[:, None]
-            high[block_cls[first_block]] = np.add.reduceat(above_lowest, starts[first_block], 0)
-        exact = ~valid[:, -1:] | (high >= k)
-        return ap.T, exact.T
+        return ap, ~valid[:, -1] | (high >= k)
 
     def replicate_values(self, weights="positives") -> dict[str, np.ndarray]:
         """Each replicate's weighted and unweighted MAP@K and image-wise AP@K ([B] arrays).
