@@ -440,12 +440,16 @@ def _wait_until_answering(endpoint: str, server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def null_s3_endpoint():
-    """benchmarks.null_s3 (takes an s3fs put, discards the bytes) in its own process, bound to
-    127.0.0.1; yields its URL."""
-    endpoint = f"http://127.0.0.1:{free_port()}"
+def _server_process(*args: str):
+    """``python -m ARGS`` ("{port}" in them: a free port), quiet, until it answers on
+    127.0.0.1; yields its URL; stops it afterwards."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.null_s3", endpoint.rsplit(":", 1)[1]], cwd=ROOT
+        [sys.executable, "-m", *(a.format(port=port) for a in args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         _wait_until_answering(endpoint, server)
@@ -453,6 +457,12 @@ def null_s3_endpoint():
     finally:
         server.terminate()
         server.wait()
+
+
+def null_s3_endpoint():
+    """benchmarks.null_s3 (takes an s3fs put, discards the bytes) in its own process, bound to
+    127.0.0.1; yields its URL."""
+    return _server_process("benchmarks.null_s3", "{port}")
 
 
 @contextlib.contextmanager
@@ -461,31 +471,22 @@ def local_s3_server():
     and dummy keys in this process's environment (so child processes reach it too, and nothing
     reaches a real cloud endpoint); yields the endpoint URL. The tests' S3 fixtures
     (tests/conftest.py) and bench_shard use it."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    settings = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "AWS_CONFIG_FILE": "/nonexistent",
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        _wait_until_answering(endpoint, server)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _server_process("moto.server", "-H", "127.0.0.1", "-p", "{port}") as endpoint:
+        settings = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_CONFIG_FILE": "/nonexistent",
+        }
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            yield endpoint
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

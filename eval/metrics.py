@@ -9,7 +9,8 @@ of the tie, so results do not depend on the order of the input rows.
 
 Every ranking is reduced to a :class:`TopK` summary (the top K known items plus the size and
 positives of the tie block at rank K). Dense and streaming evaluation build the same summary and
-share :func:`ap_from_top_k`, which is why they agree exactly.
+share :func:`ap_from_top_k`, which is why they agree exactly; so does a batch given as its known
+(image, class) pairs alone (:class:`KnownItems`, for labels that are mostly unknown).
 """
 
 from __future__ import annotations
@@ -409,12 +410,12 @@ class ImageAP:
 
 
 def class_result(top: TopK, weights="positives") -> ClassAP:
-    positives = top.positives.numpy()
+    positives = top.positives.numpy().copy()  # copies: accumulators update theirs in place
     return ClassAP(
         k=top.k,
         ap=ap_from_top_k(top, top.k),
         positives=positives,
-        known=top.known.numpy(),
+        known=top.known.numpy().copy(),
         weights=resolve_weights(weights, positives),
     )
 

@@ -170,3 +170,15 @@ def test_state_made_in_inference_mode_updates_outside_it(first_inside):
     plain = PoissonBootstrap(5, 20, 10)
     plain.update(keys, scores, labels)
     assert np.array_equal(boot.replicate_values()["weighted"], plain.replicate_values()["weighted"])
+
+
+def test_a_result_does_not_change_with_later_updates():
+    rng = np.random.default_rng(5)
+    scores = rng.normal(size=(200, 4)).astype(np.float32)
+    labels = rng.integers(-1, 2, size=(200, 4)).astype(np.int8)
+    acc = MAPAccumulator(4, k=10)
+    acc.update(scores[:100], labels[:100])
+    early, state = acc.compute(), acc.state_dict()
+    acc.update(scores[100:], labels[100:])
+    assert_same(early, class_ap_at_k(scores[:100], labels[:100], k=10))
+    assert torch.equal(state["known"], torch.from_numpy((labels[:100] != -1).sum(0)))
