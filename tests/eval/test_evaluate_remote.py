@@ -6,7 +6,7 @@ errors."""
 import pytest
 import torch
 
-from mlc.cli import main
+from tests.helpers import mlc_error
 
 from .test_evaluate import checkpoint, run_eval  # noqa: F401 (checkpoint: a fixture)
 
@@ -66,17 +66,9 @@ def test_training_stats_by_url_weight_the_metric(
     assert comparable(again, "notes") == comparable(summary, "notes")
 
 
-def eval_error(capsys, args: list[str]) -> str:
-    capsys.readouterr()
-    assert main(["eval", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_a_missing_dataset_url_is_named(checkpoint, s3_bucket, tmp_path, capsys):  # noqa: F811
     url = f"{s3_bucket}/nothing"
-    err = eval_error(capsys, ["--checkpoint", str(checkpoint[0]), "--data", url])
+    err = mlc_error(capsys, ["eval", "--checkpoint", str(checkpoint[0]), "--data", url])
     assert f"{url}/classes.json: no such file (is {url} an `mlc shard` folder?)" in err
 
 
@@ -89,9 +81,9 @@ def test_an_output_url_is_refused_before_any_work(
 ):
     monkeypatch.chdir(tmp_path)
     base = ["--checkpoint", str(checkpoint[0]), "--data", s3_mosaics]
-    err = eval_error(capsys, [*base, "--out", "s3://bucket/report"])
+    err = mlc_error(capsys, ["eval", *base, "--out", "s3://bucket/report"])
     assert "--out s3://bucket/report" in err and "local path" in err
-    err = eval_error(capsys, [*base, "--predictions", "s3://bucket/p.parquet", "--out", "r"])
+    err = mlc_error(capsys, ["eval", *base, "--predictions", "s3://bucket/p.parquet", "--out", "r"])
     assert "--predictions s3://bucket/p.parquet" in err
     assert list(tmp_path.iterdir()) == []
 

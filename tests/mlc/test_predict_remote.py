@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlc.cli import main
+from tests.helpers import mlc_error
 
 from .test_predict import shard_predictions  # noqa: F401 (a fixture: the local folder's file)
 
@@ -46,21 +47,13 @@ def test_shard_urls_read_classes_and_sizes_beside_them(
     assert pq.read_table(out).equals(pq.read_table(shard_predictions))
 
 
-def predict_error(capsys, args: list[str]) -> str:
-    capsys.readouterr()
-    assert main(["predict", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("where", ["s3", "http"])
 def test_a_missing_dataset_url_says_how_to_make_it(tiny_checkpoint, where, request, capsys):
     if where == "s3":
         url = request.getfixturevalue("s3_bucket") + "/nothing"
     else:
         url = request.getfixturevalue("http_server")[1] + "/nothing"
-    err = predict_error(capsys, ["--checkpoint", str(tiny_checkpoint), url])
+    err = mlc_error(capsys, ["predict", "--checkpoint", str(tiny_checkpoint), url])
     assert f"{url}: no classes.json there, so not an `mlc shard` dataset" in err
     assert "mlc shard ... --out" in err
 
@@ -70,9 +63,9 @@ def test_an_output_url_is_refused_before_any_work(
 ):
     monkeypatch.chdir(tmp_path)
     base = ["--checkpoint", str(tiny_checkpoint), s3_mosaics]
-    err = predict_error(capsys, [*base, "--out", "s3://bucket/p.parquet"])
+    err = mlc_error(capsys, ["predict", *base, "--out", "s3://bucket/p.parquet"])
     assert "--out s3://bucket/p.parquet" in err and "local path" in err
-    err = predict_error(capsys, [*base, "--top-k", "3", "--table", "s3://bucket/t.csv"])
+    err = mlc_error(capsys, ["predict", *base, "--top-k", "3", "--table", "s3://bucket/t.csv"])
     assert "--table s3://bucket/t.csv" in err
     assert list(tmp_path.iterdir()) == []
 

@@ -18,6 +18,7 @@ from mlc.dist import free_port
 from mlc.io import load_state as load_checkpoint
 from mlc.train.checkpoint import latest_valid_checkpoint, list_checkpoints
 from mlc.train.optim import learning_rate, masked_bce
+from tests.helpers import mlc_error
 
 from .conftest import tiny_config
 
@@ -226,15 +227,6 @@ def finished_run(mosaics, tmp_path_factory):
     return out
 
 
-def train_error(capsys, args: list[str]) -> str:
-    """`mlc train` must end with exit 2 and one line on stderr; that line."""
-    capsys.readouterr()
-    assert main(["train", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 class Opaque:  # pickled into a file: loading it would have to run this module's code
     pass
 
@@ -259,9 +251,8 @@ def test_resume_from_unusable_files_is_one_line_naming_the_file(
     }
     for name, words in expected.items():
         out = tmp_path / f"run-{name}"
-        err = train_error(
-            capsys, ["--resume", str(tmp_path / name), *sets(tiny_config(mosaics, out))]
-        )
+        args = ["--resume", str(tmp_path / name), *sets(tiny_config(mosaics, out))]
+        err = mlc_error(capsys, ["train", *args])
         assert f"{tmp_path / name}:" in err and words in err, err
 
 
@@ -278,7 +269,7 @@ def test_resume_with_other_settings_names_what_differs(
 ):
     good = list_checkpoints(finished_run)[0]
     args = tiny_config(mosaics, tmp_path / "run", change, "train.samples=640")
-    err = train_error(capsys, ["--resume", str(good), *sets(args)])
+    err = mlc_error(capsys, ["train", "--resume", str(good), *sets(args)])
     assert str(good) in err and words in err, err
 
 
@@ -300,7 +291,7 @@ def test_resume_with_another_number_of_processes_is_refused(mosaics, finished_ru
 def test_a_used_run_folder_needs_resume_or_restart(mosaics, finished_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *sets(tiny_config(mosaics, out))]) == 0
-    err = train_error(capsys, sets(tiny_config(mosaics, out)))
+    err = mlc_error(capsys, ["train", *sets(tiny_config(mosaics, out))])
     assert f"{out} holds an earlier run" in err and "--resume auto" in err and "--restart" in err
     before = (out / "metrics.jsonl").read_text()
     assert main(["train", "--restart", *sets(tiny_config(mosaics, out))]) == 0
@@ -333,7 +324,7 @@ def test_a_killed_writers_temporaries_are_removed(mosaics, tmp_path):
 
 
 def test_a_missing_dataset_says_how_to_make_it(tmp_path, capsys):
-    err = train_error(capsys, ["--set", f"data.dataset={tmp_path / 'nothing'}"])
+    err = mlc_error(capsys, ["train", "--set", f"data.dataset={tmp_path / 'nothing'}"])
     assert f"{tmp_path / 'nothing'}: no classes.json" in err and "mlc shard" in err
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from mlc.cli import main
+from tests.helpers import mlc_error
 
 from .conftest import tiny_config
-from .test_train import train_error
 
 SHORT = ["data.num_workers=2", "train.samples=160"]  # 10 steps, then validation
 
@@ -53,13 +53,13 @@ def test_a_dataset_missing_at_a_url_says_how_to_make_it(where, request, capsys):
         url = request.getfixturevalue("s3_bucket") + "/nothing"
     else:
         url = request.getfixturevalue("http_server")[1] + "/nothing"
-    err = train_error(capsys, ["--set", f"data.dataset={url}"])
+    err = mlc_error(capsys, ["train", "--set", f"data.dataset={url}"])
     assert f"data.dataset {url}: no classes.json" in err and "mlc shard" in err
 
 
 def test_an_output_url_is_refused_before_any_work(mosaics, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    err = train_error(capsys, sets(tiny_config(mosaics, "s3://bucket/run")))
+    err = mlc_error(capsys, ["train", *sets(tiny_config(mosaics, "s3://bucket/run"))])
     assert "train.out s3://bucket/run" in err and "local path" in err
     assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run
 
